@@ -1,0 +1,238 @@
+"""Checkpoint -> Report. Never prints; progress goes through a callback."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from lipaudit import __version__
+from lipaudit.checkpoint import Checkpoint
+from lipaudit.findings import RULES
+from lipaudit.layers import LayerSpec, effective_weight, plan_layers, sn_matrix
+from lipaudit.report import (
+    UNKNOWN,
+    CheckpointInfo,
+    Finding,
+    Layer,
+    Network,
+    Report,
+    Settings,
+    Sigma,
+    Skipped,
+)
+from lipaudit.spectral import Interval, exact, to_float64
+from lipaudit.spectral.conv import conv_interval
+from lipaudit.spectral.dense import dense_interval, svd_norm
+
+Progress = Callable[[int, int, str], None]
+
+# Below this ratio the gap between the reshaped-kernel norm and the operator norm is noise.
+RESHAPE_GAP = 1.05
+# spectral_norm's own target is 1; its stored u, v may lag the weights by this much.
+SN_DRIFT = 1e-3
+
+
+def _finding(code: str, tensor: str | None, message: str, severity: str | None = None) -> Finding:
+    return Finding(code, severity or RULES[code].severity, tensor, message)
+
+
+def _sigma(iv: Interval) -> Sigma:
+    return Sigma(iv.lower, iv.upper, iv.method, iv.lower_method, iv.upper_method, iv.certified)
+
+
+class _LayerAudit:
+    """Measures one layer; collects its notes and findings."""
+
+    def __init__(self, spec: LayerSpec, ckpt: Checkpoint, settings: Settings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.ckpt = ckpt
+        self.notes: list[str] = list(spec.notes)
+        self.findings: list[Finding] = []
+        self.reshape: float | None = None
+
+    def load(self, key: str) -> torch.Tensor:
+        return to_float64(self.ckpt.load(key), self.settings.device)
+
+    def nonfinite(self, what: str) -> Sigma:
+        self.findings.append(_finding("LIP004", self.spec.tensor, f"{what} holds NaN or infinite values"))
+        return UNKNOWN
+
+    def run(self) -> Sigma:
+        spec, s = self.spec, self.settings
+        if spec.math == "none":
+            return UNKNOWN
+        if spec.math == "diag":
+            return self.diagonal()
+        eff = effective_weight(spec, self.load)
+        self.notes.extend(eff.notes)
+        w = eff.weight
+        if w is None:
+            self.findings.append(_finding("LIP010", spec.tensor, "; ".join(eff.notes)))
+            return UNKNOWN
+        if not bool(torch.isfinite(w).all()):
+            return self.nonfinite("the weight")
+        if spec.math == "prelu":
+            return _sigma(exact(max(1.0, float(w.abs().max())), "max-slope"))
+        if not bool(torch.any(w != 0)):
+            self.findings.append(_finding("LIP007", spec.tensor, "all-zero weight: norm 0"))
+        if spec.math == "conv":
+            self.reshape = svd_norm(sn_matrix(w, eff.sn_dim or 0))
+            iv = conv_interval(w, s.conv_rtol)
+        else:
+            iv = dense_interval(w.reshape(w.shape[0], -1), s.method, s.rtol, s.seed)
+        self.check_spectral_norm(eff.sn_dim, iv)
+        self.check_reshape_gap(iv)
+        return _sigma(iv)
+
+    def diagonal(self) -> Sigma:
+        spec = self.spec
+        assert spec.running_var is not None
+        var = self.load(spec.running_var)
+        gamma = self.load(spec.tensor) if spec.tensor != spec.running_var else torch.ones_like(var)
+        if not bool(torch.isfinite(var).all() and torch.isfinite(gamma).all()):
+            return self.nonfinite("gamma or running_var")
+        denom = var + self.settings.bn_eps
+        if bool((denom <= 0).any()):
+            self.findings.append(_finding("LIP004", spec.tensor, "running_var + eps is not positive"))
+            return UNKNOWN
+        return _sigma(exact(float((gamma.abs() / denom.sqrt()).max()), "diagonal"))
+
+    def check_spectral_norm(self, sn_dim: int | None, iv: Interval) -> None:
+        p = self.spec.parametrization
+        if p is None or p.type != "spectral_norm" or sn_dim is None:
+            return
+        matrix_norm = self.reshape if self.spec.math == "conv" else iv.lower
+        if matrix_norm is not None and matrix_norm > 1 + SN_DRIFT:
+            self.findings.append(_finding(
+                "LIP005", self.spec.tensor,
+                f"the stored u, v underestimate the weight's norm: the matrix spectral_norm "
+                f"normalises has norm {matrix_norm:.6g}, not 1",
+            ))
+
+    def check_reshape_gap(self, iv: Interval) -> None:
+        r = self.reshape
+        if r is None or r <= 0 or iv.lower < RESHAPE_GAP * r:
+            return
+        p = self.spec.parametrization
+        severity = "warning" if p is not None and p.type == "spectral_norm" else "info"
+        self.findings.append(_finding(
+            "LIP003", self.spec.tensor,
+            f"operator norm is at least {iv.lower:.4g}, {iv.lower / r:.2f}x the reshaped-kernel norm "
+            f"{r:.4g} that torch.nn.utils.spectral_norm divides by",
+            severity,
+        ))
+
+
+def _assumptions(layers: list[Layer], settings: Settings) -> list[str]:
+    kinds = {x.kind for x in layers if x.in_network_bound}
+    out = [
+        "chain: the covered layers are applied one after another; a residual block x + f(x) is "
+        "bounded by 1 + L_f, and a state dict does not show residual connections",
+        "activations are 1-Lipschitz (ReLU, LeakyReLU with slope <= 1, tanh, max pooling); "
+        "sigmoid (1/4) only lowers the bound, GELU (~1.13) and SiLU (~1.10) raise it",
+        "Euclidean (l2) norms on inputs and outputs; biases, average pooling and dropout do not raise the bound",
+    ]
+    if "batchnorm" in kinds:
+        out.append(f"BatchNorm in eval mode (running statistics), eps = {settings.bn_eps:g}")
+    if any(k.startswith("conv") for k in kinds):
+        out.append(
+            "convolutions: zero or circular padding, any stride, dilation and input size "
+            "(reflect and replicate padding are not covered); ConvTranspose kernels get the same "
+            "bound; grouped kernels are read as ungrouped, which can only raise it"
+        )
+    if any(x.parametrization for x in layers):
+        out.append("parametrized weights (spectral_norm, weight_norm) are formed from the stored tensors as in eval mode")
+    out.append("certified upper ends carry a relative margin of 1e-10 for float64 rounding")
+    missing = [x for x in layers if not x.in_network_bound]
+    if missing:
+        names = sorted({x.kind for x in missing})
+        out.append(
+            f"{len(missing)} layers ({', '.join(names)}) are not covered: the product bounds "
+            "the covered layers only, not the whole network"
+        )
+    return out
+
+
+def _network(layers: list[Layer], settings: Settings) -> Network:
+    covered = [x for x in layers if x.in_network_bound]
+    uppers = [x.sigma.upper for x in covered]
+    log10: float | None
+    if any(u is None for u in uppers):
+        log10 = None
+    elif any(u == 0 for u in uppers):
+        log10 = -math.inf
+    else:
+        log10 = math.fsum(math.log10(u) for u in uppers if u is not None)
+    not_covered = len(layers) - len(covered)
+    certified = log10 is not None and not_covered == 0 and all(x.sigma.certified for x in covered)
+    return Network(log10, certified, len(covered), not_covered, tuple(_assumptions(layers, settings)))
+
+
+def _gates(layers: list[Layer], net: Network, settings: Settings) -> list[Finding]:
+    out: list[Finding] = []
+    if settings.fail_above is not None:
+        up = net.upper
+        if net.log10_upper is None:
+            out.append(_finding("LIP001", None, "network bound is unknown (see LIP004/LIP010); the gate fails closed"))
+        elif up is None or up > settings.fail_above:
+            shown = f"{up:.6g}" if up is not None else f"10^{net.log10_upper:.4g}"
+            out.append(_finding("LIP001", None, f"network Lipschitz bound {shown} is above {settings.fail_above:g}"))
+    if settings.fail_layer_above is not None:
+        for x in layers:
+            if x.kind in ("embedding", "norm") or (x.sigma.method == "none" and not x.in_network_bound):
+                continue
+            if x.sigma.upper is None:
+                out.append(_finding("LIP002", x.tensor, f"{x.name}: norm unknown; the gate fails closed"))
+            elif x.sigma.upper > settings.fail_layer_above:
+                out.append(_finding(
+                    "LIP002", x.tensor,
+                    f"{x.name}: norm upper bound {x.sigma.upper:.6g} is above {settings.fail_layer_above:g}",
+                ))
+    return out
+
+
+def audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = None) -> Report:
+    plan = plan_layers(ckpt.infos, settings.bn_eps)
+    layers: list[Layer] = []
+    findings: list[Finding] = []
+    for i, spec in enumerate(plan.layers):
+        if progress:
+            progress(i, len(plan.layers), spec.name)
+        t0 = time.perf_counter()
+        job = _LayerAudit(spec, ckpt, settings)
+        sigma = job.run()
+        layers.append(Layer(
+            tensor=spec.tensor, name=spec.name, kind=spec.kind, shape=spec.shape, dtype=spec.dtype,
+            sigma=sigma, reshape_sigma=job.reshape, in_network_bound=spec.covered,
+            notes=tuple(job.notes), uses=spec.uses,
+            parametrization=spec.parametrization.type if spec.parametrization else None,
+            time_s=time.perf_counter() - t0,
+        ))
+        findings.extend(job.findings)
+    if progress:
+        progress(len(plan.layers), len(plan.layers), "")
+    net = _network(layers, settings)
+    if net.layers_not_covered:
+        findings.append(_finding(
+            "LIP006", None,
+            f"{net.layers_not_covered} layers are not covered by the network bound; it is not a bound "
+            "on the whole network",
+        ))
+    if net.log10_upper is not None and not all(x.sigma.certified for x in layers if x.in_network_bound):
+        findings.append(_finding("LIP009", None, "some factors of the network bound are estimates, not proofs"))
+    if ckpt.alternatives:
+        alts = ", ".join(ckpt.alternatives)
+        findings.append(_finding(
+            "LIP008", None, f"audited {ckpt.key!r}; the checkpoint also holds {alts} (choose with --key)"
+        ))
+    findings.extend(_gates(layers, net, settings))
+    skipped = [Skipped(k, r) for k, r in plan.skipped] + [Skipped(x.path, x.reason) for x in ckpt.ignored]
+    info = CheckpointInfo(
+        path=ckpt.path, format=ckpt.format, sha256=ckpt.sha256, tensors=len(ckpt.infos),
+        parameters=ckpt.parameters, key=ckpt.key, shards=tuple(ckpt.shards),
+    )
+    return Report(__version__, info, settings, tuple(layers), tuple(skipped), net, tuple(findings))

@@ -1,0 +1,112 @@
+"""Open a checkpoint file or folder and expose its state dict's tensors."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from lipaudit.checkpoint import safetensors_reader as st
+from lipaudit.checkpoint import sniff as sn
+from lipaudit.checkpoint.model import Checkpoint, Ignored, TensorInfo
+from lipaudit.checkpoint.select import select_state_dict
+from lipaudit.checkpoint.torch_reader import load_torch, tensor_info
+from lipaudit.errors import MalformedInputError, UsageError
+from lipaudit.text import visible
+
+__all__ = ["Checkpoint", "Ignored", "TensorInfo", "open_checkpoint"]
+
+
+def natural_key(name: str) -> list[tuple[int, int | str]]:
+    """layers.2 before layers.10."""
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", name)]
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _by_prefix(infos: list[TensorInfo], key: str | None, shown: str) -> list[TensorInfo]:
+    if key is None or key in ("", "/"):
+        return infos
+    picked = [i for i in infos if i.key == key or i.key.startswith(key + ".")]
+    if not picked:
+        raise UsageError(f"{shown}: no tensor name starts with {visible(key, 80)!r}", shown)
+    return picked
+
+
+def _open_torch(path: Path, shown: str, fmt: str, key: str | None) -> Checkpoint:
+    root = load_torch(path, shown, zip_format=fmt == sn.TORCH_ZIP)
+    sel = select_state_dict(root, key, shown)
+    infos = [tensor_info(k, t) for k, t in sel.tensors.items()]
+    return Checkpoint(
+        path=shown, format=fmt, sha256=sha256_of(path), infos=infos,
+        loader=sel.tensors.__getitem__, key=sel.key, ignored=sel.ignored,
+        alternatives=sel.alternatives,
+    )
+
+
+def _open_safetensors(path: Path, shown: str, key: str | None) -> Checkpoint:
+    header, _meta = st.read_header(path, shown)
+    infos = sorted(st.infos_from_header(header), key=lambda i: natural_key(i.key))
+    infos = _by_prefix(infos, key, shown)
+    files = st.SafetensorsFiles({i.key: path for i in infos}, shown)
+    return Checkpoint(
+        path=shown, format=sn.SAFETENSORS, sha256=sha256_of(path), infos=infos,
+        loader=files.load, key=key or None,
+    )
+
+
+def _open_sharded(path: Path, shown: str, key: str | None) -> Checkpoint:
+    index = path
+    if path.is_dir():
+        found = st.find_index(path, shown)
+        if found is None:
+            single = sorted(path.glob("*.safetensors"))
+            if len(single) == 1:
+                return _open_safetensors(single[0], shown, key)
+            raise MalformedInputError(f"{shown}: folder holds no *.safetensors.index.json", shown)
+        index = found
+    where, _data = st.read_index(index, shown)
+    infos: list[TensorInfo] = []
+    seen: dict[str, Path] = {}
+    for shard in dict.fromkeys(where.values()):
+        header, _meta = st.read_header(shard, f"{shown}: {shard.name}")
+        for info in st.infos_from_header(header):
+            if info.key in seen:
+                raise MalformedInputError(f"{shown}: tensor {visible(info.key, 80)!r} is in two shards", shown)
+            if where.get(info.key) != shard:
+                raise MalformedInputError(
+                    f"{shown}: tensor {visible(info.key, 80)!r} in {shard.name} is not mapped there by the index",
+                    shown,
+                )
+            seen[info.key] = shard
+            infos.append(info)
+    missing = [k for k in where if k not in seen]
+    if missing:
+        raise MalformedInputError(
+            f"{shown}: {len(missing)} tensors in the index are in no shard (first: {visible(missing[0], 80)!r})",
+            shown,
+        )
+    infos = _by_prefix(sorted(infos, key=lambda i: natural_key(i.key)), key, shown)
+    files = st.SafetensorsFiles(seen, shown)
+    return Checkpoint(
+        path=shown, format=sn.SHARDED, sha256=sha256_of(index), infos=infos, loader=files.load,
+        key=key or None, shards=[p.name for p in dict.fromkeys(where.values())],
+    )
+
+
+def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
+    """Recognise the format by content and read the state dict (tensors load on demand)."""
+    shown = visible(path, 200)
+    p = Path(path)
+    fmt = sn.sniff(p, shown)
+    if fmt in (sn.TORCH_ZIP, sn.TORCH_LEGACY):
+        return _open_torch(p, shown, fmt, key)
+    if fmt == sn.SAFETENSORS:
+        return _open_safetensors(p, shown, key)
+    return _open_sharded(p, shown, key)

@@ -1,0 +1,62 @@
+"""The Checkpoint model: which tensors a file holds and how to read each one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known about a tensor before its data is read."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str = "strided"
+    is_quantized: bool = False
+    is_meta: bool = False
+    is_nested: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.startswith(("float", "bfloat")) and not self.is_quantized
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A part of the container that was not audited, with the reason."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Checkpoint:
+    """Tensors of the selected state dict, in display order, read on demand."""
+
+    path: str
+    format: str
+    sha256: str
+    infos: list[TensorInfo]
+    loader: Callable[[str], torch.Tensor]
+    key: str | None = None
+    ignored: list[Ignored] = field(default_factory=list)
+    alternatives: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+
+    def load(self, key: str) -> torch.Tensor:
+        return self.loader(key)
+
+    @property
+    def parameters(self) -> int:
+        return sum(i.numel for i in self.infos)

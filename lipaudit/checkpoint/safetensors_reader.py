@@ -1,0 +1,158 @@
+"""Read safetensors files and sharded folders; the header is checked before the library sees it."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lipaudit.checkpoint.model import TensorInfo
+from lipaudit.checkpoint.sniff import regular_file_size
+from lipaudit.errors import MalformedInputError, ResourceLimitError
+from lipaudit.text import clean_message, visible
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_TENSORS = 1_000_000
+
+_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "C64": "complex64",
+}
+_SIZES = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4,
+          "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate name {visible(k, 80)!r}")
+        out[k] = v
+    return out
+
+
+def read_header(path: Path, shown: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Parsed header (name -> entry) and metadata, validated against the file size."""
+    size = regular_file_size(path, shown)
+    if size < 8:
+        raise MalformedInputError(f"{shown}: too short for a safetensors file", shown)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise MalformedInputError(f"{shown}: safetensors header length exceeds the file", shown)
+        if n > MAX_HEADER_BYTES:
+            raise ResourceLimitError(f"{shown}: safetensors header over {MAX_HEADER_BYTES} bytes", shown)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MalformedInputError(f"{shown}: bad safetensors header ({clean_message(e)})", shown) from None
+    if not isinstance(header, dict):
+        raise MalformedInputError(f"{shown}: safetensors header is not an object", shown)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise MalformedInputError(f"{shown}: safetensors metadata must map strings to strings", shown)
+    if len(header) > MAX_TENSORS:
+        raise ResourceLimitError(f"{shown}: more than {MAX_TENSORS} tensors", shown)
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        ok = (
+            isinstance(entry, dict)
+            and entry.get("dtype") in _DTYPES
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2
+            and all(isinstance(o, int) for o in entry["data_offsets"])
+        )
+        if not ok:
+            raise MalformedInputError(f"{shown}: bad safetensors entry {visible(name, 80)!r}", shown)
+        start, end = entry["data_offsets"]
+        if not 0 <= start <= end <= data_size:
+            raise MalformedInputError(f"{shown}: tensor {visible(name, 80)!r} lies outside the file", shown)
+        numel = 1
+        for d in entry["shape"]:
+            numel *= d
+        if numel * _SIZES.get(entry["dtype"], 1) != end - start:
+            raise MalformedInputError(
+                f"{shown}: tensor {visible(name, 80)!r} has {end - start} bytes for its shape", shown
+            )
+    return header, meta
+
+
+def infos_from_header(header: dict[str, Any]) -> list[TensorInfo]:
+    return [
+        TensorInfo(key=k, shape=tuple(e["shape"]), dtype=_DTYPES[e["dtype"]])
+        for k, e in header.items()
+    ]
+
+
+class SafetensorsFiles:
+    """Tensors spread over one or more safetensors files, each opened once, on demand."""
+
+    def __init__(self, where: dict[str, Path], shown: str) -> None:
+        self.where = where
+        self.shown = shown
+        self._open: dict[Path, Any] = {}
+
+    def load(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.where[key]
+        try:
+            handle = self._open.get(path)
+            if handle is None:
+                handle = self._open[path] = safe_open(str(path), framework="pt", device="cpu")
+            return handle.get_tensor(key)  # type: ignore[no-any-return]
+        except Exception as e:  # the library raises its own error types on bad data
+            raise MalformedInputError(
+                f"{self.shown}: cannot read tensor {visible(key, 80)!r} ({clean_message(e)})", self.shown
+            ) from None
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def read_index(index: Path, shown: str) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Map each tensor to its shard; shards must be plain files beside the index."""
+    size = regular_file_size(index, shown)
+    if size > MAX_HEADER_BYTES:
+        raise ResourceLimitError(f"{shown}: index file over {MAX_HEADER_BYTES} bytes", shown)
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MalformedInputError(f"{shown}: bad index JSON ({clean_message(e)})", shown) from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+        raise MalformedInputError(f"{shown}: index has no weight_map of names to files", shown)
+    folder = index.parent
+    shards: dict[str, Path] = {}
+    for fname in dict.fromkeys(wm.values()):
+        if (
+            not fname
+            or "/" in fname
+            or "\\" in fname
+            or fname in (".", "..")
+            or ":" in fname
+            or not fname.endswith(".safetensors")
+        ):
+            raise MalformedInputError(
+                f"{shown}: shard {visible(fname, 80)!r} is not a safetensors file beside the index", shown
+            )
+        shards[fname] = folder / fname
+    return {k: shards[v] for k, v in wm.items()}, data
+
+
+def find_index(folder: Path, shown: str) -> Path | None:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        names = ", ".join(visible(p.name, 80) for p in indexes)
+        raise MalformedInputError(f"{shown}: several index files ({names}); name one", shown)
+    return indexes[0] if indexes else None

@@ -1,0 +1,52 @@
+"""GitHub-flavoured Markdown, for job summaries and pull-request comments."""
+
+from __future__ import annotations
+
+import re
+
+from lipaudit.formats import RenderOptions, fmt_bound, fmt_num
+from lipaudit.report import Report
+from lipaudit.text import visible
+
+_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~&$-])")
+
+
+def md(text: str, limit: int = 300) -> str:
+    """Untrusted text as inert Markdown: control characters visible, syntax escaped."""
+    return _SPECIAL.sub(r"\\\1", visible(text, limit))
+
+
+def render(report: Report, options: RenderOptions) -> str:
+    ck, net = report.checkpoint, report.network
+    out = [
+        f"## lipaudit: {md(ck.path)}",
+        "",
+        f"**Network Lipschitz bound:** L <= {fmt_bound(report)} "
+        f"({'certified' if net.certified else 'not certified'}; product of {net.layers_counted} layers"
+        + (f", {net.layers_not_covered} not covered" if net.layers_not_covered else "")
+        + f") - **{'passed' if report.passed else 'failed'}**",
+        "",
+        f"{ck.format}, {ck.tensors} tensors, {ck.parameters} parameters, sha256 `{ck.sha256[:12]}`"
+        + (f", key {md(ck.key)}" if ck.key else ""),
+        "",
+        "| layer | kind | shape | sigma lower | sigma upper | certified | reshape sigma | in L |",
+        "|---|---|---|---:|---:|---|---:|---|",
+    ]
+    for x in report.layers:
+        cert = "-" if x.sigma.upper is None else ("yes" if x.sigma.certified else "estimate")
+        out.append(
+            f"| {md(x.name)} | {x.kind} | {'x'.join(map(str, x.shape))} | {fmt_num(x.sigma.lower)} | "
+            f"{fmt_num(x.sigma.upper)} | {cert} | {fmt_num(x.reshape_sigma)} | "
+            f"{'yes' if x.in_network_bound else 'no'} |"
+        )
+    if report.findings:
+        out += ["", "### Findings", ""]
+        for f in report.findings:
+            where = f" {md(f.tensor)}:" if f.tensor else ""
+            out.append(f"- **{f.code}** ({f.severity}){where} {md(f.message, 1000)}")
+    out += ["", "### Assumptions", ""] + [f"- {md(a, 1000)}" for a in net.assumptions]
+    if report.skipped:
+        out += ["", f"<details><summary>Skipped tensors ({len(report.skipped)})</summary>", ""]
+        out += [f"- {md(s.tensor)}: {md(s.reason)}" for s in report.skipped]
+        out += ["", "</details>"]
+    return "\n".join(out) + "\n"

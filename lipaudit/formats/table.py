@@ -1,0 +1,98 @@
+"""A rich table for people; every name from the checkpoint is shown as plain text."""
+
+from __future__ import annotations
+
+import io
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from lipaudit.formats import RenderOptions, fmt_bound, fmt_num
+from lipaudit.report import Layer, Report
+from lipaudit.text import visible
+
+_SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def _ratio(layer: Layer) -> str:
+    r = layer.reshape_ratio
+    if r is None or r[0] is None or r[1] is None:
+        return "-"
+    if abs(r[1] - r[0]) <= 0.005 * r[1]:
+        return f"{r[1]:.2f}x"
+    return f"{r[0]:.2f}-{r[1]:.2f}x"
+
+
+def _certified(layer: Layer) -> Text:
+    if layer.sigma.upper is None:
+        return Text("-")
+    return Text("yes", style="green") if layer.sigma.certified else Text("est", style="yellow")
+
+
+def render(report: Report, options: RenderOptions) -> str:
+    buf = io.StringIO()
+    console = Console(
+        file=buf, width=options.width, force_terminal=options.color, no_color=not options.color,
+        color_system="standard" if options.color else None, markup=False, emoji=False,
+        highlight=False, legacy_windows=False,
+    )
+    ck = report.checkpoint
+    head = Text(f"lipaudit {report.tool_version}  ", style="bold")
+    head.append(visible(ck.path))
+    head.append(f"  ({ck.format}, {ck.tensors} tensors, {ck.parameters:,} parameters, sha256 {ck.sha256[:12]})")
+    if ck.key:
+        head.append(f"  key {visible(ck.key)}")
+    console.print(head)
+
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for col, justify in (
+        ("layer", "left"), ("kind", "left"), ("shape", "left"), ("sigma lower", "right"),
+        ("sigma upper", "right"), ("cert", "left"), ("reshape", "right"), ("ratio", "right"), ("in L", "left"),
+    ):
+        t.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for x in report.layers:
+        t.add_row(
+            Text(visible(x.name)),
+            Text(x.kind + (" (sn)" if x.parametrization == "spectral_norm" else "")),
+            Text("x".join(map(str, x.shape))),
+            Text(fmt_num(x.sigma.lower)),
+            Text(fmt_num(x.sigma.upper)),
+            _certified(x),
+            Text(fmt_num(x.reshape_sigma)),
+            Text(_ratio(x)),
+            Text("yes" if x.in_network_bound else "no"),
+        )
+    console.print(t)
+
+    net = report.network
+    line = Text("Network Lipschitz bound: ", style="bold")
+    line.append(f"L <= {fmt_bound(report)}", style="bold")
+    line.append(
+        f"  ({'certified' if net.certified else 'not certified'}; product of {net.layers_counted} layers"
+        + (f", {net.layers_not_covered} not covered" if net.layers_not_covered else "")
+        + ")"
+    )
+    console.print(line)
+    console.print(Text("Assumptions:", style="bold"))
+    for a in net.assumptions:
+        console.print(Text(f"  - {a}"))
+    if report.findings:
+        console.print(Text("Findings:", style="bold"))
+        for f in report.findings:
+            row = Text("  ")
+            row.append(f"{f.code} {f.severity}", style=_SEVERITY_STYLE.get(f.severity, ""))
+            row.append(" ")
+            if f.tensor:
+                row.append(visible(f.tensor) + ": ")
+            row.append(visible(f.message, 1000))
+            console.print(row)
+    if report.skipped:
+        reasons: dict[str, int] = {}
+        for s in report.skipped:
+            reasons[s.reason.split(":")[0]] = reasons.get(s.reason.split(":")[0], 0) + 1
+        summary = ", ".join(f"{visible(k, 60)} {n}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        console.print(Text(f"Skipped {len(report.skipped)} tensors ({summary}); see --format json for each."))
+    console.print(Text("PASSED" if report.passed else "FAILED", style="bold green" if report.passed else "bold red"))
+    return buf.getvalue()

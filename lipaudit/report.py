@@ -1,0 +1,217 @@
+"""The audit report: frozen records, their JSON form, and the exit-code policy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def finite(x: float | None) -> float | None:
+    """JSON has no NaN or Infinity: unknown or unbounded numbers are null."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class Sigma:
+    lower: float | None
+    upper: float | None
+    method: str
+    lower_method: str | None
+    upper_method: str | None
+    certified: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lower": finite(self.lower),
+            "upper": finite(self.upper),
+            "method": self.method,
+            "lower_method": self.lower_method,
+            "upper_method": self.upper_method,
+            "certified": self.certified,
+        }
+
+
+UNKNOWN = Sigma(None, None, "none", None, None, False)
+
+
+@dataclass(frozen=True)
+class Layer:
+    tensor: str
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    sigma: Sigma
+    reshape_sigma: float | None
+    in_network_bound: bool
+    notes: tuple[str, ...]
+    uses: tuple[str, ...]
+    parametrization: str | None
+    time_s: float
+
+    @property
+    def reshape_ratio(self) -> tuple[float | None, float | None] | None:
+        """The operator norm over the reshaped-kernel norm, as a bracket."""
+        r = self.reshape_sigma
+        if r is None or not r or self.sigma.lower is None or self.sigma.upper is None:
+            return None
+        return self.sigma.lower / r, self.sigma.upper / r
+
+    def to_dict(self) -> dict[str, Any]:
+        ratio = self.reshape_ratio
+        return {
+            "tensor": self.tensor,
+            "name": self.name,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "sigma": self.sigma.to_dict(),
+            "reshape_sigma": finite(self.reshape_sigma),
+            "reshape_ratio": None if ratio is None else {"lower": finite(ratio[0]), "upper": finite(ratio[1])},
+            "in_network_bound": self.in_network_bound,
+            "parametrization": self.parametrization,
+            "uses": list(self.uses),
+            "notes": list(self.notes),
+            "time_s": round(self.time_s, 6),
+        }
+
+
+@dataclass(frozen=True)
+class Skipped:
+    tensor: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Network:
+    log10_upper: float | None  # None: unknown; -inf: a zero factor
+    certified: bool
+    layers_counted: int
+    layers_not_covered: int
+    assumptions: tuple[str, ...]
+
+    @property
+    def upper(self) -> float | None:
+        if self.log10_upper is None:
+            return None
+        if self.log10_upper == -math.inf:
+            return 0.0
+        return 10.0**self.log10_upper if self.log10_upper < 308 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lipschitz_upper": finite(self.upper),
+            "log10_lipschitz_upper": finite(self.log10_upper),
+            "certified": self.certified,
+            "layers_counted": self.layers_counted,
+            "layers_not_covered": self.layers_not_covered,
+            "assumptions": list(self.assumptions),
+        }
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: str
+    tensor: str | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "severity": self.severity, "tensor": self.tensor, "message": self.message}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    format: str
+    sha256: str
+    tensors: int
+    parameters: int
+    key: str | None
+    shards: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "sha256": self.sha256,
+            "tensors": self.tensors,
+            "parameters": self.parameters,
+            "key": self.key,
+            "shards": list(self.shards),
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    method: str = "auto"
+    rtol: float = 1e-4
+    conv_rtol: float = 1e-2
+    seed: int = 0
+    device: str = "cpu"
+    key: str | None = None
+    bn_eps: float = 1e-5
+    fail_above: float | None = None
+    fail_layer_above: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "rtol": self.rtol,
+            "conv_rtol": self.conv_rtol,
+            "seed": self.seed,
+            "device": self.device,
+            "key": self.key,
+            "bn_eps": self.bn_eps,
+            "fail_above": self.fail_above,
+            "fail_layer_above": self.fail_layer_above,
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    tool_version: str
+    checkpoint: CheckpointInfo
+    settings: Settings
+    layers: tuple[Layer, ...]
+    skipped: tuple[Skipped, ...]
+    network: Network
+    findings: tuple[Finding, ...] = field(default=())
+
+    @property
+    def passed(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+    @property
+    def exit_code(self) -> int:
+        """0: every gate passed; 1: a gate failed or weights are non-finite (DESIGN §4.2)."""
+        return 0 if self.passed else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "lipaudit", "version": self.tool_version},
+            "checkpoint": self.checkpoint.to_dict(),
+            "settings": self.settings.to_dict(),
+            "layers": [x.to_dict() for x in self.layers],
+            "skipped": [x.to_dict() for x in self.skipped],
+            "network": self.network.to_dict(),
+            "findings": [x.to_dict() for x in self.findings],
+            "passed": self.passed,
+            "error": None,
+        }
+
+
+def error_document(tool_version: str, code: str, exit_code: int, message: str, path: str | None) -> dict[str, Any]:
+    """What --format json prints when there is no report."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "lipaudit", "version": tool_version},
+        "error": {"code": code, "exit_code": exit_code, "message": message, "path": path},
+    }

@@ -145,7 +145,9 @@ def _assumptions(layers: list[Layer], settings: Settings) -> list[str]:
             "bound; grouped kernels are read as ungrouped, which can only raise it"
         )
     if any(x.parametrization for x in layers):
-        out.append("parametrized weights (spectral_norm, weight_norm) are formed from the stored tensors as in eval mode")
+        out.append(
+            "parametrized weights (spectral_norm, weight_norm) are formed from the stored tensors as in eval mode"
+        )
     out.append("certified upper ends carry a relative margin of 1e-10 for float64 rounding")
     missing = [x for x in layers if not x.in_network_bound]
     if missing:
@@ -172,12 +174,46 @@ def _network(layers: list[Layer], settings: Settings) -> Network:
     return Network(log10, certified, len(covered), not_covered, tuple(_assumptions(layers, settings)))
 
 
+def _chain_break(layers: list[Layer]) -> Finding | None:
+    """First covered layer whose input width cannot be the previous layer's output."""
+    prev: Layer | None = None
+    width: int | None = None  # output channels (spatial) or features of prev
+    spatial = False
+    for x in (y for y in layers if y.in_network_bound):
+        shape = x.shape
+        if x.kind == "linear":
+            fits = width is None or (shape[1] % width == 0 if spatial else shape[1] == width)
+            out, out_spatial = shape[0], False
+        elif x.kind.startswith("conv"):
+            if width is None or spatial:
+                fits = width is None or width % shape[1] == 0 or width == shape[0]
+                transposed = width is not None and width % shape[1] != 0
+            else:
+                fits = width % shape[1] == 0 or width % shape[0] == 0
+                transposed = width % shape[1] != 0
+            out, out_spatial = (shape[1] if transposed else shape[0]), True
+        else:  # batchnorm, PReLU: per-channel maps
+            fits = width is None or shape[0] in (1, width)
+            out, out_spatial = (width if width is not None and shape[0] == 1 else shape[0]), spatial
+        if not fits and prev is not None:
+            return _finding(
+                "LIP011", x.tensor,
+                f"{x.name} takes {shape[1] if len(shape) > 1 else shape[0]} inputs per position but "
+                f"{prev.name} before it gives {width}: the covered layers are not a simple chain "
+                "(parallel heads or branches), so their product may not bound this network",
+            )
+        prev, width, spatial = x, out, out_spatial
+    return None
+
+
 def _gates(layers: list[Layer], net: Network, settings: Settings) -> list[Finding]:
     out: list[Finding] = []
     if settings.fail_above is not None:
         up = net.upper
         if net.log10_upper is None:
-            out.append(_finding("LIP001", None, "network bound is unknown (see LIP004/LIP010); the gate fails closed"))
+            out.append(_finding(
+                "LIP001", None, "network bound is unknown (see LIP004/LIP010); the gate fails closed"
+            ))
         elif up is None or up > settings.fail_above:
             shown = f"{up:.6g}" if up is not None else f"10^{net.log10_upper:.4g}"
             out.append(_finding("LIP001", None, f"network Lipschitz bound {shown} is above {settings.fail_above:g}"))
@@ -224,6 +260,9 @@ def audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = None
         ))
     if net.log10_upper is not None and not all(x.sigma.certified for x in layers if x.in_network_bound):
         findings.append(_finding("LIP009", None, "some factors of the network bound are estimates, not proofs"))
+    chain = _chain_break(layers)
+    if chain is not None:
+        findings.append(chain)
     if ckpt.alternatives:
         alts = ", ".join(ckpt.alternatives)
         findings.append(_finding(

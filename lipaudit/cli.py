@@ -18,7 +18,7 @@ from lipaudit.formats import FORMAT_NAMES, RenderOptions, fmt_bound
 from lipaudit.text import visible
 
 
-class PositiveFloat(click.ParamType):
+class PositiveFloat(click.ParamType):  # type: ignore[type-arg]
     name = "number"
 
     def __init__(self, allow_zero: bool = False) -> None:

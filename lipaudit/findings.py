@@ -25,5 +25,6 @@ RULES = {
         Rule("LIP008", "info", "other parts of the checkpoint were not audited"),
         Rule("LIP009", "warning", "network bound is not certified"),
         Rule("LIP010", "warning", "parametrized weight could not be formed"),
+        Rule("LIP011", "warning", "layer shapes show the covered layers are not a simple chain"),
     )
 }

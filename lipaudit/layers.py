@@ -26,6 +26,8 @@ _RNN = re.compile(r"^weight_(ih|hh|hr)(_l\d+(_reverse)?)?$")
 _PREFIXES = ("module.", "_orig_mod.")
 
 CONV_KINDS = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
+# Cosine between the stored u and W v above which a spectral-norm layout is taken as read.
+ALIGNED = 0.99
 
 
 @dataclass(frozen=True)
@@ -263,16 +265,27 @@ def _plan_module(module: str, leaves: dict[str, TensorInfo], plan: Plan, bn_eps:
 
 
 def _name_layers(plan: Plan) -> None:
-    """Display names without module./_orig_mod. prefixes, unless stripping makes two collide."""
-    stripped = [strip_prefixes(s.module) or s.tensor for s in plan.layers]
+    """Module names without module./_orig_mod. prefixes, unless stripping makes two collide;
+    a module with several audited weights (an LSTM) names each by its parameter too."""
+    per_module: dict[str, int] = {}
+    for s in plan.layers:
+        per_module[s.module] = per_module.get(s.module, 0) + 1
+
+    def base(s: LayerSpec, strip: bool) -> str:
+        module = strip_prefixes(s.module) if strip else s.module
+        if per_module[s.module] > 1 or not module:
+            leaf = s.tensor[len(s.module) + 1:] if s.module else s.tensor
+            return f"{module}.{leaf}" if module else leaf
+        return module
+
+    stripped = [base(s, True) for s in plan.layers]
     counts: dict[str, int] = {}
     for n in stripped:
         counts[n] = counts.get(n, 0) + 1
     plan.layers = [
-        replace(s, name=n if counts[n] == 1 else (s.module or s.tensor))
+        replace(s, name=n if counts[n] == 1 else base(s, False))
         for s, n in zip(plan.layers, stripped, strict=True)
     ]
-
 
 
 @dataclass(frozen=True)
@@ -325,17 +338,25 @@ def effective_weight(spec: LayerSpec, load: Callable[[str], torch.Tensor]) -> Ef
         z = mat.T @ u
         v = z / torch.linalg.vector_norm(z)
         fits = [(dim, mat)]
+    note = ""
     if len(fits) > 1:
-        # Square channel counts fit both layouts (Conv vs ConvTranspose): u is aligned with W v
-        # for the layout the power iteration ran on.
+        # Square channel counts fit both layouts (Conv vs ConvTranspose). The last power
+        # iteration left u = normalize(W v) for the layout it ran on, so u lines up with W v
+        # there (cosine ~1 unless the weights moved a lot since).
         def alignment(fit: tuple[int, torch.Tensor]) -> float:
             wv = fit[1] @ v
             return float(abs(u @ wv) / (torch.linalg.vector_norm(wv) * torch.linalg.vector_norm(u) + 1e-300))
 
         fits.sort(key=alignment, reverse=True)
+        if alignment(fits[0]) < ALIGNED:
+            # No clear winner: take the layout whose estimate is smaller, which makes the
+            # audited weight larger, so the bound stays an upper bound either way.
+            fits.sort(key=lambda f: abs(float(u @ (f[1] @ v))))
+            note = "; layout (Conv or ConvTranspose) ambiguous, took the one giving the larger weight"
     dim, mat = fits[0]
     sigma = float(u @ (mat @ v))
     if not math.isfinite(sigma) or sigma <= 0:
         return Effective(None, (f"spectral_norm: stored u^T W v = {sigma:g}; the effective weight is undefined",))
-    note = f"stored spectral-norm estimate u^T W v = {sigma:.6g}" + (" (dim 1, ConvTranspose layout)" if dim else "")
+    note = (f"stored spectral-norm estimate u^T W v = {sigma:.6g}"
+            + (" (dim 1, ConvTranspose layout)" if dim else "") + note)
     return Effective(orig / sigma, (note,), sn_dim=dim)

@@ -215,3 +215,12 @@ def error_document(tool_version: str, code: str, exit_code: int, message: str, p
         "tool": {"name": "lipaudit", "version": tool_version},
         "error": {"code": code, "exit_code": exit_code, "message": message, "path": path},
     }
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of the report, shipped inside the package."""
+    import json
+    from importlib.resources import files
+
+    text = files("lipaudit").joinpath("schema/report-v1.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)  # type: ignore[no-any-return]

@@ -147,35 +147,35 @@ def select_state_dict(root: Any, key: str | None, shown: str) -> Selection:
         for _ in range(MAX_DEPTH):
             children = list(_children(node))
             direct = sum(isinstance(v, torch.Tensor) for _, v in children)
-            if direct and 2 * direct >= len(children):
-                break
             candidates = [
                 (k, v) for k, v in children
                 if not isinstance(v, torch.Tensor) and not _is_optimizer_state(k, v) and count_tensors(v)
             ]
-            if not candidates:
-                break
-            by_name = {k: (k, v) for k, v in candidates if isinstance(k, str)}
-            chosen = next((by_name[p] for p in PREFERRED_KEYS if p in by_name), None)
-            if chosen is None:
-                if direct:
-                    break
-                chosen = max(candidates, key=lambda kv: count_tensors(kv[1]))  # first of ties
-            prefix = ".".join(path + [""])
-            for k, v in candidates:
-                if k is not chosen[0]:
-                    alternatives.append(prefix + _name(k))
+            nested = sum(count_tensors(v) for _, v in candidates)
+            if not candidates or (direct and direct >= nested):
+                break  # this node is the state dict
+            names = [k for k, _ in candidates]
+            preferred = [names.index(p) for p in PREFERRED_KEYS if p in names]
+            if preferred:
+                pick = preferred[0]
+            else:
+                counts = [count_tensors(v) for _, v in candidates]
+                pick = counts.index(max(counts))  # the first of ties
+            chosen = candidates[pick]
+            prefix = ".".join([*path, ""])
             for k, v in children:
-                if isinstance(v, torch.Tensor) or k is chosen[0]:
+                if k is chosen[0]:  # the very key object: 1 and "1" must not match
+                    continue
+                where = prefix + _name(k)
+                if isinstance(v, torch.Tensor):
+                    ignored.append(Ignored(where, "a tensor beside the selected state dict, not in it"))
                     continue
                 n = count_tensors(v)
                 if n and _is_optimizer_state(k, v):
-                    ignored.append(Ignored(prefix + _name(k), f"optimizer state ({n} tensors): not a layer"))
+                    ignored.append(Ignored(where, f"optimizer state ({n} tensors): not a layer"))
                 elif n:
-                    ignored.append(Ignored(
-                        prefix + _name(k),
-                        f"not selected ({n} tensors); audit it with --key {prefix + _name(k)}",
-                    ))
+                    alternatives.append(where)
+                    ignored.append(Ignored(where, f"not selected ({n} tensors); audit it with --key {where}"))
             path.append(_name(chosen[0]))
             node = chosen[1]
     tensors: dict[str, torch.Tensor] = {}

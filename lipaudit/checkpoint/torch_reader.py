@@ -17,6 +17,9 @@ from lipaudit.errors import MalformedInputError, ResourceLimitError, UnsafeInput
 from lipaudit.text import clean_message
 
 _GLOBAL = re.compile(r"GLOBAL ([A-Za-z0-9_.]+)")
+_OPERAND = re.compile(r"Unsupported operand (\d+)")
+# Opcodes that import or call something: refusing one of them is refusing code, not garbage.
+_CODE_OPCODES = {ord(c) for c in "ciRob"} | {0x81, 0x92, 0x93}
 
 
 def check_zip(path: Path, shown: str) -> None:
@@ -42,8 +45,15 @@ def load_torch(path: Path, shown: str, zip_format: bool) -> Any:
     # still raises if both force variables are set, so take it out of the way.
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     try:
-        with warnings.catch_warnings(), torch.sparse.check_sparse_tensor_invariants():
+        # Invalid sparse indices fail here instead of crashing the process later.
+        invariants = torch.sparse.check_sparse_tensor_invariants()  # type: ignore[no-untyped-call]
+        with warnings.catch_warnings(), invariants:
             warnings.simplefilter("ignore")
+            if str(path).endswith(".safetensors"):
+                # torch.load hands such paths to safetensors by name; a file object keeps
+                # the decision with the content.
+                with open(path, "rb") as f:
+                    return torch.load(f, map_location="cpu", weights_only=True)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
     except pickle.UnpicklingError as e:
         text = str(e)
@@ -54,8 +64,11 @@ def load_torch(path: Path, shown: str, zip_format: bool) -> Any:
                 "which is not an allowed tensor type",
                 shown,
             ) from None
-        if "Weights only load failed" in text and "Unsupported" in text:
-            raise UnsafeInputError(f"{shown}: refused: the pickle uses a disallowed operation", shown) from None
+        op = _OPERAND.search(text)
+        if (op and int(op.group(1)) in _CODE_OPCODES) or "Can only build" in text or "Can only create" in text:
+            raise UnsafeInputError(
+                f"{shown}: refused: the pickle builds objects outside the allowlist", shown
+            ) from None
         raise MalformedInputError(f"{shown}: malformed torch checkpoint", shown) from None
     except MemoryError:
         raise ResourceLimitError(f"{shown}: not enough memory to load the checkpoint", shown) from None

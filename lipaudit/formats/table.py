@@ -31,6 +31,20 @@ def _certified(layer: Layer) -> Text:
     return Text("yes", style="green") if layer.sigma.certified else Text("est", style="yellow")
 
 
+def _bullets(console: Console, rows: list[Text]) -> None:
+    """A list whose wrapped lines keep their indent."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(width=3, justify="right")
+    grid.add_column(overflow="fold")
+    for row in rows:
+        grid.add_row("-", row)
+    console.print(grid)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def render(report: Report, options: RenderOptions) -> str:
     buf = io.StringIO()
     console = Console(
@@ -41,10 +55,9 @@ def render(report: Report, options: RenderOptions) -> str:
     ck = report.checkpoint
     head = Text(f"lipaudit {report.tool_version}  ", style="bold")
     head.append(visible(ck.path))
-    head.append(f"  ({ck.format}, {ck.tensors} tensors, {ck.parameters:,} parameters, sha256 {ck.sha256[:12]})")
-    if ck.key:
-        head.append(f"  key {visible(ck.key)}")
     console.print(head)
+    details = f"{ck.format}, {ck.tensors} tensors, {ck.parameters:,} parameters, sha256 {ck.sha256[:12]}"
+    console.print(Text(details + (f", key {visible(ck.key)}" if ck.key else "")))
 
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for col, justify in (
@@ -70,24 +83,24 @@ def render(report: Report, options: RenderOptions) -> str:
     line = Text("Network Lipschitz bound: ", style="bold")
     line.append(f"L <= {fmt_bound(report)}", style="bold")
     line.append(
-        f"  ({'certified' if net.certified else 'not certified'}; product of {net.layers_counted} layers"
+        f"  ({'certified' if net.certified else 'not certified'}; product of {_plural(net.layers_counted, 'layer')}"
         + (f", {net.layers_not_covered} not covered" if net.layers_not_covered else "")
         + ")"
     )
     console.print(line)
     console.print(Text("Assumptions:", style="bold"))
-    for a in net.assumptions:
-        console.print(Text(f"  - {a}"))
+    _bullets(console, [Text(a) for a in net.assumptions])
     if report.findings:
         console.print(Text("Findings:", style="bold"))
+        rows = []
         for f in report.findings:
-            row = Text("  ")
-            row.append(f"{f.code} {f.severity}", style=_SEVERITY_STYLE.get(f.severity, ""))
+            row = Text(f"{f.code} {f.severity}", style=_SEVERITY_STYLE.get(f.severity, ""))
             row.append(" ")
             if f.tensor:
                 row.append(visible(f.tensor) + ": ")
             row.append(visible(f.message, 1000))
-            console.print(row)
+            rows.append(row)
+        _bullets(console, rows)
     if report.skipped:
         reasons: dict[str, int] = {}
         for s in report.skipped:
@@ -95,4 +108,4 @@ def render(report: Report, options: RenderOptions) -> str:
         summary = ", ".join(f"{visible(k, 60)} {n}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
         console.print(Text(f"Skipped {len(report.skipped)} tensors ({summary}); see --format json for each."))
     console.print(Text("PASSED" if report.passed else "FAILED", style="bold green" if report.passed else "bold red"))
-    return buf.getvalue()
+    return "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())

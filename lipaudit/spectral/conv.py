@@ -29,7 +29,8 @@ def symbol_grid(k: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
     d = k.ndim - 2
     dims = tuple(range(2, 2 + d))
     spec = torch.fft.rfftn(k, s=sizes, dim=dims)
-    return spec.permute(*range(2, 2 + d), 0, 1).reshape(-1, k.shape[0], k.shape[1])
+    out: torch.Tensor = spec.permute(*range(2, 2 + d), 0, 1).reshape(-1, k.shape[0], k.shape[1])
+    return out
 
 
 def grid_max(k: torch.Tensor, sizes: tuple[int, ...]) -> float:

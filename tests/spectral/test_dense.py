@@ -1,0 +1,99 @@
+"""Dense norms against LAPACK float64; brackets must always contain the truth."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lipaudit.spectral.dense import (
+    GRAM_EIGH_WIDTH,
+    certified_bracket,
+    cholesky_certifies,
+    dense_interval,
+    exact_norm,
+    power_lower,
+)
+from tests.conftest import true_norm
+
+
+def _matrix(m: int, n: int, seed: int, scale: float = 1.0, decay: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    if decay:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        s = torch.exp(-decay * torch.arange(len(s), dtype=torch.float64))
+        w = u @ torch.diag(s) @ vh
+    return w * scale
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (5, 3), (64, 64), (200, 30), (30, 200)])
+def test_exact_matches_lapack(shape: tuple[int, int]) -> None:
+    w = _matrix(*shape, seed=1)
+    iv = exact_norm(w)
+    assert iv.lower == iv.upper
+    assert math.isclose(iv.upper, true_norm(w), rel_tol=1e-12)
+    assert iv.certified
+
+
+def test_gram_eigh_for_wide_matrices_matches_svd() -> None:
+    w = _matrix(GRAM_EIGH_WIDTH + 40, GRAM_EIGH_WIDTH + 10, seed=2, decay=0.01)
+    iv = exact_norm(w)
+    assert iv.method == "gram-eigh"
+    assert math.isclose(iv.upper, true_norm(w), rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 1e3, 1e30])
+@pytest.mark.parametrize("decay", [0.0, 0.05, 1.0])
+def test_bracket_contains_truth(scale: float, decay: float) -> None:
+    w = _matrix(120, 80, seed=3, scale=scale, decay=decay)
+    truth = true_norm(w)
+    iv = certified_bracket(w, rtol=1e-3, seed=0)
+    assert iv.certified
+    assert iv.lower <= truth * (1 + 1e-12)
+    assert iv.upper >= truth
+    assert iv.upper <= iv.lower * 1.05
+
+
+def test_power_iteration_is_a_lower_bound_even_unconverged() -> None:
+    w = _matrix(50, 50, seed=4)
+    lower, _ = power_lower(w, rtol=1e-1, seed=0, max_iter=2)
+    assert lower <= true_norm(w) * (1 + 1e-12)
+
+
+def test_cholesky_refuses_a_threshold_below_the_norm() -> None:
+    w = _matrix(40, 60, seed=5, decay=0.1)
+    truth = true_norm(w)
+    assert cholesky_certifies(w, truth * (1 - 1e-6)) is None
+    up = cholesky_certifies(w, truth * (1 + 1e-6))
+    assert up is not None and truth <= up <= truth * (1 + 2e-6)
+
+
+def test_zero_matrix_has_norm_zero() -> None:
+    iv = dense_interval(torch.zeros(4, 5, dtype=torch.float64), "fast", 1e-3, 0)
+    assert (iv.lower, iv.upper, iv.certified) == (0.0, 0.0, True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 40),
+    seed=st.integers(0, 2**31 - 1),
+    log_scale=st.floats(-20, 20),
+    rank=st.integers(1, 40),
+    method=st.sampled_from(["exact", "fast", "auto"]),
+)
+def test_upper_never_below_truth(m: int, n: int, seed: int, log_scale: float, rank: int, method: str) -> None:
+    g = torch.Generator().manual_seed(seed)
+    r = min(rank, m, n)
+    w = torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g, dtype=torch.float64)
+    w = w * 10.0**log_scale
+    truth = true_norm(w)
+    iv = dense_interval(w, method, 1e-4, seed % 1000)
+    assert iv.upper >= truth * (1 - 1e-13)
+    assert iv.lower <= truth * (1 + 1e-13)
+    if method != "fast":
+        assert math.isclose(iv.upper, truth, rel_tol=1e-10)

@@ -1,0 +1,156 @@
+"""The command line: streams, formats, gates and exit codes (DESIGN §4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lipaudit import __version__
+from tests.conftest import FIXTURES, run, run_json, validate
+
+DEMO = FIXTURES / "demo_sn_cnn.pt"
+
+
+def test_version_and_help() -> None:
+    assert __version__ in run("--version").stdout
+    assert "inspect" in run("--help").stdout
+
+
+def test_python_dash_m_and_console_script_agree() -> None:
+    out = subprocess.run([sys.executable, "-m", "lipaudit", "--version"], capture_output=True, text=True, check=True)
+    assert __version__ in out.stdout
+
+
+def test_stdout_is_only_the_report_and_summary_goes_to_stderr() -> None:
+    result = run("inspect", DEMO, "--format", "json")
+    assert result.exit_code == 0
+    validate(json.loads(result.stdout))
+    assert "network L <=" in result.stderr
+    quiet = run("inspect", DEMO, "--format", "json", "-q")
+    assert quiet.stderr == ""
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown", "github"])
+def test_text_formats_mention_every_layer(fmt: str) -> None:
+    result = run("inspect", DEMO, "--format", fmt, "-q")
+    assert result.exit_code == 0
+    if fmt != "github":
+        for name in ("features.0", "features.6", "head"):
+            assert name in result.stdout
+    assert "LIP003" in result.stdout
+
+
+def test_github_annotations_are_workflow_commands() -> None:
+    out = run("inspect", DEMO, "--format", "github", "--fail-above", "1", "-q").stdout.splitlines()
+    assert all(line.startswith("::") for line in out)
+    assert any(line.startswith("::error title=LIP001::") for line in out)
+    assert any(line.startswith("::warning title=LIP003::") for line in out)
+
+
+def test_fail_above_gates_on_the_network_bound() -> None:
+    code, doc = run_json(str(DEMO), "--fail-above", "1000")
+    assert code == 0 and doc["passed"]
+    code, doc = run_json(str(DEMO), "--fail-above", "1.0")
+    assert code == 1 and not doc["passed"]
+    assert [f["code"] for f in doc["findings"] if f["severity"] == "error"] == ["LIP001"]
+
+
+def test_fail_layer_above_names_each_layer() -> None:
+    code, doc = run_json(str(DEMO), "--fail-layer-above", "1.5")
+    assert code == 1
+    failing = sorted(f["tensor"] for f in doc["findings"] if f["code"] == "LIP002")
+    assert failing == [f"features.{i}.weight_orig" for i in (0, 2, 4, 6)]  # convs, not the linear head
+
+
+@pytest.mark.parametrize("bad", [["--fail-above", "-1"], ["--fail-above", "nan"], ["--method", "magic"],
+                                 ["--rtol", "0"], ["--format", "xml"]])
+def test_bad_options_are_usage_errors(bad: list[str]) -> None:
+    result = run("inspect", DEMO, *bad)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_file_is_exit_2_and_one_line() -> None:
+    result = run("inspect", "/no/such/file.pt")
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stdout == ""
+
+
+def test_output_file_written_only_after_success(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    result = run("inspect", DEMO, "--format", "json", "-o", out, "-q")
+    assert result.exit_code == 0 and result.stdout == ""
+    validate(json.loads(out.read_text()))
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    bad = tmp_path / "never.json"
+    result = run("inspect", tmp_path / "missing.pt", "-o", bad)
+    assert result.exit_code == 2 and not bad.exists()
+
+
+def test_output_keeps_an_existing_files_mode(tmp_path: Path) -> None:
+    out = tmp_path / "report.md"
+    out.write_text("old")
+    os.chmod(out, 0o640)
+    assert run("inspect", DEMO, "--format", "markdown", "-o", out, "-q").exit_code == 0
+    assert (out.stat().st_mode & 0o777) == 0o640
+    assert out.read_text().startswith("## lipaudit")
+
+
+def test_unwritable_output_is_exit_6(tmp_path: Path) -> None:
+    result = run("inspect", DEMO, "-o", tmp_path / "no_such_dir" / "r.txt", "--format", "json")
+    assert result.exit_code == 6
+    assert json.loads(result.stdout)["error"]["code"] == "output"
+    result = run("inspect", DEMO, "-o", tmp_path)
+    assert result.exit_code == 6
+
+
+def test_internal_error_is_exit_70_without_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lipaudit.audit
+
+    def boom(*a: object, **k: object) -> None:
+        raise ZeroDivisionError("synthetic")
+
+    monkeypatch.setattr(lipaudit.audit, "audit", boom)
+    result = run("inspect", DEMO, "--format", "json")
+    assert result.exit_code == 70
+    assert "Traceback" not in result.stderr
+    assert validate(json.loads(result.stdout))["error"]["code"] == "internal"
+
+
+def test_resource_limit_is_exit_5(tmp_path: Path) -> None:
+    node: object = {"w": torch.ones(2, 2)}
+    for _ in range(80):
+        node = {"x": node}
+    path = tmp_path / "deep.pt"
+    torch.save(node, path)
+    code, doc = run_json(str(path))
+    assert code == 5, doc
+
+
+def test_cuda_without_a_gpu_is_a_usage_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert run("inspect", DEMO, "--device", "cuda").exit_code == 2
+
+
+def test_hostile_names_are_shown_inert(tmp_path: Path) -> None:
+    names = ["[bold red]evil[/]", "esc\x1b[2J.x", "line\nbreak", "::error::pwn", "pipe|`tick`"]
+    path = tmp_path / "names.pt"
+    torch.save({f"{n}.weight": torch.eye(2) * (i + 2) for i, n in enumerate(names)}, path)
+    for fmt in ("table", "markdown", "github", "json"):
+        result = run("inspect", path, "--format", fmt, "-q", "--fail-layer-above", "1")
+        assert result.exit_code == 1, result.stdout
+        assert "\x1b" not in result.stdout
+        if fmt == "table":
+            assert "[bold red]evil[/]" in result.stdout
+        if fmt == "github":
+            assert all(line.startswith(("::error title=LIP002::", "::notice ")) for line in result.stdout.splitlines())
+        if fmt == "markdown":
+            assert "pipe\\|\\`tick\\`" in result.stdout

@@ -1,0 +1,63 @@
+"""Real public checkpoints: the MTCNN weights inside the facenet-pytorch wheel (skipped offline)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import report_of, true_norm
+from tests.spectral.conv_reference import conv_matrix, op_norm
+
+WHEEL = "facenet-pytorch==2.6.0"
+
+
+@pytest.fixture(scope="session")
+def mtcnn(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    where = tmp_path_factory.mktemp("wheel")
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(where)],
+            check=True, capture_output=True, timeout=120,
+        )
+        [wheel] = where.glob("*.whl")
+        out = {}
+        with zipfile.ZipFile(wheel) as z:
+            for net in ("pnet", "rnet", "onet"):
+                target = where / f"{net}.pt"
+                target.write_bytes(z.read(f"facenet_pytorch/data/{net}.pt"))
+                out[net] = target
+        return out
+    except (subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
+        pytest.skip(f"cannot fetch {WHEEL} ({type(e).__name__}); offline?")
+
+
+@pytest.mark.parametrize("net", ["pnet", "rnet", "onet"])
+def test_mtcnn_layers_against_references(mtcnn: dict[str, Path], net: str) -> None:
+    doc = report_of(mtcnn[net])
+    sd = torch.load(mtcnn[net], map_location="cpu", weights_only=True)
+    assert doc["checkpoint"]["format"] == "torch-legacy"
+    product = 1.0
+    for x in doc["layers"]:
+        w = sd[x["tensor"]].double()
+        up, lo = x["sigma"]["upper"], x["sigma"]["lower"]
+        assert x["sigma"]["certified"] and lo <= up
+        if x["kind"] == "linear":
+            assert math.isclose(up, true_norm(w), rel_tol=1e-6)
+        elif x["kind"] == "conv2d":
+            size = 10 if w.shape[0] * w.shape[1] <= 512 else 6
+            assert up >= op_norm(conv_matrix(w, (size, size)))
+            assert up >= op_norm(conv_matrix(w, (size, size), padding=1, circular=True)) if w.shape[-1] == 3 else True
+            assert x["reshape_sigma"] == pytest.approx(true_norm(w), rel=1e-9)
+        elif x["kind"] == "other":  # PReLU
+            assert up == max(1.0, float(w.abs().max()))
+        product *= up
+    assert doc["network"]["lipschitz_upper"] == pytest.approx(product, rel=1e-12)
+    assert doc["network"]["certified"]
+    # The two or three output heads sit side by side, not in a chain: lipaudit says so.
+    assert any(f["code"] == "LIP011" for f in doc["findings"])

@@ -24,13 +24,15 @@ from lipaudit.report import (
     Skipped,
 )
 from lipaudit.spectral import Interval, exact, to_float64
-from lipaudit.spectral.conv import conv_interval
+from lipaudit.spectral.conv import conv_interval, grid_bound, zero_padded_lower
 from lipaudit.spectral.dense import dense_interval, svd_norm
 
 Progress = Callable[[int, int, str], None]
 
 # Below this ratio the gap between the reshaped-kernel norm and the operator norm is noise.
 RESHAPE_GAP = 1.05
+# Width of the bracket for the norm at a given input size (a finite grid needs no interpolation).
+GRID_RTOL = 1e-6
 # spectral_norm's own target is 1; its stored u, v may lag the weights by this much.
 SN_DRIFT = 1e-3
 
@@ -53,6 +55,7 @@ class _LayerAudit:
         self.notes: list[str] = list(spec.notes)
         self.findings: list[Finding] = []
         self.reshape: float | None = None
+        self.sized: dict[str, object] | None = None
 
     def load(self, key: str) -> torch.Tensor:
         return to_float64(self.ckpt.load(key), self.settings.device)
@@ -82,11 +85,38 @@ class _LayerAudit:
         if spec.math == "conv":
             self.reshape = svd_norm(sn_matrix(w, eff.sn_dim or 0))
             iv = conv_interval(w, s.conv_rtol)
+            iv = self.at_input_size(w, iv)
         else:
             iv = dense_interval(w.reshape(w.shape[0], -1), s.method, s.rtol, s.seed)
         self.check_spectral_norm(eff.sn_dim, iv)
         self.check_reshape_gap(iv)
         return _sigma(iv)
+
+    def at_input_size(self, w: torch.Tensor, iv: Interval) -> Interval:
+        """With a known input size: the circular norm exactly, and a bracket for zero padding."""
+        spec = self.spec
+        size = self.settings.input_size_for((spec.name, spec.tensor, spec.module), w.ndim - 2)
+        if size is None:
+            return iv
+        circ = grid_bound(w, size, GRID_RTOL)
+        padded = tuple(n + k - 1 for n, k in zip(size, w.shape[2:], strict=True))
+        zero_up = grid_bound(w, padded, GRID_RTOL)
+        zero_lo = min(zero_padded_lower(w, size, seed=self.settings.seed), zero_up.upper)
+        self.sized = {
+            "size": list(size),
+            "circular": {"lower": circ.lower, "upper": circ.upper, "certified": True},
+            "zero_padding": {"lower": zero_lo, "upper": zero_up.upper, "padding": "same", "stride": 1,
+                             "certified": True},
+        }
+        self.notes.append(
+            f"at input size {'x'.join(map(str, size))}: circular padding {circ.upper:.6g}; "
+            f"zero 'same' padding, stride 1, in [{zero_lo:.6g}, {zero_up.upper:.6g}]"
+        )
+        # Every size's norm is at most S, so these raise the lower end of S too.
+        best = max(iv.lower, circ.lower, zero_lo)
+        if best > iv.lower:
+            return Interval(min(best, iv.upper), iv.upper, "input-size", iv.upper_method, iv.certified)
+        return iv
 
     def diagonal(self) -> Sigma:
         spec = self.spec
@@ -140,9 +170,10 @@ def _assumptions(layers: list[Layer], settings: Settings) -> list[str]:
         out.append(f"BatchNorm in eval mode (running statistics), eps = {settings.bn_eps:g}")
     if any(k.startswith("conv") for k in kinds):
         out.append(
-            "convolutions: zero or circular padding, any stride, dilation and input size "
-            "(reflect and replicate padding are not covered); ConvTranspose kernels get the same "
-            "bound; grouped kernels are read as ungrouped, which can only raise it"
+            "convolutions: the bound S(K) holds for zero or circular padding, any stride, dilation and "
+            "input size (reflect and replicate padding are not covered), bracketed to relative width "
+            f"{settings.conv_rtol:g}; ConvTranspose kernels get the same bound; grouped kernels are read "
+            "as ungrouped, which can only raise it"
         )
     if any(x.parametrization for x in layers):
         out.append(
@@ -246,7 +277,7 @@ def audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = None
             sigma=sigma, reshape_sigma=job.reshape, in_network_bound=spec.covered,
             notes=tuple(job.notes), uses=spec.uses,
             parametrization=spec.parametrization.type if spec.parametrization else None,
-            time_s=time.perf_counter() - t0,
+            time_s=time.perf_counter() - t0, at_input_size=job.sized,
         ))
         findings.extend(job.findings)
     if progress:

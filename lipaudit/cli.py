@@ -90,6 +90,26 @@ def _progress(enabled: bool) -> Any:
     )
 
 
+class InputSize(click.ParamType):  # type: ignore[type-arg]
+    """HxW (every conv with that many spatial axes) or NAME=HxW (one layer)."""
+
+    name = "[NAME=]SIZE"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, tuple[int, ...]]:
+        if isinstance(value, tuple):
+            return value
+        name, _, size = str(value).rpartition("=")
+        try:
+            dims = tuple(int(x) for x in size.lower().split("x"))
+        except ValueError:
+            self.fail(f"{value!r}: expected a size like 32x32 or layer=32x32", param, ctx)
+        if not 1 <= len(dims) <= 3 or min(dims) < 1 or max(dims) > 4096:
+            self.fail(f"{value!r}: 1 to 3 sizes between 1 and 4096", param, ctx)
+        return (name or "*", dims)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="lipaudit")
 def cli() -> None:
@@ -113,17 +133,20 @@ def cli() -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the power iteration starts.")
 @click.option("--bn-eps", type=PositiveFloat(), default=1e-5, show_default=True, help="BatchNorm eps.")
+@click.option("--input-size", "input_sizes", type=InputSize(), multiple=True,
+              help="Input size of the convolutions (32x32, or layer=32x32; repeatable): adds their exact "
+                   "circular-padding norm and a zero-padding bracket at that size.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
 def inspect(
     path: str, method: str, rtol: float | None, fmt: str, output: Path | None,
     fail_above: float | None, fail_layer_above: float | None, key: str | None, device: str,
-    seed: int, bn_eps: float, quiet: bool, debug: bool,
+    seed: int, bn_eps: float, input_sizes: tuple[tuple[str, tuple[int, ...]], ...], quiet: bool, debug: bool,
 ) -> None:
     """Report every layer's operator norm as a proven interval and bound the network."""
     try:
         code = _inspect(path, method, rtol, fmt, output, fail_above, fail_layer_above, key, device,
-                        seed, bn_eps, quiet)
+                        seed, bn_eps, input_sizes, quiet)
     except LipauditError as e:
         _fail(e, fmt)
     except KeyboardInterrupt:
@@ -141,7 +164,7 @@ def inspect(
 def _inspect(
     path: str, method: str, rtol: float | None, fmt: str, output: Path | None,
     fail_above: float | None, fail_layer_above: float | None, key: str | None, device: str,
-    seed: int, bn_eps: float, quiet: bool,
+    seed: int, bn_eps: float, input_sizes: tuple[tuple[str, tuple[int, ...]], ...], quiet: bool,
 ) -> int:
     import torch
 
@@ -157,7 +180,7 @@ def _inspect(
     settings = Settings(
         method=method, rtol=rtol if rtol is not None else 1e-4, conv_rtol=rtol if rtol is not None else 1e-2,
         seed=seed, device=device, key=key, bn_eps=bn_eps, fail_above=fail_above,
-        fail_layer_above=fail_layer_above,
+        fail_layer_above=fail_layer_above, input_sizes=input_sizes,
     )
     ckpt = open_checkpoint(path, key)
     show_progress = not quiet and sys.stderr.isatty()

@@ -51,6 +51,7 @@ class Layer:
     uses: tuple[str, ...]
     parametrization: str | None
     time_s: float
+    at_input_size: dict[str, Any] | None = None
 
     @property
     def reshape_ratio(self) -> tuple[float | None, float | None] | None:
@@ -73,6 +74,7 @@ class Layer:
             "reshape_ratio": None if ratio is None else {"lower": finite(ratio[0]), "upper": finite(ratio[1])},
             "in_network_bound": self.in_network_bound,
             "parametrization": self.parametrization,
+            "at_input_size": self.at_input_size,
             "uses": list(self.uses),
             "notes": list(self.notes),
             "time_s": round(self.time_s, 6),
@@ -159,6 +161,17 @@ class Settings:
     bn_eps: float = 1e-5
     fail_above: float | None = None
     fail_layer_above: float | None = None
+    # (layer name or tensor key, or "*" for every conv of that dimension) -> spatial size
+    input_sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def input_size_for(self, names: tuple[str, ...], dims: int) -> tuple[int, ...] | None:
+        for key, size in self.input_sizes:
+            if key in names and len(size) == dims:
+                return size
+        for key, size in self.input_sizes:
+            if key == "*" and len(size) == dims:
+                return size
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -171,6 +184,7 @@ class Settings:
             "bn_eps": self.bn_eps,
             "fail_above": self.fail_above,
             "fail_layer_above": self.fail_layer_above,
+            "input_sizes": {k: list(v) for k, v in self.input_sizes},
         }
 
 

@@ -154,3 +154,34 @@ def test_hostile_names_are_shown_inert(tmp_path: Path) -> None:
             assert all(line.startswith(("::error title=LIP002::", "::notice ")) for line in result.stdout.splitlines())
         if fmt == "markdown":
             assert "pipe\\|\\`tick\\`" in result.stdout
+
+
+def test_input_size_adds_exact_circular_and_a_zero_padding_bracket() -> None:
+    from tests.spectral.conv_reference import conv_matrix, op_norm
+
+    code, doc = run_json(str(DEMO), "--input-size", "6x6", "--input-size", "head=4x4")
+    assert code == 0
+    assert doc["settings"]["input_sizes"] == {"*": [6, 6], "head": [4, 4]}
+    sd = torch.load(DEMO, weights_only=True)
+    for x in doc["layers"]:
+        if x["kind"] != "conv2d":
+            assert x["at_input_size"] is None
+            continue
+        at = x["at_input_size"]
+        assert at["size"] == [6, 6]
+        # the weight the model uses: weight_orig / (u^T W v)
+        w = sd[x["tensor"]].double()
+        u, v = sd[x["tensor"].replace("_orig", "_u")].double(), sd[x["tensor"].replace("_orig", "_v")].double()
+        w = w / (u @ w.reshape(w.shape[0], -1) @ v)
+        circ = op_norm(conv_matrix(w, (6, 6), padding=1, circular=True))
+        zero = op_norm(conv_matrix(w, (6, 6), padding=1))
+        assert at["circular"]["lower"] <= circ * (1 + 1e-9) and at["circular"]["upper"] >= circ
+        assert at["circular"]["upper"] <= circ * (1 + 1e-6)
+        assert at["zero_padding"]["lower"] <= zero * (1 + 1e-9) <= at["zero_padding"]["upper"] * (1 + 1e-9)
+        assert at["circular"]["upper"] <= x["sigma"]["upper"]
+        assert any("at input size 6x6" in n for n in x["notes"])
+
+
+@pytest.mark.parametrize("bad", ["0x3", "axb", "1x2x3x4", "=", "name=5000x1"])
+def test_bad_input_size_is_a_usage_error(bad: str) -> None:
+    assert run("inspect", DEMO, "--input-size", bad).exit_code == 2

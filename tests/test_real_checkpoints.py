@@ -54,6 +54,10 @@ def test_mtcnn_layers_against_references(mtcnn: dict[str, Path], net: str) -> No
             assert up >= op_norm(conv_matrix(w, (size, size)))
             assert up >= op_norm(conv_matrix(w, (size, size), padding=1, circular=True)) if w.shape[-1] == 3 else True
             assert x["reshape_sigma"] == pytest.approx(true_norm(w), rel=1e-9)
+            # tight: within 1% of the largest symbol norm on a fine frequency grid (a lower bound of S)
+            spec = torch.fft.rfft2(w, s=(64, 64)).permute(2, 3, 0, 1)
+            fine = float(torch.linalg.matrix_norm(spec, ord=2).max())
+            assert fine <= up <= 1.01 * fine
         elif x["kind"] == "other":  # PReLU
             assert up == max(1.0, float(w.abs().max()))
         product *= up

@@ -6,7 +6,7 @@ import math
 import os
 import shutil
 import sys
-import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -51,33 +51,16 @@ def _fail(err: LipauditError, fmt: str) -> NoReturn:
     sys.exit(err.exit_code)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file beside path, fsync, then rename over it."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise OutputError(f"{visible(str(path))}: is a folder")
-    tmp = None
+def write_report(path: Path, text: str) -> None:
+    """Atomically: a temporary file beside path, fsynced, renamed over it."""
+    from lipaudit.checkpoint.writer import stage, writer_of
+
+    staged = stage(path, writer_of(text.encode("utf-8")))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        mode = os.stat(path).st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        tmp = None
+        staged.commit()
     except OSError as e:
+        staged.discard()
         raise OutputError(f"{visible(str(path))}: cannot write the report ({e.strerror or e})") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _progress(enabled: bool) -> Any:
@@ -144,45 +127,20 @@ def inspect(
     seed: int, bn_eps: float, input_sizes: tuple[tuple[str, tuple[int, ...]], ...], quiet: bool, debug: bool,
 ) -> None:
     """Report every layer's operator norm as a proven interval and bound the network."""
-    try:
-        code = _inspect(path, method, rtol, fmt, output, fail_above, fail_layer_above, key, device,
-                        seed, bn_eps, input_sizes, quiet)
-    except LipauditError as e:
-        _fail(e, fmt)
-    except KeyboardInterrupt:
-        click.echo("lipaudit: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:  # a bug: one line and exit 70 unless --debug
-        if debug:
-            raise
-        err = LipauditError(f"internal error: {type(e).__name__}: {visible(str(e), 200)} (rerun with --debug)", path)
-        err.exit_code = INTERNAL_EXIT_CODE
-        _fail(err, fmt)
-    sys.exit(code)
+
+    def run() -> int:
+        settings = _settings(method, rtol, device, seed, key, bn_eps, fail_above, fail_layer_above, input_sizes)
+        return _inspect(path, settings, fmt, output, quiet)
+
+    _guarded(run, path, fmt, debug)
 
 
-def _inspect(
-    path: str, method: str, rtol: float | None, fmt: str, output: Path | None,
-    fail_above: float | None, fail_layer_above: float | None, key: str | None, device: str,
-    seed: int, bn_eps: float, input_sizes: tuple[tuple[str, tuple[int, ...]], ...], quiet: bool,
-) -> int:
-    import torch
-
+def _inspect(path: str, settings: Any, fmt: str, output: Path | None, quiet: bool) -> int:
     from lipaudit.audit import audit
     from lipaudit.checkpoint import open_checkpoint
     from lipaudit.formats import render
-    from lipaudit.report import Settings
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    settings = Settings(
-        method=method, rtol=rtol if rtol is not None else 1e-4, conv_rtol=rtol if rtol is not None else 1e-2,
-        seed=seed, device=device, key=key, bn_eps=bn_eps, fail_above=fail_above,
-        fail_layer_above=fail_layer_above, input_sizes=input_sizes,
-    )
-    ckpt = open_checkpoint(path, key)
+    ckpt = open_checkpoint(path, settings.key)
     show_progress = not quiet and sys.stderr.isatty()
     with _progress(show_progress) as bar:
         task = bar.add_task("audit", total=None, layer="")
@@ -195,7 +153,7 @@ def _inspect(
     width = shutil.get_terminal_size((120, 24)).columns if to_tty else 120
     text = render(report, fmt, RenderOptions(width=max(width, 80), color=to_tty))
     if output is not None:
-        write_atomic(output, text)
+        write_report(output, text)
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -209,6 +167,133 @@ def _inspect(
             err=True,
         )
     return report.exit_code
+
+
+@cli.command()
+@click.argument("path")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Where to write the rescaled checkpoint (a folder for sharded input).")
+@click.option("--target", type=PositiveFloat(), default=1.0, show_default=True,
+              help="Largest allowed certified norm per covered layer.")
+@click.option("--mode", type=click.Choice(["divide", "clip"]), default="divide", show_default=True,
+              help="divide: every covered layer to the target; clip: only layers above it.")
+@click.option("--conv-norm", type=click.Choice(["operator", "reshape"]), default="operator", show_default=True,
+              help="operator: the certified bound; reshape: what torch's spectral_norm divides by (not certified).")
+@click.option("--include", multiple=True, help="Only layers whose name or key matches this glob (repeatable).")
+@click.option("--exclude", multiple=True, help="Leave layers whose name or key matches this glob (repeatable).")
+@click.option("--bake", is_flag=True, help="Replace spectral-norm parametrized layers by plain weights.")
+@click.option("--in-place", is_flag=True, help="Overwrite the input (atomically).")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="table", show_default=True)
+@click.option("--key", default=None, help="Entry holding the state dict.")
+@click.option("--rtol", type=PositiveFloat(), default=None, help="As for inspect.")
+@click.option("--bn-eps", type=PositiveFloat(), default=1e-5, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("-q", "--quiet", is_flag=True)
+@click.option("--debug", is_flag=True)
+def normalize(
+    path: str, output: Path | None, target: float, mode: str, conv_norm: str, include: tuple[str, ...],
+    exclude: tuple[str, ...], bake: bool, in_place: bool, dry_run: bool, fmt: str, key: str | None,
+    rtol: float | None, bn_eps: float, device: str, quiet: bool, debug: bool,
+) -> None:
+    """Rescale the covered layers so that each certified norm is at most --target."""
+    from lipaudit.normalize import NormalizeSettings
+
+    def run() -> int:
+        settings = NormalizeSettings(
+            target=target, mode=mode, conv_norm=conv_norm, include=include, exclude=exclude, bake=bake,
+            audit=_settings("exact", rtol, device, 0, key, bn_eps, None, None, ()),
+        )
+        return _normalize(path, output, in_place, dry_run, settings, fmt, quiet)
+
+    _guarded(run, path, fmt, debug)
+
+
+def _guarded(run: Any, path: str, fmt: str, debug: bool) -> NoReturn:
+    """Map every outcome to its exit code; a bug is one line and 70 unless --debug."""
+    try:
+        code = run()
+    except LipauditError as e:
+        _fail(e, fmt)
+    except KeyboardInterrupt:
+        click.echo("lipaudit: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        err = LipauditError(f"internal error: {type(e).__name__}: {visible(str(e), 200)} (rerun with --debug)", path)
+        err.exit_code = INTERNAL_EXIT_CODE
+        _fail(err, fmt)
+    sys.exit(code)
+
+
+def _output_path(path: str, output: Path | None, in_place: bool, dry_run: bool) -> Path | None:
+    """Where the result goes; writing over the input needs --in-place."""
+    src = Path(path)
+    if in_place:
+        if output is not None and os.path.realpath(output) != os.path.realpath(src):
+            raise UsageError("--in-place and -o name different files")
+        return src if not src.name.endswith(".index.json") else src.parent
+    if output is None:
+        if dry_run:
+            return None
+        raise UsageError("normalize needs -o OUT (or --in-place, or --dry-run)")
+    same = os.path.realpath(output) == os.path.realpath(src)
+    if not same and output.exists() and src.exists():
+        try:
+            same = os.path.samefile(output, src)
+        except OSError:
+            same = False
+    if same or (src.name.endswith(".index.json") and os.path.realpath(output) == os.path.realpath(src.parent)):
+        raise UsageError(f"{visible(str(output))}: is the input; pass --in-place to overwrite it")
+    return output
+
+
+def _normalize(
+    path: str, output: Path | None, in_place: bool, dry_run: bool, settings: Any, fmt: str, quiet: bool
+) -> int:
+    from lipaudit.checkpoint import open_checkpoint
+    from lipaudit.formats import render
+    from lipaudit.normalize import normalize as plan
+    from lipaudit.normalize import write_output
+
+    target = _output_path(path, output, in_place, dry_run)
+    ckpt = open_checkpoint(path, settings.audit.key, for_writing=True)
+    report, edits = plan(ckpt, settings)
+    written = False
+    if target is not None and not dry_run:
+        write_output(ckpt, edits, target)
+        written = True
+    report = replace(report, output=None if target is None else str(target), written=written)
+    to_tty = sys.stdout.isatty()
+    width = shutil.get_terminal_size((120, 24)).columns if to_tty else 120
+    sys.stdout.write(render(report, fmt, RenderOptions(width=max(width, 80), color=to_tty)))
+    sys.stdout.flush()
+    if not quiet:
+        scaled = sum(c.action == "scaled" for c in report.changes)
+        where = f"wrote {visible(str(target))}" if written else "dry run, nothing written"
+        click.echo(f"lipaudit: {report.checkpoint.path}: {scaled} layers rescaled, {where}: "
+                   f"{'passed' if report.passed else 'FAILED'}", err=True)
+    return report.exit_code
+
+
+def _settings(
+    method: str, rtol: float | None, device: str, seed: int, key: str | None, bn_eps: float,
+    fail_above: float | None, fail_layer_above: float | None, input_sizes: tuple[tuple[str, tuple[int, ...]], ...],
+) -> Any:
+    import torch
+
+    from lipaudit.report import Settings
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return Settings(
+        method=method, rtol=rtol if rtol is not None else 1e-4, conv_rtol=rtol if rtol is not None else 1e-2,
+        seed=seed, device=device, key=key, bn_eps=bn_eps, fail_above=fail_above,
+        fail_layer_above=fail_layer_above, input_sizes=input_sizes,
+    )
 
 
 def main() -> None:

@@ -26,5 +26,8 @@ RULES = {
         Rule("LIP009", "warning", "network bound is not certified"),
         Rule("LIP010", "warning", "parametrized weight could not be formed"),
         Rule("LIP011", "warning", "layer shapes show the covered layers are not a simple chain"),
+        Rule("LIP012", "error", "normalize: a covered layer could not be brought to the target"),
+        Rule("LIP013", "warning", "normalize: convolutions scaled by the reshaped-kernel norm (not certified)"),
+        Rule("LIP014", "info", "normalize: tied weights scaled once"),
     )
 }

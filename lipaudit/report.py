@@ -231,10 +231,11 @@ def error_document(tool_version: str, code: str, exit_code: int, message: str, p
     }
 
 
-def schema() -> dict[str, Any]:
-    """The JSON Schema of the report, shipped inside the package."""
+def schema(command: str = "inspect") -> dict[str, Any]:
+    """The JSON Schema of a command's report, shipped inside the package."""
     import json
     from importlib.resources import files
 
-    text = files("lipaudit").joinpath("schema/report-v1.schema.json").read_text(encoding="utf-8")
+    name = "report-v1" if command == "inspect" else "normalize-v1"
+    text = files("lipaudit").joinpath(f"schema/{name}.schema.json").read_text(encoding="utf-8")
     return json.loads(text)  # type: ignore[no-any-return]

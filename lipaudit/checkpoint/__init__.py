@@ -39,14 +39,17 @@ def _by_prefix(infos: list[TensorInfo], key: str | None, shown: str) -> list[Ten
     return picked
 
 
-def _open_torch(path: Path, shown: str, fmt: str, key: str | None) -> Checkpoint:
-    root = load_torch(path, shown, zip_format=fmt == sn.TORCH_ZIP)
+def _open_torch(path: Path, shown: str, fmt: str, key: str | None, for_writing: bool) -> Checkpoint:
+    # A file being rewritten is read fully: writing over a mapped file kills the process.
+    zip_format = fmt == sn.TORCH_ZIP
+    root = load_torch(path, shown, zip_format, mmap=zip_format and not for_writing)
     sel = select_state_dict(root, key, shown)
     infos = [tensor_info(k, t) for k, t in sel.tensors.items()]
     return Checkpoint(
         path=shown, format=fmt, sha256=sha256_of(path), infos=infos,
         loader=sel.tensors.__getitem__, key=sel.key, ignored=sel.ignored,
-        alternatives=sel.alternatives,
+        alternatives=sel.alternatives, source=path,
+        root=root if for_writing else None, slots=sel.slots if for_writing else {},
     )
 
 
@@ -57,7 +60,7 @@ def _open_safetensors(path: Path, shown: str, key: str | None) -> Checkpoint:
     files = st.SafetensorsFiles({i.key: path for i in infos}, shown)
     return Checkpoint(
         path=shown, format=sn.SAFETENSORS, sha256=sha256_of(path), infos=infos,
-        loader=files.load, key=key or None,
+        loader=files.load, key=key or None, source=path, files=dict(files.where),
     )
 
 
@@ -96,17 +99,18 @@ def _open_sharded(path: Path, shown: str, key: str | None) -> Checkpoint:
     files = st.SafetensorsFiles(seen, shown)
     return Checkpoint(
         path=shown, format=sn.SHARDED, sha256=sha256_of(index), infos=infos, loader=files.load,
-        key=key or None, shards=[p.name for p in dict.fromkeys(where.values())],
+        key=key or None, shards=[p.name for p in dict.fromkeys(where.values())], source=index,
+        files=dict(seen),
     )
 
 
-def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
+def open_checkpoint(path: str, key: str | None = None, for_writing: bool = False) -> Checkpoint:
     """Recognise the format by content and read the state dict (tensors load on demand)."""
     shown = visible(path, 200)
     p = Path(path)
     fmt = sn.sniff(p, shown)
     if fmt in (sn.TORCH_ZIP, sn.TORCH_LEGACY):
-        return _open_torch(p, shown, fmt, key)
+        return _open_torch(p, shown, fmt, key, for_writing)
     if fmt == sn.SAFETENSORS:
         return _open_safetensors(p, shown, key)
     return _open_sharded(p, shown, key)

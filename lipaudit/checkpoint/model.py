@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,6 +55,11 @@ class Checkpoint:
     ignored: list[Ignored] = field(default_factory=list)
     alternatives: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
+    # For rewriting: the file (or index) read, and where each tensor lives.
+    source: Path | None = None
+    root: Any = None  # torch: the whole unpickled object
+    slots: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # torch: key -> (container, key)
+    files: dict[str, Path] = field(default_factory=dict)  # safetensors: key -> file
 
     def load(self, key: str) -> torch.Tensor:
         return self.loader(key)

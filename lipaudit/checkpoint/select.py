@@ -44,6 +44,8 @@ class Selection:
     tensors: dict[str, torch.Tensor]
     ignored: list[Ignored]
     alternatives: list[str]
+    # where each tensor sits: (its container, its key there), for rewriting
+    slots: dict[str, tuple[Any, Any]]
 
 
 def _is_optimizer_state(key: object, value: object) -> bool:
@@ -74,7 +76,12 @@ def _name(key: object) -> str:
 
 
 def _flatten(
-    node: object, prefix: str, out: dict[str, torch.Tensor], ignored: list[Ignored], depth: int
+    node: object,
+    prefix: str,
+    out: dict[str, torch.Tensor],
+    ignored: list[Ignored],
+    depth: int,
+    slots: dict[str, tuple[Any, Any]],
 ) -> None:
     if depth > MAX_DEPTH:
         raise ResourceLimitError(f"containers nested deeper than {MAX_DEPTH} levels")
@@ -86,12 +93,13 @@ def _flatten(
                 n += 1
                 name = f"{path}~{n}"
             out[name] = v
+            slots[name] = (node, k)
         elif _is_optimizer_state(k, v):
             n = count_tensors(v)
             if n:
                 ignored.append(Ignored(path, f"optimizer state ({n} tensors): not a layer"))
         elif isinstance(v, (dict, list, tuple)):
-            _flatten(v, path, out, ignored, depth + 1)
+            _flatten(v, path, out, ignored, depth + 1, slots)
 
 
 def _resolve(root: object, key: str) -> tuple[object, str]:
@@ -125,7 +133,7 @@ def select_state_dict(root: Any, key: str | None, shown: str) -> Selection:
     ignored: list[Ignored] = []
     alternatives: list[str] = []
     if isinstance(root, torch.Tensor):
-        return Selection(None, {"tensor": root}, ignored, alternatives)
+        return Selection(None, {"tensor": root}, ignored, alternatives, {})
     if not isinstance(root, (dict, list, tuple)):
         raise MalformedInputError(f"{shown}: holds a {type(root).__name__}, not a state dict", shown)
     path: list[str] = []
@@ -139,7 +147,7 @@ def select_state_dict(root: Any, key: str | None, shown: str) -> Selection:
                 f"{shown}: no entry {key!r} holds tensors (entries with tensors: {keys})", shown
             ) from None
         if isinstance(node, torch.Tensor):
-            return Selection(key, {key: node}, ignored, alternatives)
+            return Selection(key, {key: node}, ignored, alternatives, {})
         if not count_tensors(node):
             raise UsageError(f"{shown}: entry {key!r} holds no tensors", shown)
         path = [key] if key not in ("", "/") else []
@@ -179,10 +187,11 @@ def select_state_dict(root: Any, key: str | None, shown: str) -> Selection:
             path.append(_name(chosen[0]))
             node = chosen[1]
     tensors: dict[str, torch.Tensor] = {}
+    slots: dict[str, tuple[Any, Any]] = {}
     if isinstance(node, torch.Tensor):
         tensors[path[-1] if path else "tensor"] = node
     else:
-        _flatten(node, "", tensors, ignored, 0)
+        _flatten(node, "", tensors, ignored, 0, slots)
     if not tensors:
         raise MalformedInputError(f"{shown}: no tensors found", shown)
-    return Selection(".".join(path) if path else None, tensors, ignored, alternatives)
+    return Selection(".".join(path) if path else None, tensors, ignored, alternatives, slots)

@@ -37,7 +37,7 @@ def check_zip(path: Path, shown: str) -> None:
         raise MalformedInputError(f"{shown}: zip archive without data.pkl: not a torch checkpoint", shown)
 
 
-def load_torch(path: Path, shown: str, zip_format: bool) -> Any:
+def load_torch(path: Path, shown: str, zip_format: bool, mmap: bool) -> Any:
     """torch.load with weights_only=True spelled out; never a fallback."""
     if zip_format:
         check_zip(path, shown)
@@ -54,7 +54,7 @@ def load_torch(path: Path, shown: str, zip_format: bool) -> Any:
                 # the decision with the content.
                 with open(path, "rb") as f:
                     return torch.load(f, map_location="cpu", weights_only=True)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         text = str(e)
         m = _GLOBAL.search(text)

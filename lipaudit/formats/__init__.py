@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from lipaudit.report import Report
+
+if TYPE_CHECKING:
+    from lipaudit.normalize import NormalizeReport
 
 
 @dataclass(frozen=True)
@@ -14,25 +18,36 @@ class RenderOptions:
     color: bool = False
 
 
-Renderer = Callable[[Report, RenderOptions], str]
+Renderer = Callable[[Any, RenderOptions], str]
 
 
-def _registry() -> dict[str, Renderer]:
+def _registry(kind: str) -> dict[str, Renderer]:
     from lipaudit.formats import github, json_format, markdown, table
 
-    return {
-        "table": table.render,
-        "json": json_format.render,
-        "markdown": markdown.render,
-        "github": github.render,
-    }
+    if kind == "normalize":
+        return {
+            "table": table.render_normalize,
+            "json": json_format.render,
+            "markdown": markdown.render_normalize,
+            "github": github.render_normalize,
+        }
+    return {"table": table.render, "json": json_format.render, "markdown": markdown.render, "github": github.render}
 
 
 FORMAT_NAMES = ("table", "json", "markdown", "github")
 
 
-def render(report: Report, fmt: str, options: RenderOptions | None = None) -> str:
-    return _registry()[fmt](report, options or RenderOptions())
+def render(report: Report | NormalizeReport, fmt: str, options: RenderOptions | None = None) -> str:
+    kind = "inspect" if isinstance(report, Report) else "normalize"
+    return _registry(kind)[fmt](report, options or RenderOptions())
+
+
+def fmt_log10(log10: float | None) -> str:
+    if log10 is None:
+        return "unknown"
+    if log10 == float("-inf"):
+        return "0"
+    return fmt_num(10.0**log10) if log10 < 308 else f"10^{log10:.4f}"
 
 
 def fmt_num(x: float | None, digits: int = 5) -> str:
@@ -42,9 +57,4 @@ def fmt_num(x: float | None, digits: int = 5) -> str:
 
 
 def fmt_bound(report: Report) -> str:
-    net = report.network
-    if net.log10_upper is None:
-        return "unknown"
-    if net.upper is not None:
-        return fmt_num(net.upper)
-    return f"10^{net.log10_upper:.4f}"
+    return fmt_log10(report.network.log10_upper)

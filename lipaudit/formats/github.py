@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from lipaudit.formats import RenderOptions, fmt_bound
-from lipaudit.report import Report
+from typing import TYPE_CHECKING
+
+from lipaudit.formats import RenderOptions, fmt_bound, fmt_log10
+from lipaudit.report import Finding, Report
+
+if TYPE_CHECKING:
+    from lipaudit.normalize import NormalizeReport
 from lipaudit.text import visible
 
 _LEVEL = {"error": "error", "warning": "warning", "info": "notice"}
@@ -17,12 +22,29 @@ def escape_property(text: str) -> str:
     return escape_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
-def render(report: Report, options: RenderOptions) -> str:
+def _annotations(findings: tuple[Finding, ...]) -> list[str]:
     lines = []
-    for f in report.findings:
+    for f in findings:
         where = f"{visible(f.tensor)}: " if f.tensor else ""
         message = escape_data(where + visible(f.message, 1000))
         lines.append(f"::{_LEVEL.get(f.severity, 'notice')} title={escape_property(f.code)}::{message}")
+    return lines
+
+
+def render_normalize(report: NormalizeReport, options: RenderOptions) -> str:
+    lines = _annotations(report.findings)
+    scaled = sum(c.action == "scaled" for c in report.changes)
+    summary = (
+        f"{visible(report.checkpoint.path)}: {scaled} layers rescaled to at most {report.settings.target:g}, "
+        f"network bound {fmt_log10(report.log10_before)} -> {fmt_log10(report.log10_after)}, "
+        + ("written" if report.written else "nothing written")
+    )
+    lines.append(f"::notice title=lipaudit::{escape_data(summary)}")
+    return "\n".join(lines) + "\n"
+
+
+def render(report: Report, options: RenderOptions) -> str:
+    lines = _annotations(report.findings)
     net = report.network
     summary = (
         f"{visible(report.checkpoint.path)}: network Lipschitz bound L <= {fmt_bound(report)} "

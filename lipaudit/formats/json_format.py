@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lipaudit.formats import RenderOptions
 from lipaudit.report import Report
+
+if TYPE_CHECKING:
+    from lipaudit.normalize import NormalizeReport
 
 
 def dumps(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, allow_nan=False, ensure_ascii=True) + "\n"
 
 
-def render(report: Report, options: RenderOptions) -> str:
+def render(report: Report | NormalizeReport, options: RenderOptions) -> str:
     return dumps(report.to_dict())

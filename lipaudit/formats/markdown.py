@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from lipaudit.formats import RenderOptions, fmt_bound, fmt_num
-from lipaudit.report import Report
+from lipaudit.formats import RenderOptions, fmt_bound, fmt_log10, fmt_num
+from lipaudit.report import Finding, Report
+
+if TYPE_CHECKING:
+    from lipaudit.normalize import NormalizeReport
 from lipaudit.text import visible
 
 # Characters with inline meaning in GitHub Markdown; lines never start with untrusted text.
@@ -41,14 +45,40 @@ def render(report: Report, options: RenderOptions) -> str:
             f"{fmt_num(x.sigma.upper)} | {cert} | {fmt_num(x.reshape_sigma)} | "
             f"{'yes' if x.in_network_bound else 'no'} |"
         )
-    if report.findings:
-        out += ["", "### Findings", ""]
-        for f in report.findings:
-            where = f" {md(f.tensor)}:" if f.tensor else ""
-            out.append(f"- **{f.code}** ({f.severity}){where} {md(f.message, 1000)}")
+    out += _findings(report.findings)
     out += ["", "### Assumptions", ""] + [f"- {a}" for a in net.assumptions]
     if report.skipped:
         out += ["", f"<details><summary>Skipped tensors ({len(report.skipped)})</summary>", ""]
         out += [f"- {md(s.tensor)}: {md(s.reason)}" for s in report.skipped]
         out += ["", "</details>"]
     return "\n".join(out) + "\n"
+
+
+def _findings(findings: tuple[Finding, ...]) -> list[str]:
+    if not findings:
+        return []
+    out = ["", "### Findings", ""]
+    for f in findings:
+        where = f" {md(f.tensor)}:" if f.tensor else ""
+        out.append(f"- **{f.code}** ({f.severity}){where} {md(f.message, 1000)}")
+    return out
+
+
+def render_normalize(report: NormalizeReport, options: RenderOptions) -> str:
+    st = report.settings
+    out = [
+        f"## lipaudit normalize: {md(report.checkpoint.path)}",
+        "",
+        f"Target {st.target:g}, mode {st.mode}, conv norm {st.conv_norm}{', bake' if st.bake else ''}. "
+        f"Network Lipschitz bound {fmt_log10(report.log10_before)} -> {fmt_log10(report.log10_after)} "
+        f"({'certified' if report.certified else 'not certified'}); "
+        + (f"written to {md(report.output or '')}" if report.written else "nothing written")
+        + f" - **{'passed' if report.passed else 'failed'}**",
+        "",
+        "| layer | kind | action | before | after | scale | why |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for c in report.changes:
+        out.append(f"| {md(c.name)} | {c.kind} | {c.action} | {fmt_num(c.before)} | {fmt_num(c.after)} | "
+                   f"{fmt_num(c.scale)} | {md(c.reason)} |")
+    return "\n".join(out + _findings(report.findings)) + "\n"

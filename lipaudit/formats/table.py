@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lipaudit.formats import RenderOptions, fmt_bound, fmt_num
-from lipaudit.report import Layer, Report
+from lipaudit.formats import RenderOptions, fmt_bound, fmt_log10, fmt_num
+from lipaudit.report import Finding, Layer, Report
+
+if TYPE_CHECKING:
+    from lipaudit.normalize import NormalizeReport
 from lipaudit.text import visible
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -45,13 +49,63 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def render(report: Report, options: RenderOptions) -> str:
-    buf = io.StringIO()
-    console = Console(
+def _console(buf: io.StringIO, options: RenderOptions) -> Console:
+    return Console(
         file=buf, width=options.width, force_terminal=options.color, no_color=not options.color,
         color_system="standard" if options.color else None, markup=False, emoji=False,
         highlight=False, legacy_windows=False,
     )
+
+
+def _findings(console: Console, findings: tuple[Finding, ...]) -> None:
+    if not findings:
+        return
+    console.print(Text("Findings:", style="bold"))
+    rows = []
+    for f in findings:
+        row = Text(f"{f.code} {f.severity}", style=_SEVERITY_STYLE.get(f.severity, ""))
+        row.append(" ")
+        if f.tensor:
+            row.append(visible(f.tensor) + ": ")
+        row.append(visible(f.message, 1000))
+        rows.append(row)
+    _bullets(console, rows)
+
+
+def _strip(text: str) -> str:
+    return "".join(line.rstrip() + "\n" for line in text.splitlines())
+
+
+def render_normalize(report: NormalizeReport, options: RenderOptions) -> str:
+    buf = io.StringIO()
+    console = _console(buf, options)
+    head = Text(f"lipaudit {report.tool_version} normalize  ", style="bold")
+    head.append(visible(report.checkpoint.path))
+    head.append(f" -> {visible(report.output)}" if report.output else " (dry run)")
+    console.print(head)
+    st = report.settings
+    console.print(Text(f"target {st.target:g}, mode {st.mode}, conv norm {st.conv_norm}"
+                       + (", bake" if st.bake else "")))
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for col, justify in (("layer", "left"), ("kind", "left"), ("action", "left"), ("before", "right"),
+                         ("after", "right"), ("scale", "right"), ("why", "left")):
+        t.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for c in report.changes:
+        t.add_row(Text(visible(c.name)), Text(c.kind), Text(c.action), Text(fmt_num(c.before)),
+                  Text(fmt_num(c.after)), Text(fmt_num(c.scale)), Text(visible(c.reason)))
+    console.print(t)
+    line = Text("Network Lipschitz bound: ", style="bold")
+    line.append(f"{fmt_log10(report.log10_before)} -> {fmt_log10(report.log10_after)}", style="bold")
+    line.append(f"  ({'certified' if report.certified else 'not certified'})")
+    console.print(line)
+    _findings(console, report.findings)
+    console.print(Text("written" if report.written else "nothing written", style="bold"))
+    return _strip(buf.getvalue())
+
+
+def render(report: Report, options: RenderOptions) -> str:
+    buf = io.StringIO()
+    console = _console(buf, options)
     ck = report.checkpoint
     head = Text(f"lipaudit {report.tool_version}  ", style="bold")
     head.append(visible(ck.path))
@@ -90,17 +144,7 @@ def render(report: Report, options: RenderOptions) -> str:
     console.print(line)
     console.print(Text("Assumptions:", style="bold"))
     _bullets(console, [Text(a) for a in net.assumptions])
-    if report.findings:
-        console.print(Text("Findings:", style="bold"))
-        rows = []
-        for f in report.findings:
-            row = Text(f"{f.code} {f.severity}", style=_SEVERITY_STYLE.get(f.severity, ""))
-            row.append(" ")
-            if f.tensor:
-                row.append(visible(f.tensor) + ": ")
-            row.append(visible(f.message, 1000))
-            rows.append(row)
-        _bullets(console, rows)
+    _findings(console, report.findings)
     if report.skipped:
         reasons: dict[str, int] = {}
         for s in report.skipped:
@@ -108,4 +152,4 @@ def render(report: Report, options: RenderOptions) -> str:
         summary = ", ".join(f"{visible(k, 60)} {n}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
         console.print(Text(f"Skipped {len(report.skipped)} tensors ({summary}); see --format json for each."))
     console.print(Text("PASSED" if report.passed else "FAILED", style="bold green" if report.passed else "bold red"))
-    return "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
+    return _strip(buf.getvalue())

@@ -26,7 +26,7 @@ from lipaudit.checkpoint import sniff as sn
 from lipaudit.checkpoint.model import Checkpoint
 from lipaudit.checkpoint.safetensors_reader import read_header
 from lipaudit.errors import OutputError
-from lipaudit.text import visible
+from lipaudit.text import clean_message, visible
 
 _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
@@ -145,8 +145,10 @@ def stage(target: Path, write: Callable[[IO[bytes]], None]) -> Staged:
         os.fchmod(fd, mode)
     except BaseException as e:
         staged.discard()
-        if isinstance(e, OSError):
-            raise OutputError(f"{visible(str(target))}: cannot write ({e.strerror or e})", str(target)) from None
+        # torch's zip writer reports a failed write (disk full) as RuntimeError
+        if isinstance(e, (OSError, RuntimeError)):
+            why = e.strerror if isinstance(e, OSError) and e.strerror else clean_message(e)
+            raise OutputError(f"{visible(str(target))}: cannot write ({why})", str(target)) from None
         raise
     return staged
 

@@ -214,6 +214,8 @@ class _Layer:
         if _matches(spec, s.exclude):
             return unchanged("matched by --exclude")
         if spec.math == "prelu":
+            if before is not None and before > self.s.target:
+                return skipped("PReLU slopes above the target are an activation, not a weight to rescale")
             return unchanged("PReLU slopes are an activation, not a weight to rescale")
         if before is None:
             return skipped("norm unknown (non-finite weights or unformable parametrization)")

@@ -73,6 +73,49 @@ def _progress(enabled: bool) -> Any:
     )
 
 
+class ByteSize(click.ParamType):  # type: ignore[type-arg]
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from lipaudit.checkpoint.limits import parse_bytes
+
+        if isinstance(value, int):
+            return value
+        try:
+            n = parse_bytes(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        if n <= 0:
+            self.fail(f"{value!r} must be above 0", param, ctx)
+        return n
+
+
+def limit_options(f: Any) -> Any:
+    """--max-tensors, --max-tensor-bytes, --max-total-bytes: budgets checked before allocating."""
+    f = click.option("--max-total-bytes", type=ByteSize(), default=None,
+                     help="Budget for all tensors' logical sizes [default: 256G].")(f)
+    f = click.option("--max-tensor-bytes", type=ByteSize(), default=None,
+                     help="Budget for one tensor's logical size, numel x itemsize [default: 16G].")(f)
+    f = click.option("--max-tensors", type=click.IntRange(min=1), default=None,
+                     help="Most tensors a checkpoint may hold [default: 1000000].")(f)
+    return f
+
+
+def _limits(max_tensors: int | None, max_tensor_bytes: int | None, max_total_bytes: int | None) -> Any:
+    from dataclasses import replace as with_
+
+    from lipaudit.checkpoint.limits import Limits
+
+    limits = Limits()
+    if max_tensors is not None:
+        limits = with_(limits, tensors=max_tensors)
+    if max_tensor_bytes is not None:
+        limits = with_(limits, tensor_bytes=max_tensor_bytes)
+    if max_total_bytes is not None:
+        limits = with_(limits, total_bytes=max_total_bytes)
+    return limits
+
+
 class InputSize(click.ParamType):  # type: ignore[type-arg]
     """HxW (every conv with that many spatial axes) or NAME=HxW (one layer)."""
 
@@ -119,17 +162,20 @@ def cli() -> None:
 @click.option("--input-size", "input_sizes", type=InputSize(), multiple=True,
               help="Input size of the convolutions (32x32, or layer=32x32; repeatable): adds their exact "
                    "circular-padding norm and a zero-padding bracket at that size.")
+@limit_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
 def inspect(
     path: str, method: str, rtol: float | None, fmt: str, output: Path | None,
     fail_above: float | None, fail_layer_above: float | None, key: str | None, device: str,
-    seed: int, bn_eps: float, input_sizes: tuple[tuple[str, tuple[int, ...]], ...], quiet: bool, debug: bool,
+    seed: int, bn_eps: float, input_sizes: tuple[tuple[str, tuple[int, ...]], ...],
+    max_tensors: int | None, max_tensor_bytes: int | None, max_total_bytes: int | None, quiet: bool, debug: bool,
 ) -> None:
     """Report every layer's operator norm as a proven interval and bound the network."""
 
     def run() -> int:
-        settings = _settings(method, rtol, device, seed, key, bn_eps, fail_above, fail_layer_above, input_sizes)
+        settings = _settings(method, rtol, device, seed, key, bn_eps, fail_above, fail_layer_above, input_sizes,
+                             _limits(max_tensors, max_tensor_bytes, max_total_bytes))
         return _inspect(path, settings, fmt, output, quiet)
 
     _guarded(run, path, fmt, debug)
@@ -140,7 +186,7 @@ def _inspect(path: str, settings: Any, fmt: str, output: Path | None, quiet: boo
     from lipaudit.checkpoint import open_checkpoint
     from lipaudit.formats import render
 
-    ckpt = open_checkpoint(path, settings.key)
+    ckpt = open_checkpoint(path, settings.key, limits=settings.limits)
     show_progress = not quiet and sys.stderr.isatty()
     with _progress(show_progress) as bar:
         task = bar.add_task("audit", total=None, layer="")
@@ -189,20 +235,23 @@ def _inspect(path: str, settings: Any, fmt: str, output: Path | None, quiet: boo
 @click.option("--rtol", type=PositiveFloat(), default=None, help="As for inspect.")
 @click.option("--bn-eps", type=PositiveFloat(), default=1e-5, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@limit_options
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("--debug", is_flag=True)
 def normalize(
     path: str, output: Path | None, target: float, mode: str, conv_norm: str, include: tuple[str, ...],
     exclude: tuple[str, ...], bake: bool, in_place: bool, dry_run: bool, fmt: str, key: str | None,
-    rtol: float | None, bn_eps: float, device: str, quiet: bool, debug: bool,
+    rtol: float | None, bn_eps: float, device: str, max_tensors: int | None, max_tensor_bytes: int | None,
+    max_total_bytes: int | None, quiet: bool, debug: bool,
 ) -> None:
     """Rescale the covered layers so that each certified norm is at most --target."""
     from lipaudit.normalize import NormalizeSettings
 
     def run() -> int:
+        limits = _limits(max_tensors, max_tensor_bytes, max_total_bytes)
         settings = NormalizeSettings(
             target=target, mode=mode, conv_norm=conv_norm, include=include, exclude=exclude, bake=bake,
-            audit=_settings("exact", rtol, device, 0, key, bn_eps, None, None, ()),
+            audit=_settings("exact", rtol, device, 0, key, bn_eps, None, None, (), limits),
         )
         return _normalize(path, output, in_place, dry_run, settings, fmt, quiet)
 
@@ -258,7 +307,7 @@ def _normalize(
     from lipaudit.normalize import write_output
 
     target = _output_path(path, output, in_place, dry_run)
-    ckpt = open_checkpoint(path, settings.audit.key, for_writing=True)
+    ckpt = open_checkpoint(path, settings.audit.key, for_writing=True, limits=settings.audit.limits)
     report, edits = plan(ckpt, settings)
     written = False
     if target is not None and not dry_run:
@@ -280,6 +329,7 @@ def _normalize(
 def _settings(
     method: str, rtol: float | None, device: str, seed: int, key: str | None, bn_eps: float,
     fail_above: float | None, fail_layer_above: float | None, input_sizes: tuple[tuple[str, tuple[int, ...]], ...],
+    limits: Any,
 ) -> Any:
     import torch
 
@@ -292,7 +342,7 @@ def _settings(
     return Settings(
         method=method, rtol=rtol if rtol is not None else 1e-4, conv_rtol=rtol if rtol is not None else 1e-2,
         seed=seed, device=device, key=key, bn_eps=bn_eps, fail_above=fail_above,
-        fail_layer_above=fail_layer_above, input_sizes=input_sizes,
+        fail_layer_above=fail_layer_above, input_sizes=input_sizes, limits=limits,
     )
 
 

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lipaudit.checkpoint.limits import Limits
+
 SCHEMA_VERSION = 1
 
 
@@ -163,6 +165,7 @@ class Settings:
     fail_layer_above: float | None = None
     # (layer name or tensor key, or "*" for every conv of that dimension) -> spatial size
     input_sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    limits: Limits = field(default_factory=Limits)
 
     def input_size_for(self, names: tuple[str, ...], dims: int) -> tuple[int, ...] | None:
         for key, size in self.input_sizes:
@@ -185,6 +188,7 @@ class Settings:
             "fail_above": self.fail_above,
             "fail_layer_above": self.fail_layer_above,
             "input_sizes": {k: list(v) for k, v in self.input_sizes},
+            "limits": self.limits.to_dict(),
         }
 
 

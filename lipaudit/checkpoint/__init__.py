@@ -8,13 +8,14 @@ from pathlib import Path
 
 from lipaudit.checkpoint import safetensors_reader as st
 from lipaudit.checkpoint import sniff as sn
+from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import Checkpoint, Ignored, TensorInfo
-from lipaudit.checkpoint.select import select_state_dict
+from lipaudit.checkpoint.select import check_size, select_state_dict
 from lipaudit.checkpoint.torch_reader import load_torch, tensor_info
-from lipaudit.errors import MalformedInputError, UsageError
+from lipaudit.errors import MalformedInputError, ResourceLimitError, UsageError
 from lipaudit.text import visible
 
-__all__ = ["Checkpoint", "Ignored", "TensorInfo", "open_checkpoint"]
+__all__ = ["Checkpoint", "Ignored", "Limits", "TensorInfo", "open_checkpoint"]
 
 
 def natural_key(name: str) -> list[tuple[int, int | str]]:
@@ -39,10 +40,11 @@ def _by_prefix(infos: list[TensorInfo], key: str | None, shown: str) -> list[Ten
     return picked
 
 
-def _open_torch(path: Path, shown: str, fmt: str, key: str | None, for_writing: bool) -> Checkpoint:
+def _open_torch(path: Path, shown: str, fmt: str, key: str | None, for_writing: bool, limits: Limits) -> Checkpoint:
     # A file being rewritten is read fully: writing over a mapped file kills the process.
     zip_format = fmt == sn.TORCH_ZIP
-    root = load_torch(path, shown, zip_format, mmap=zip_format and not for_writing)
+    root = load_torch(path, shown, zip_format, mmap=zip_format and not for_writing, limits=limits)
+    check_size(root, limits, shown)
     sel = select_state_dict(root, key, shown)
     infos = [tensor_info(k, t) for k, t in sel.tensors.items()]
     return Checkpoint(
@@ -53,8 +55,8 @@ def _open_torch(path: Path, shown: str, fmt: str, key: str | None, for_writing: 
     )
 
 
-def _open_safetensors(path: Path, shown: str, key: str | None) -> Checkpoint:
-    header, _meta = st.read_header(path, shown)
+def _open_safetensors(path: Path, shown: str, key: str | None, limits: Limits) -> Checkpoint:
+    header, _meta = st.read_header(path, shown, limits)
     infos = sorted(st.infos_from_header(header), key=lambda i: natural_key(i.key))
     infos = _by_prefix(infos, key, shown)
     files = st.SafetensorsFiles({i.key: path for i in infos}, shown)
@@ -64,21 +66,21 @@ def _open_safetensors(path: Path, shown: str, key: str | None) -> Checkpoint:
     )
 
 
-def _open_sharded(path: Path, shown: str, key: str | None) -> Checkpoint:
+def _open_sharded(path: Path, shown: str, key: str | None, limits: Limits) -> Checkpoint:
     index = path
     if path.is_dir():
         found = st.find_index(path, shown)
         if found is None:
             single = sorted(path.glob("*.safetensors"))
             if len(single) == 1:
-                return _open_safetensors(single[0], shown, key)
+                return _open_safetensors(single[0], shown, key, limits)
             raise MalformedInputError(f"{shown}: folder holds no *.safetensors.index.json", shown)
         index = found
-    where, _data = st.read_index(index, shown)
+    where, _data = st.read_index(index, shown, limits)
     infos: list[TensorInfo] = []
     seen: dict[str, Path] = {}
     for shard in dict.fromkeys(where.values()):
-        header, _meta = st.read_header(shard, f"{shown}: {shard.name}")
+        header, _meta = st.read_header(shard, f"{shown}: {shard.name}", limits)
         for info in st.infos_from_header(header):
             if info.key in seen:
                 raise MalformedInputError(f"{shown}: tensor {visible(info.key, 80)!r} is in two shards", shown)
@@ -104,13 +106,44 @@ def _open_sharded(path: Path, shown: str, key: str | None) -> Checkpoint:
     )
 
 
-def open_checkpoint(path: str, key: str | None = None, for_writing: bool = False) -> Checkpoint:
+def open_checkpoint(
+    path: str, key: str | None = None, for_writing: bool = False, limits: Limits | None = None
+) -> Checkpoint:
     """Recognise the format by content and read the state dict (tensors load on demand)."""
+    limits = limits or Limits()
     shown = visible(path, 200)
     p = Path(path)
     fmt = sn.sniff(p, shown)
     if fmt in (sn.TORCH_ZIP, sn.TORCH_LEGACY):
-        return _open_torch(p, shown, fmt, key, for_writing)
-    if fmt == sn.SAFETENSORS:
-        return _open_safetensors(p, shown, key)
-    return _open_sharded(p, shown, key)
+        ckpt = _open_torch(p, shown, fmt, key, for_writing, limits)
+    elif fmt == sn.SAFETENSORS:
+        ckpt = _open_safetensors(p, shown, key, limits)
+    else:
+        ckpt = _open_sharded(p, shown, key, limits)
+    check_budgets(ckpt.infos, limits, shown)
+    return ckpt
+
+
+def check_budgets(infos: list[TensorInfo], limits: Limits, shown: str) -> None:
+    """Logical sizes (numel x itemsize) against the budgets, before any math allocates them."""
+    if len(infos) > limits.tensors:
+        raise ResourceLimitError(f"{shown}: {len(infos)} tensors, over the limit of {limits.tensors}", shown)
+    total = 0
+    for info in infos:
+        size = info.logical_bytes
+        name = visible(info.key, 80)
+        if size > limits.tensor_bytes:
+            raise ResourceLimitError(
+                f"{shown}: tensor {name!r} declares {size} bytes, over the limit of {limits.tensor_bytes} "
+                "(--max-tensor-bytes)", shown,
+            )
+        if info.storage_bytes is not None and size > info.storage_bytes and size > limits.expanded_bytes:
+            raise ResourceLimitError(
+                f"{shown}: tensor {name!r} declares {size} bytes over a storage of {info.storage_bytes} "
+                "(stride 0 or overlapping strides): refused", shown,
+            )
+        total += size
+    if total > limits.total_bytes:
+        raise ResourceLimitError(
+            f"{shown}: tensors total {total} bytes, over the limit of {limits.total_bytes} (--max-total-bytes)", shown
+        )

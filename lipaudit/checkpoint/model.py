@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,16 @@ class TensorInfo:
     is_quantized: bool = False
     is_meta: bool = False
     is_nested: bool = False
+    storage_bytes: int | None = None  # torch: bytes of the storage behind the tensor
+
+    @property
+    def itemsize(self) -> int:
+        bits = re.search(r"(\d+)", self.dtype)
+        return 1 if self.dtype == "bool" or not bits else max(1, int(bits.group(1)) // 8)
+
+    @property
+    def logical_bytes(self) -> int:
+        return self.numel * self.itemsize
 
     @property
     def numel(self) -> int:

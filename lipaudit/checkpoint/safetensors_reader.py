@@ -9,13 +9,11 @@ from typing import Any
 
 import torch
 
+from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import TensorInfo
 from lipaudit.checkpoint.sniff import regular_file_size
 from lipaudit.errors import MalformedInputError, ResourceLimitError
 from lipaudit.text import clean_message, visible
-
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-MAX_TENSORS = 1_000_000
 
 _DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -38,8 +36,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def read_header(path: Path, shown: str) -> tuple[dict[str, Any], dict[str, str]]:
+def read_header(path: Path, shown: str, limits: Limits | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Parsed header (name -> entry) and metadata, validated against the file size."""
+    limits = limits or Limits()
     size = regular_file_size(path, shown)
     if size < 8:
         raise MalformedInputError(f"{shown}: too short for a safetensors file", shown)
@@ -47,8 +46,8 @@ def read_header(path: Path, shown: str) -> tuple[dict[str, Any], dict[str, str]]
         (n,) = struct.unpack("<Q", f.read(8))
         if n > size - 8:
             raise MalformedInputError(f"{shown}: safetensors header length exceeds the file", shown)
-        if n > MAX_HEADER_BYTES:
-            raise ResourceLimitError(f"{shown}: safetensors header over {MAX_HEADER_BYTES} bytes", shown)
+        if n > limits.header_bytes:
+            raise ResourceLimitError(f"{shown}: safetensors header over {limits.header_bytes} bytes", shown)
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
@@ -59,8 +58,8 @@ def read_header(path: Path, shown: str) -> tuple[dict[str, Any], dict[str, str]]
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise MalformedInputError(f"{shown}: safetensors metadata must map strings to strings", shown)
-    if len(header) > MAX_TENSORS:
-        raise ResourceLimitError(f"{shown}: more than {MAX_TENSORS} tensors", shown)
+    if len(header) > limits.tensors:
+        raise ResourceLimitError(f"{shown}: more than {limits.tensors} tensors", shown)
     data_size = size - 8 - n
     for name, entry in header.items():
         ok = (
@@ -84,6 +83,15 @@ def read_header(path: Path, shown: str) -> tuple[dict[str, Any], dict[str, str]]
             raise MalformedInputError(
                 f"{shown}: tensor {visible(name, 80)!r} has {end - start} bytes for its shape", shown
             )
+    # The data must be covered exactly once, in some order: no gaps, overlaps or trailing bytes.
+    spans = sorted(tuple(e["data_offsets"]) for e in header.values())
+    end = 0
+    for start, stop in spans:
+        if start != end:
+            raise MalformedInputError(f"{shown}: tensor data has {'an overlap' if start < end else 'a gap'}", shown)
+        end = stop
+    if end != data_size:
+        raise MalformedInputError(f"{shown}: {data_size - end} bytes after the last tensor", shown)
     return header, meta
 
 
@@ -120,11 +128,12 @@ class SafetensorsFiles:
         self._open.clear()
 
 
-def read_index(index: Path, shown: str) -> tuple[dict[str, Path], dict[str, Any]]:
+def read_index(index: Path, shown: str, limits: Limits | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
     """Map each tensor to its shard; shards must be plain files beside the index."""
+    limits = limits or Limits()
     size = regular_file_size(index, shown)
-    if size > MAX_HEADER_BYTES:
-        raise ResourceLimitError(f"{shown}: index file over {MAX_HEADER_BYTES} bytes", shown)
+    if size > limits.header_bytes:
+        raise ResourceLimitError(f"{shown}: index file over {limits.header_bytes} bytes", shown)
     try:
         data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
@@ -146,7 +155,14 @@ def read_index(index: Path, shown: str) -> tuple[dict[str, Path], dict[str, Any]
             raise MalformedInputError(
                 f"{shown}: shard {visible(fname, 80)!r} is not a safetensors file beside the index", shown
             )
-        shards[fname] = folder / fname
+        shard = folder / fname
+        if shard.is_symlink() or not shard.is_file():
+            what = "missing" if not shard.exists() else "not a regular file"
+            what = "a symbolic link" if shard.is_symlink() else what
+            raise MalformedInputError(f"{shown}: shard {visible(fname, 80)!r} is {what}", shown)
+        shards[fname] = shard
+    if len(wm) > limits.tensors:
+        raise ResourceLimitError(f"{shown}: more than {limits.tensors} tensors", shown)
     return {k: shards[v] for k, v in wm.items()}, data
 
 

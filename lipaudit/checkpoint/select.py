@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import Ignored
 from lipaudit.errors import MalformedInputError, ResourceLimitError, UsageError
 
@@ -36,6 +37,27 @@ _OPTIMIZER = re.compile(
 )
 
 MAX_DEPTH = 64
+
+
+def check_size(root: object, limits: Limits, shown: str) -> None:
+    """Count containers and leaves without recursion; refuse deep or huge structures."""
+    stack: list[tuple[object, int]] = [(root, 0)]
+    seen: set[int] = set()
+    nodes = 0
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list, tuple)) or id(node) in seen:
+            nodes += 1
+            continue
+        seen.add(id(node))
+        nodes += 1
+        if depth > limits.depth:
+            raise ResourceLimitError(f"{shown}: containers nested deeper than {limits.depth} levels", shown)
+        if nodes > limits.nodes:
+            raise ResourceLimitError(f"{shown}: more than {limits.nodes} entries", shown)
+        stack.extend((v, depth + 1) for _, v in _children(node))
+        if nodes + len(stack) > 2 * limits.nodes:
+            raise ResourceLimitError(f"{shown}: more than {limits.nodes} entries", shown)
 
 
 @dataclass
@@ -82,9 +104,11 @@ def _flatten(
     ignored: list[Ignored],
     depth: int,
     slots: dict[str, tuple[Any, Any]],
+    path_ids: frozenset[int] = frozenset(),
 ) -> None:
     if depth > MAX_DEPTH:
         raise ResourceLimitError(f"containers nested deeper than {MAX_DEPTH} levels")
+    path_ids = path_ids | {id(node)}
     for k, v in _children(node):
         path = f"{prefix}.{_name(k)}" if prefix else _name(k)
         if isinstance(v, torch.Tensor):
@@ -98,8 +122,10 @@ def _flatten(
             n = count_tensors(v)
             if n:
                 ignored.append(Ignored(path, f"optimizer state ({n} tensors): not a layer"))
+        elif isinstance(v, (dict, list, tuple)) and id(v) in path_ids:
+            ignored.append(Ignored(path, "refers back to a container that holds it (a cycle): not followed"))
         elif isinstance(v, (dict, list, tuple)):
-            _flatten(v, path, out, ignored, depth + 1, slots)
+            _flatten(v, path, out, ignored, depth + 1, slots, path_ids)
 
 
 def _resolve(root: object, key: str) -> tuple[object, str]:
@@ -191,7 +217,10 @@ def select_state_dict(root: Any, key: str | None, shown: str) -> Selection:
     if isinstance(node, torch.Tensor):
         tensors[path[-1] if path else "tensor"] = node
     else:
-        _flatten(node, "", tensors, ignored, 0, slots)
+        try:
+            _flatten(node, "", tensors, ignored, 0, slots)
+        except ResourceLimitError as e:
+            raise ResourceLimitError(f"{shown}: {e.message}", shown) from None
     if not tensors:
         raise MalformedInputError(f"{shown}: no tensors found", shown)
     return Selection(".".join(path) if path else None, tensors, ignored, alternatives, slots)

@@ -47,6 +47,10 @@ def _fail(err: LipauditError, fmt: str) -> NoReturn:
     if fmt == "json":
         sys.stdout.write(dumps(error_document(__version__, err.code, err.exit_code, err.message, err.path)))
         sys.stdout.flush()
+    elif fmt == "github":
+        from lipaudit.formats.github import escape_data
+
+        click.echo(f"::error title=lipaudit::{escape_data(err.message)}")
     click.echo(f"lipaudit: error: {err.message}", err=True)
     sys.exit(err.exit_code)
 

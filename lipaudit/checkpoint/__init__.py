@@ -59,10 +59,10 @@ def _open_safetensors(path: Path, shown: str, key: str | None, limits: Limits) -
     header, _meta = st.read_header(path, shown, limits)
     infos = sorted(st.infos_from_header(header), key=lambda i: natural_key(i.key))
     infos = _by_prefix(infos, key, shown)
-    files = st.SafetensorsFiles({i.key: path for i in infos}, shown)
+    files = st.SafetensorsFiles(st.locations(path, header), shown)
     return Checkpoint(
         path=shown, format=sn.SAFETENSORS, sha256=sha256_of(path), infos=infos,
-        loader=files.load, key=key or None, source=path, files=dict(files.where),
+        loader=files.load, key=key or None, source=path, files={i.key: path for i in infos},
     )
 
 
@@ -79,8 +79,10 @@ def _open_sharded(path: Path, shown: str, key: str | None, limits: Limits) -> Ch
     where, _data = st.read_index(index, shown, limits)
     infos: list[TensorInfo] = []
     seen: dict[str, Path] = {}
+    places: dict[str, st.Location] = {}
     for shard in dict.fromkeys(where.values()):
         header, _meta = st.read_header(shard, f"{shown}: {shard.name}", limits)
+        places.update(st.locations(shard, header))
         for info in st.infos_from_header(header):
             if info.key in seen:
                 raise MalformedInputError(f"{shown}: tensor {visible(info.key, 80)!r} is in two shards", shown)
@@ -98,7 +100,7 @@ def _open_sharded(path: Path, shown: str, key: str | None, limits: Limits) -> Ch
             shown,
         )
     infos = _by_prefix(sorted(infos, key=lambda i: natural_key(i.key)), key, shown)
-    files = st.SafetensorsFiles(seen, shown)
+    files = st.SafetensorsFiles(places, shown)
     return Checkpoint(
         path=shown, format=sn.SHARDED, sha256=sha256_of(index), infos=infos, loader=files.load,
         key=key or None, shards=[p.name for p in dict.fromkeys(where.values())], source=index,

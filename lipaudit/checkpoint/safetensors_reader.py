@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ _DTYPES = {
 }
 _SIZES = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4,
           "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -50,7 +55,7 @@ def read_header(path: Path, shown: str, limits: Limits | None = None) -> tuple[d
             raise ResourceLimitError(f"{shown}: safetensors header over {limits.header_bytes} bytes", shown)
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except (UnicodeDecodeError, ValueError) as e:
         raise MalformedInputError(f"{shown}: bad safetensors header ({clean_message(e)})", shown) from None
     if not isinstance(header, dict):
@@ -102,30 +107,53 @@ def infos_from_header(header: dict[str, Any]) -> list[TensorInfo]:
     ]
 
 
-class SafetensorsFiles:
-    """Tensors spread over one or more safetensors files, each opened once, on demand."""
+@dataclass(frozen=True)
+class Location:
+    path: Path
+    start: int  # absolute offset in the file
+    stop: int
+    dtype: str
+    shape: tuple[int, ...]
 
-    def __init__(self, where: dict[str, Path], shown: str) -> None:
+
+def locations(path: Path, header: dict[str, Any]) -> dict[str, Location]:
+    with open(path, "rb") as f:
+        base = 8 + struct.unpack("<Q", f.read(8))[0]
+    return {
+        k: Location(path, base + e["data_offsets"][0], base + e["data_offsets"][1], _DTYPES[e["dtype"]],
+                    tuple(e["shape"]))
+        for k, e in header.items()
+    }
+
+
+class SafetensorsFiles:
+    """Tensors spread over one or more safetensors files, read one at a time with plain reads:
+    no mapping, so memory follows the tensor being audited, not the file."""
+
+    def __init__(self, where: dict[str, Location], shown: str) -> None:
         self.where = where
         self.shown = shown
-        self._open: dict[Path, Any] = {}
+
+    def path_of(self, key: str) -> Path:
+        return self.where[key].path
 
     def load(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self.where[key]
+        loc = self.where[key]
+        dtype = getattr(torch, loc.dtype)
         try:
-            handle = self._open.get(path)
-            if handle is None:
-                handle = self._open[path] = safe_open(str(path), framework="pt", device="cpu")
-            return handle.get_tensor(key)  # type: ignore[no-any-return]
-        except Exception as e:  # the library raises its own error types on bad data
+            data = bytearray(loc.stop - loc.start)
+            with open(loc.path, "rb") as f:
+                f.seek(loc.start)
+                got = f.readinto(data)
+        except OSError as e:
             raise MalformedInputError(
-                f"{self.shown}: cannot read tensor {visible(key, 80)!r} ({clean_message(e)})", self.shown
+                f"{self.shown}: cannot read tensor {visible(key, 80)!r} ({e.strerror})", self.shown
             ) from None
-
-    def close(self) -> None:
-        self._open.clear()
+        if got != len(data):
+            raise MalformedInputError(f"{self.shown}: tensor {visible(key, 80)!r} is truncated", self.shown)
+        if not data:
+            return torch.empty(loc.shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(loc.shape)
 
 
 def read_index(index: Path, shown: str, limits: Limits | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
@@ -135,7 +163,9 @@ def read_index(index: Path, shown: str, limits: Limits | None = None) -> tuple[d
     if size > limits.header_bytes:
         raise ResourceLimitError(f"{shown}: index file over {limits.header_bytes} bytes", shown)
     try:
-        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+        data = json.loads(
+            index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants
+        )
     except (UnicodeDecodeError, ValueError) as e:
         raise MalformedInputError(f"{shown}: bad index JSON ({clean_message(e)})", shown) from None
     wm = data.get("weight_map") if isinstance(data, dict) else None

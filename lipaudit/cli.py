@@ -95,7 +95,9 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]
 
 
 def limit_options(f: Any) -> Any:
-    """--max-tensors, --max-tensor-bytes, --max-total-bytes: budgets checked before allocating."""
+    """--jobs and the budgets checked before allocating: --max-tensors, --max-tensor-bytes, --max-total-bytes."""
+    f = click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
+                     help="Layers measured at once [default: the number of CPUs, at most 8].")(f)
     f = click.option("--max-total-bytes", type=ByteSize(), default=None,
                      help="Budget for all tensors' logical sizes [default: 256G].")(f)
     f = click.option("--max-tensor-bytes", type=ByteSize(), default=None,
@@ -173,13 +175,14 @@ def inspect(
     path: str, method: str, rtol: float | None, fmt: str, output: Path | None,
     fail_above: float | None, fail_layer_above: float | None, key: str | None, device: str,
     seed: int, bn_eps: float, input_sizes: tuple[tuple[str, tuple[int, ...]], ...],
-    max_tensors: int | None, max_tensor_bytes: int | None, max_total_bytes: int | None, quiet: bool, debug: bool,
+    max_tensors: int | None, max_tensor_bytes: int | None, max_total_bytes: int | None, jobs: int | None,
+    quiet: bool, debug: bool,
 ) -> None:
     """Report every layer's operator norm as a proven interval and bound the network."""
 
     def run() -> int:
         settings = _settings(method, rtol, device, seed, key, bn_eps, fail_above, fail_layer_above, input_sizes,
-                             _limits(max_tensors, max_tensor_bytes, max_total_bytes))
+                             _limits(max_tensors, max_tensor_bytes, max_total_bytes), jobs)
         return _inspect(path, settings, fmt, output, quiet)
 
     _guarded(run, path, fmt, debug)
@@ -246,7 +249,7 @@ def normalize(
     path: str, output: Path | None, target: float, mode: str, conv_norm: str, include: tuple[str, ...],
     exclude: tuple[str, ...], bake: bool, in_place: bool, dry_run: bool, fmt: str, key: str | None,
     rtol: float | None, bn_eps: float, device: str, max_tensors: int | None, max_tensor_bytes: int | None,
-    max_total_bytes: int | None, quiet: bool, debug: bool,
+    max_total_bytes: int | None, jobs: int | None, quiet: bool, debug: bool,
 ) -> None:
     """Rescale the covered layers so that each certified norm is at most --target."""
     from lipaudit.normalize import NormalizeSettings
@@ -255,7 +258,7 @@ def normalize(
         limits = _limits(max_tensors, max_tensor_bytes, max_total_bytes)
         settings = NormalizeSettings(
             target=target, mode=mode, conv_norm=conv_norm, include=include, exclude=exclude, bake=bake,
-            audit=_settings("exact", rtol, device, 0, key, bn_eps, None, None, (), limits),
+            audit=_settings("exact", rtol, device, 0, key, bn_eps, None, None, (), limits, jobs),
         )
         return _normalize(path, output, in_place, dry_run, settings, fmt, quiet)
 
@@ -333,7 +336,7 @@ def _normalize(
 def _settings(
     method: str, rtol: float | None, device: str, seed: int, key: str | None, bn_eps: float,
     fail_above: float | None, fail_layer_above: float | None, input_sizes: tuple[tuple[str, tuple[int, ...]], ...],
-    limits: Any,
+    limits: Any, jobs: int | None,
 ) -> Any:
     import torch
 
@@ -347,6 +350,7 @@ def _settings(
         method=method, rtol=rtol if rtol is not None else 1e-4, conv_rtol=rtol if rtol is not None else 1e-2,
         seed=seed, device=device, key=key, bn_eps=bn_eps, fail_above=fail_above,
         fail_layer_above=fail_layer_above, input_sizes=input_sizes, limits=limits,
+        jobs=jobs if jobs is not None else max(1, min(8, os.cpu_count() or 1)),
     )
 
 

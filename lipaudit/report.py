@@ -166,6 +166,7 @@ class Settings:
     # (layer name or tensor key, or "*" for every conv of that dimension) -> spatial size
     input_sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     limits: Limits = field(default_factory=Limits)
+    jobs: int = 1  # layers measured at once
 
     def input_size_for(self, names: tuple[str, ...], dims: int) -> tuple[int, ...] | None:
         for key, size in self.input_sizes:
@@ -189,6 +190,7 @@ class Settings:
             "fail_layer_above": self.fail_layer_above,
             "input_sizes": {k: list(v) for k, v in self.input_sizes},
             "limits": self.limits.to_dict(),
+            "jobs": self.jobs,
         }
 
 

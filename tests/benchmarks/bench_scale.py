@@ -1,0 +1,121 @@
+"""Scale benchmarks for issue #6, each against a baseline measured in the same run.
+
+Run by hand (they build large files under a temporary folder):
+  python tests/benchmarks/bench_scale.py memory      # 1.6 GB safetensors of 1024x1024 matrices: peak RSS
+  python tests/benchmarks/bench_scale.py dense       # BERT-base-shaped matrices: --method exact vs bare LAPACK
+  python tests/benchmarks/bench_scale.py resnet50    # certified conv audit vs reshape SVD, ResNet-50 widths
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def _child_peak(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall time, peak RSS (MiB) of one child process, and its exit code."""
+    code = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        f"rc = subprocess.run({cmd!r}, stdout=subprocess.DEVNULL).returncode; "
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), int(out[1]) / 1024, int(out[2])
+
+
+def memory(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "big.safetensors"
+        g = torch.Generator().manual_seed(0)
+        tensors = {f"layers.{i}.weight": torch.randn(1024, 1024, generator=g) / 32 for i in range(args.matrices)}
+        save_file(tensors, str(path))
+        del tensors
+        size_mib = path.stat().st_size / 2**20
+        t_bare, rss_bare, _ = _child_peak([sys.executable, "-c", "import torch"])
+        t, rss, rc = _child_peak([sys.executable, "-m", "lipaudit", "inspect", str(path), "-q", "--format", "json"])
+        print(f"file: {size_mib:.0f} MiB, {args.matrices} matrices 1024x1024 float32")
+        print(f"baseline (python + import torch): {rss_bare:.0f} MiB peak RSS, {t_bare:.1f} s")
+        print(f"lipaudit inspect: exit {rc}, {rss:.0f} MiB peak RSS ({rss / size_mib:.2f}x the file), {t:.1f} s")
+        print("issue #6: under 900 MiB")
+
+
+def dense(args: argparse.Namespace) -> None:
+    g = torch.Generator().manual_seed(1)
+    shapes = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
+    tensors = {}
+    for layer in range(args.layers):
+        for j, s in enumerate(shapes):
+            tensors[f"encoder.layer.{layer}.m{j}.weight"] = torch.randn(*s, generator=g) / s[1] ** 0.5
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "bert.safetensors"
+        save_file(tensors, str(path))
+        bare, ours = [], []
+        from lipaudit.audit import audit
+        from lipaudit.checkpoint import open_checkpoint
+        from lipaudit.report import Settings
+
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            for w in tensors.values():
+                torch.linalg.svdvals(w.double())
+            bare.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            audit(open_checkpoint(str(path)), Settings(method="exact"))
+            ours.append(time.perf_counter() - t)
+    b, o = statistics.median(bare), statistics.median(ours)
+    print(f"{len(tensors)} matrices (BERT-base shapes), medians of {args.repeat}")
+    print(f"bare float64 LAPACK loop (svdvals): {b:.2f} s")
+    print(f"lipaudit --method exact (load + audit, no interpreter start): {o:.2f} s = {o / b:.2f}x")
+    print("issue #6: at most 1.5x")
+
+
+def resnet50(args: argparse.Namespace) -> None:
+    from lipaudit.spectral.conv import conv_bound, reshape_sigma
+
+    g = torch.Generator().manual_seed(2)
+    shapes = [(64, 3, 7, 7)]
+    c_in = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(width, c_in, 1, 1), (width, width, 3, 3), (4 * width, width, 1, 1)]
+            if b == 0:
+                shapes.append((4 * width, c_in, 1, 1))
+            c_in = 4 * width
+    kernels = [torch.randn(*s, generator=g, dtype=torch.float64) * (2 / (s[0] * s[2] * s[3])) ** 0.5 for s in shapes]
+    base, cert = [], []
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        for k in kernels:
+            reshape_sigma(k)
+        base.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for k in kernels:
+            conv_bound(k, 1e-2)
+        cert.append(time.perf_counter() - t)
+    b, c = statistics.median(base), statistics.median(cert)
+    print(f"{len(kernels)} conv layers of ResNet-50 widths (random), medians of {args.repeat}")
+    print(f"reshape SVD: {b:.2f} s; certified bound (rtol 1e-2): {c:.2f} s = {c / b:.1f}x")
+    print("issue #6: at most 20x (goal 5x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("which", choices=["memory", "dense", "resnet50"])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--matrices", type=int, default=400)
+    ap.add_argument("--layers", type=int, default=12)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    {"memory": memory, "dense": dense, "resnet50": resnet50}[args.which](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -85,7 +85,7 @@ class _LayerAudit:
             self.findings.append(_finding("LIP007", spec.tensor, "all-zero weight: norm 0"))
         if spec.math == "conv":
             self.reshape = svd_norm(sn_matrix(w, eff.sn_dim or 0))
-            iv = conv_interval(w, s.conv_rtol)
+            iv = conv_interval(w, s.conv_rtol, self.reshape if not eff.sn_dim else None)
             iv = self.at_input_size(w, iv)
         else:
             iv = dense_interval(w.reshape(w.shape[0], -1), s.method, s.rtol, s.seed)

@@ -302,13 +302,14 @@ def _matrix(k: torch.Tensor) -> Interval:
 
 
 def _prepare(k: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    k = _trim(k)
+    k = _trim(k)  # trimming zero taps leaves the reshaped norm as it was
     active = [i for i, s in enumerate(k.shape[2:]) if s > 1]
     return k.reshape(k.shape[0], k.shape[1], *(k.shape[2 + i] for i in active)), active
 
 
-def conv_bound(k: torch.Tensor, rtol: float) -> ConvResult:
-    """Certified bracket of S(K) for a float64 kernel (c_out, c_in, k_1, ..., k_d)."""
+def conv_bound(k: torch.Tensor, rtol: float, reshape: float | None = None) -> ConvResult:
+    """Certified bracket of S(K) for a float64 kernel (c_out, c_in, k_1, ..., k_d); reshape, when
+    the caller has it, is ||K.reshape(c_out, -1)||_2 (it saves an SVD for the simple bound)."""
     if not bool(torch.any(k != 0)):
         return ConvResult(exact(0.0, "zero"), 0, 0)
     k, active = _prepare(k)
@@ -332,7 +333,7 @@ def conv_bound(k: torch.Tensor, rtol: float) -> ConvResult:
         cells = cover.split(cells[opened], b)
         b /= 2
     iv = search.interval("freq-bnb")
-    simple = taps_bound(k)
+    simple = taps_bound(k, reshape)
     if simple < iv.upper:
         iv = Interval(iv.lower, simple, "freq-grid", "sqrt-taps-reshape", True)
     return ConvResult(iv, search.points, search.exact_points)
@@ -370,8 +371,8 @@ def _fallback(k: torch.Tensor, lower: float) -> Interval:
     return Interval(lower, taps_bound(k), "freq-grid", "sqrt-taps-reshape", True)
 
 
-def conv_interval(k: torch.Tensor, rtol: float) -> Interval:
-    return conv_bound(k, rtol).interval
+def conv_interval(k: torch.Tensor, rtol: float, reshape: float | None = None) -> Interval:
+    return conv_bound(k, rtol, reshape).interval
 
 
 def zero_padded_lower(k: torch.Tensor, sizes: tuple[int, ...], steps: int = 40, seed: int = 0) -> float:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lipaudit.spectral import ROUNDING_MARGIN, Interval, exact
+from lipaudit.spectral import ROUNDING_MARGIN, Interval, exact, lanczos_top_vector
 from lipaudit.spectral.dense import exact_norm, svd_norm
 
 _EPS = float(torch.finfo(torch.float64).eps)
@@ -394,30 +394,5 @@ def zero_padded_lower(k: torch.Tensor, sizes: tuple[int, ...], steps: int = 40, 
         # even kernels: the adjoint comes out one longer per axis; crop back to the input grid
         return adjoint(apply(x), k, padding=pad)[crop].reshape(-1)
 
-    n = math.prod(shape)
-    steps = min(steps, n)
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(n, generator=g, dtype=torch.float64).to(k.device)
-    basis = [v / torch.linalg.vector_norm(v)]
-    alpha: list[float] = []
-    beta: list[float] = []
-    for j in range(steps):
-        z = gram(basis[j])
-        alpha.append(float(basis[j] @ z))
-        for q in basis:  # full reorthogonalisation, twice is enough
-            z = z - (q @ z) * q
-        for q in basis:
-            z = z - (q @ z) * q
-        b = float(torch.linalg.vector_norm(z))
-        if b <= 1e-12 * max(abs(x) for x in alpha) or j == steps - 1:
-            break
-        beta.append(b)
-        basis.append(z / b)
-    t = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-    if beta:
-        off = torch.tensor(beta[: len(alpha) - 1], dtype=torch.float64)
-        t = t + torch.diag(off, 1) + torch.diag(off, -1)
-    _, vecs = torch.linalg.eigh(t)
-    x = torch.stack(basis[: len(alpha)], dim=1).to(torch.float64) @ vecs[:, -1].to(k.device)
-    x = x / torch.linalg.vector_norm(x)
+    x = lanczos_top_vector(gram, math.prod(shape), steps, seed, k.device)
     return float(torch.linalg.vector_norm(apply(x)))

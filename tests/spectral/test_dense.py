@@ -15,7 +15,7 @@ from lipaudit.spectral.dense import (
     cholesky_certifies,
     dense_interval,
     exact_norm,
-    power_lower,
+    lanczos_lower,
 )
 from tests.conftest import true_norm
 
@@ -58,10 +58,13 @@ def test_bracket_contains_truth(scale: float, decay: float) -> None:
     assert iv.upper <= iv.lower * 1.05
 
 
-def test_power_iteration_is_a_lower_bound_even_unconverged() -> None:
-    w = _matrix(50, 50, seed=4)
-    lower, _ = power_lower(w, rtol=1e-1, seed=0, max_iter=2)
-    assert lower <= true_norm(w) * (1 + 1e-12)
+@pytest.mark.parametrize("shape", [(50, 50), (80, 20), (20, 80)])
+def test_lanczos_is_a_lower_bound_even_unconverged(shape: tuple[int, int]) -> None:
+    w = _matrix(*shape, seed=4)
+    for steps in (1, 2, 5, 40):
+        lower, _ = lanczos_lower(w, steps, seed=0)
+        assert lower <= true_norm(w) * (1 + 1e-12)
+    assert lower >= true_norm(w) * (1 - 1e-9)
 
 
 def test_cholesky_refuses_a_threshold_below_the_norm() -> None:

@@ -304,7 +304,16 @@ def _measure_all(
         torch.set_num_threads(threads)
 
 
+def _peak_rss() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
 def audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = None) -> Report:
+    t0 = time.perf_counter()
     plan = plan_layers(ckpt.infos, settings.bn_eps)
     layers: list[Layer] = []
     findings: list[Finding] = []
@@ -336,4 +345,5 @@ def audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = None
         path=ckpt.path, format=ckpt.format, sha256=ckpt.sha256, tensors=len(ckpt.infos),
         parameters=ckpt.parameters, key=ckpt.key, shards=tuple(ckpt.shards),
     )
-    return Report(__version__, info, settings, tuple(layers), tuple(skipped), net, tuple(findings))
+    return Report(__version__, info, settings, tuple(layers), tuple(skipped), net, tuple(findings),
+                  time.perf_counter() - t0, _peak_rss())

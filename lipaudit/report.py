@@ -203,6 +203,8 @@ class Report:
     skipped: tuple[Skipped, ...]
     network: Network
     findings: tuple[Finding, ...] = field(default=())
+    time_s: float = 0.0  # the audit, from opened checkpoint to report
+    peak_rss_bytes: int | None = None  # of the process, at the end of the audit
 
     @property
     def passed(self) -> bool:
@@ -223,6 +225,7 @@ class Report:
             "skipped": [x.to_dict() for x in self.skipped],
             "network": self.network.to_dict(),
             "findings": [x.to_dict() for x in self.findings],
+            "resources": {"time_s": round(self.time_s, 6), "peak_rss_bytes": self.peak_rss_bytes},
             "passed": self.passed,
             "error": None,
         }

@@ -4,6 +4,7 @@ Run by hand (they build large files under a temporary folder):
   python tests/benchmarks/bench_scale.py memory      # 1.6 GB safetensors of 1024x1024 matrices: peak RSS
   python tests/benchmarks/bench_scale.py dense       # BERT-base-shaped matrices: --method exact vs bare LAPACK
   python tests/benchmarks/bench_scale.py resnet50    # certified conv audit vs reshape SVD, ResNet-50 widths
+  python tests/benchmarks/bench_scale.py wide --matrices 4   # 4096-wide matrices: auto and fast vs LAPACK
 """
 
 from __future__ import annotations
@@ -77,6 +78,37 @@ def dense(args: argparse.Namespace) -> None:
     print("issue #6: at most 1.5x")
 
 
+def wide(args: argparse.Namespace) -> None:
+    """A stack of 4096-wide matrices: auto (exact, Gram eigensolver) and fast (Lanczos + Cholesky)."""
+    from lipaudit.audit import audit
+    from lipaudit.checkpoint import open_checkpoint
+    from lipaudit.report import Settings
+
+    g = torch.Generator().manual_seed(3)
+    sd = {f"blocks.{i}.weight": torch.randn(4096, 4096, generator=g) / 64 for i in range(args.matrices)}
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "wide.safetensors"
+        save_file(sd, str(path))
+        t = time.perf_counter()
+        for w in sd.values():
+            torch.linalg.svdvals(w.double())
+        bare = time.perf_counter() - t
+        times = {}
+        for method in ("auto", "fast"):
+            t = time.perf_counter()
+            report = audit(open_checkpoint(str(path)), Settings(method=method, jobs=1))
+            times[method] = time.perf_counter() - t
+            assert report.network.certified
+    print(f"{len(sd)} matrices 4096x4096 float32")
+    print(f"bare float64 LAPACK loop (svdvals): {bare:.1f} s")
+    for method, t in times.items():
+        print(f"lipaudit --method {method}: {t:.1f} s = {t / bare:.2f}x")
+    try:
+        import weightwatcher  # noqa: F401
+    except ImportError:
+        print("WeightWatcher: not installed, no comparison")
+
+
 def resnet50(args: argparse.Namespace) -> None:
     """The whole default audit (load, plan, certify, report) of a saved checkpoint."""
     import os
@@ -120,13 +152,13 @@ def resnet50(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", choices=["memory", "dense", "resnet50"])
+    ap.add_argument("which", choices=["memory", "dense", "resnet50", "wide"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--matrices", type=int, default=400)
     ap.add_argument("--layers", type=int, default=12)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    {"memory": memory, "dense": dense, "resnet50": resnet50}[args.which](args)
+    {"memory": memory, "dense": dense, "resnet50": resnet50, "wide": wide}[args.which](args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
@@ -312,12 +313,45 @@ def _peak_rss() -> int | None:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def _tie_key(spec: LayerSpec, ckpt: Checkpoint) -> tuple[object, ...] | None:
+    """Layers whose weight is the very same stored tensor (tied weights) are measured once."""
+    if spec.parametrization is not None or spec.math not in ("dense", "conv"):
+        return None
+    if ckpt.format not in ("torch-zip", "torch-legacy"):  # safetensors cannot hold shared tensors
+        return None
+    t = ckpt.load(spec.tensor)
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, spec.kind)
+
+
 def audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = None) -> Report:
     t0 = time.perf_counter()
     plan = plan_layers(ckpt.infos, settings.bn_eps)
+    first: dict[tuple[object, ...], int] = {}
+    twin: dict[int, int] = {}  # layer index -> index of the tied layer measured for it
+    for i, spec in enumerate(plan.layers):
+        key = _tie_key(spec, ckpt)
+        if key is not None:
+            twin[i] = first.setdefault(key, i)
+    todo = [spec for i, spec in enumerate(plan.layers) if twin.get(i, i) == i]
+    measured = iter(_measure_all(todo, ckpt, settings, progress))
+    results: dict[int, tuple[Layer, list[Finding]]] = {}
     layers: list[Layer] = []
     findings: list[Finding] = []
-    for layer, found in _measure_all(plan.layers, ckpt, settings, progress):
+    for i, spec in enumerate(plan.layers):
+        j = twin.get(i, i)
+        if j == i:
+            results[i] = next(measured)
+            layer, found = results[i]
+        else:
+            src = results[j][0]
+            layer = replace(src, tensor=spec.tensor, name=spec.name, uses=spec.uses, in_network_bound=spec.covered,
+                            notes=(*src.notes, f"tied to {src.tensor}: the same stored tensor, measured once"),
+                            time_s=0.0)
+            found = [replace(f, tensor=spec.tensor) for f in results[j][1]]
         layers.append(layer)
         findings.extend(found)
     if progress:

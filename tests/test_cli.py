@@ -185,3 +185,12 @@ def test_input_size_adds_exact_circular_and_a_zero_padding_bracket() -> None:
 @pytest.mark.parametrize("bad", ["0x3", "axb", "1x2x3x4", "=", "name=5000x1"])
 def test_bad_input_size_is_a_usage_error(bad: str) -> None:
     assert run("inspect", DEMO, "--input-size", bad).exit_code == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_same_numbers() -> None:
+    code, cpu = run_json(str(DEMO), "--device", "cpu")
+    code2, gpu = run_json(str(DEMO), "--device", "cuda")
+    assert code == code2 == 0
+    for a, b in zip(cpu["layers"], gpu["layers"], strict=True):
+        assert b["sigma"]["upper"] == pytest.approx(a["sigma"]["upper"], rel=1e-9)

@@ -190,3 +190,12 @@ def test_zero_weight_gives_a_zero_bound(tmp_path: Path) -> None:
     assert doc["network"]["lipschitz_upper"] == 0.0
     assert doc["network"]["log10_lipschitz_upper"] is None
     assert any(f["code"] == "LIP007" for f in doc["findings"])
+
+
+def test_tied_weights_are_measured_once(tmp_path: Path) -> None:
+    w = torch.randn(5, 5, generator=torch.Generator().manual_seed(9))
+    doc = report_of(_save(tmp_path, {"enc.weight": w, "dec.weight": w, "other.weight": torch.eye(5)}))
+    enc, dec = layer(doc, "enc"), layer(doc, "dec")
+    assert enc["sigma"] == dec["sigma"]
+    assert dec["tensor"] == "dec.weight" and any("tied to enc.weight" in n for n in dec["notes"])
+    assert doc["network"]["lipschitz_upper"] == pytest.approx(enc["sigma"]["upper"] ** 2, rel=1e-12)

@@ -107,11 +107,7 @@ class NormalizeReport:
         return 0 if self.passed else 1
 
     def to_dict(self) -> dict[str, object]:
-        from lipaudit.report import SCHEMA_VERSION, finite
-
-        def net(log10: float | None) -> dict[str, object]:
-            up = None if log10 is None else (0.0 if log10 == -math.inf else 10.0**log10 if log10 < 308 else None)
-            return {"lipschitz_upper": finite(up), "log10_lipschitz_upper": finite(log10)}
+        from lipaudit.report import SCHEMA_VERSION, bound_dict
 
         return {
             "schema_version": SCHEMA_VERSION,
@@ -121,7 +117,8 @@ class NormalizeReport:
             "output": {"path": self.output, "written": self.written},
             "settings": self.settings.to_dict(),
             "layers": [c.to_dict() for c in self.changes],
-            "network": {"before": net(self.log10_before), "after": net(self.log10_after), "certified": self.certified},
+            "network": {"before": bound_dict(self.log10_before), "after": bound_dict(self.log10_after),
+                        "certified": self.certified},
             "findings": [f.to_dict() for f in self.findings],
             "passed": self.passed,
             "error": None,

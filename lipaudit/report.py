@@ -16,6 +16,19 @@ def finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def from_log10(log10: float | None) -> float | None:
+    """A bound kept in log10: 0 for a zero factor, None if unknown or beyond float range."""
+    if log10 is None:
+        return None
+    if log10 == -math.inf:
+        return 0.0
+    return 10.0**log10 if log10 < 308 else None
+
+
+def bound_dict(log10: float | None) -> dict[str, float | None]:
+    return {"lipschitz_upper": finite(from_log10(log10)), "log10_lipschitz_upper": finite(log10)}
+
+
 @dataclass(frozen=True)
 class Sigma:
     lower: float | None
@@ -102,16 +115,11 @@ class Network:
 
     @property
     def upper(self) -> float | None:
-        if self.log10_upper is None:
-            return None
-        if self.log10_upper == -math.inf:
-            return 0.0
-        return 10.0**self.log10_upper if self.log10_upper < 308 else None
+        return from_log10(self.log10_upper)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "lipschitz_upper": finite(self.upper),
-            "log10_lipschitz_upper": finite(self.log10_upper),
+            **bound_dict(self.log10_upper),
             "certified": self.certified,
             "layers_counted": self.layers_counted,
             "layers_not_covered": self.layers_not_covered,

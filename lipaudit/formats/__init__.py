@@ -43,11 +43,12 @@ def render(report: Report | NormalizeReport, fmt: str, options: RenderOptions | 
 
 
 def fmt_log10(log10: float | None) -> str:
+    from lipaudit.report import from_log10
+
     if log10 is None:
         return "unknown"
-    if log10 == float("-inf"):
-        return "0"
-    return fmt_num(10.0**log10) if log10 < 308 else f"10^{log10:.4f}"
+    value = from_log10(log10)
+    return fmt_num(value) if value is not None else f"10^{log10:.4f}"
 
 
 def fmt_num(x: float | None, digits: int = 5) -> str:

@@ -21,7 +21,7 @@ from lipaudit.checkpoint import Checkpoint
 from lipaudit.checkpoint.writer import Edits
 from lipaudit.findings import RULES
 from lipaudit.layers import LayerSpec, effective_weight, plan_layers, sn_matrix
-from lipaudit.report import CheckpointInfo, Finding, Layer, Report, Settings
+from lipaudit.report import CheckpointInfo, Finding, Gated, Layer, Report, Settings
 from lipaudit.spectral import to_float64
 from lipaudit.spectral.conv import conv_bound
 from lipaudit.spectral.dense import exact_norm, svd_norm
@@ -85,7 +85,7 @@ class Change:
 
 
 @dataclass(frozen=True)
-class NormalizeReport:
+class NormalizeReport(Gated):
     tool_version: str
     checkpoint: CheckpointInfo
     output: str | None
@@ -96,15 +96,6 @@ class NormalizeReport:
     log10_after: float | None
     certified: bool
     findings: tuple[Finding, ...]
-
-    @property
-    def passed(self) -> bool:
-        return not any(f.severity == "error" for f in self.findings)
-
-    @property
-    def exit_code(self) -> int:
-        """0: every covered layer is at or under the target; 1: some could not be brought there."""
-        return 0 if self.passed else 1
 
     def to_dict(self) -> dict[str, object]:
         from lipaudit.report import SCHEMA_VERSION, bound_dict
@@ -117,12 +108,21 @@ class NormalizeReport:
             "output": {"path": self.output, "written": self.written},
             "settings": self.settings.to_dict(),
             "layers": [c.to_dict() for c in self.changes],
-            "network": {"before": bound_dict(self.log10_before), "after": bound_dict(self.log10_after),
-                        "certified": self.certified},
+            "network": {
+                "before": bound_dict(self.log10_before),
+                "after": bound_dict(self.log10_after),
+                "certified": self.certified,
+            },
             "findings": [f.to_dict() for f in self.findings],
             "passed": self.passed,
             "error": None,
         }
+
+
+def _scaled(
+    base: Change, reason: str, after: float, scale: float | None, certified: bool, written: tuple[str, ...]
+) -> Change:
+    return replace(base, action="scaled", reason=reason, after=after, scale=scale, certified=certified, written=written)
 
 
 def _finding(code: str, tensor: str | None, message: str, severity: str | None = None) -> Finding:
@@ -245,14 +245,13 @@ class _Layer:
 
             stored, after, scale, cert = self.shrink(build_g, measure_g, scale)
             return (
-                replace(
+                _scaled(
                     base,
-                    action="scaled",
-                    reason="g scaled",
-                    after=after,
-                    scale=scale,
-                    certified=cert,
-                    written=tuple(stored),
+                    "g scaled",
+                    after,
+                    scale,
+                    cert,
+                    tuple(stored),
                 ),
                 stored,
                 None,
@@ -262,14 +261,13 @@ class _Layer:
             lambda c: {spec.tensor: w * c}, lambda vals: self.measure_weight(vals[spec.tensor]), scale
         )
         return (
-            replace(
+            _scaled(
                 base,
-                action="scaled",
-                reason="weight scaled",
-                after=after,
-                scale=scale,
-                certified=cert,
-                written=(spec.tensor,),
+                "weight scaled",
+                after,
+                scale,
+                cert,
+                (spec.tensor,),
             ),
             stored,
             None,
@@ -291,14 +289,13 @@ class _Layer:
 
         stored, after, scale, cert = self.shrink(lambda c: {spec.tensor: gamma * c}, measure, scale)
         return (
-            replace(
+            _scaled(
                 base,
-                action="scaled",
-                reason="gamma scaled",
-                after=after,
-                scale=scale,
-                certified=cert,
-                written=(spec.tensor,),
+                "gamma scaled",
+                after,
+                scale,
+                cert,
+                (spec.tensor,),
             ),
             stored,
             None,
@@ -320,14 +317,13 @@ class _Layer:
             )
             value = stored[new_key]
             return (
-                replace(
+                _scaled(
                     base,
-                    action="scaled",
-                    reason=f"baked into a plain {new_key}",
-                    after=after,
-                    scale=scale,
-                    certified=cert,
-                    written=(new_key,),
+                    f"baked into a plain {new_key}",
+                    after,
+                    scale,
+                    cert,
+                    (new_key,),
                 ),
                 {},
                 (value, spec.uses, new_key),
@@ -376,14 +372,13 @@ class _Layer:
 
         stored, after, _, cert = self.shrink(build, measure, 1.0)
         return (
-            replace(
+            _scaled(
                 base,
-                action="scaled",
-                reason="u, v set to the top singular vectors",
-                after=after,
-                scale=after / base.before if base.before else None,
-                certified=cert,
-                written=tuple(stored),
+                "u, v set to the top singular vectors",
+                after,
+                after / base.before if base.before else None,
+                cert,
+                tuple(stored),
             ),
             stored,
             None,

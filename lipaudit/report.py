@@ -202,8 +202,23 @@ class Settings:
         }
 
 
+class Gated:
+    """The exit-code policy of every command, in one place (DESIGN §4.2): an error finding (a
+    failed gate, non-finite weights, a layer normalize could not bring to its target) is 1."""
+
+    findings: tuple[Finding, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+
 @dataclass(frozen=True)
-class Report:
+class Report(Gated):
     tool_version: str
     checkpoint: CheckpointInfo
     settings: Settings
@@ -213,15 +228,6 @@ class Report:
     findings: tuple[Finding, ...] = field(default=())
     time_s: float = 0.0  # the audit, from opened checkpoint to report
     peak_rss_bytes: int | None = None  # of the process, at the end of the audit
-
-    @property
-    def passed(self) -> bool:
-        return not any(f.severity == "error" for f in self.findings)
-
-    @property
-    def exit_code(self) -> int:
-        """0: every gate passed; 1: a gate failed or weights are non-finite (DESIGN §4.2)."""
-        return 0 if self.passed else 1
 
     def to_dict(self) -> dict[str, Any]:
         return {

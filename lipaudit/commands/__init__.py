@@ -1,0 +1,1 @@
+"""Subcommands kept in their own modules; cli.py registers them."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lipaudit.checkpoint.formats.base import Format
+    from lipaudit.checkpoint.writer import Edits
 
 
 @dataclass(frozen=True)
@@ -53,27 +56,38 @@ class Ignored:
     reason: str
 
 
+# Equal for two keys exactly when they are the same stored tensor (tied weights).
+StorageId = tuple[int, int, tuple[int, ...], tuple[int, ...], str]
+
+
 @dataclass
 class Checkpoint:
-    """Tensors of the selected state dict, in display order, read on demand."""
+    """Tensors of the selected state dict, in display order, read on demand through the format's handle."""
 
     path: str
-    format: str
     sha256: str
     infos: list[TensorInfo]
-    loader: Callable[[str], torch.Tensor]
+    handle: Format
     key: str | None = None
     ignored: list[Ignored] = field(default_factory=list)
     alternatives: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
-    # For rewriting: the file (or index) read, and where each tensor lives.
-    source: Path | None = None
-    root: Any = None  # torch: the whole unpickled object
-    slots: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # torch: key -> (container, key)
-    files: dict[str, Path] = field(default_factory=dict)  # safetensors: key -> file
+
+    @property
+    def format(self) -> str:
+        return self.handle.name
 
     def load(self, key: str) -> torch.Tensor:
-        return self.loader(key)
+        return self.handle.load(key)
+
+    def storage_identity(self, key: str) -> StorageId | None:
+        """Keys with the same identity share one stored tensor; None where the format cannot share."""
+        return self.handle.storage_identity(key)
+
+    def write(self, edits: Edits, target: Path) -> None:
+        """Write the edited checkpoint to target in this format: staged, read back and checked, then
+        moved into place. On any failure the target is as before and nothing is left."""
+        self.handle.write(edits, target)
 
     @property
     def parameters(self) -> int:

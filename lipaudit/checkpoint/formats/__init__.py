@@ -1,0 +1,29 @@
+"""The registry of checkpoint formats, tried in order; the first whose sniff accepts a path opens it.
+
+Adding a format is one module with a Format subclass and one entry here (before any format
+whose bytes it shares, as a torch.export archive shares the zip of torch-zip).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lipaudit.checkpoint import sniff as sn
+from lipaudit.checkpoint.formats.base import Format
+from lipaudit.checkpoint.formats.safetensors_format import Safetensors, ShardedSafetensors
+from lipaudit.checkpoint.formats.torch_format import TorchLegacy, TorchZip
+from lipaudit.errors import MalformedInputError
+
+FORMATS: tuple[type[Format], ...] = (TorchZip, TorchLegacy, Safetensors, ShardedSafetensors)
+
+
+def detect(path: Path, shown: str) -> type[Format]:
+    """The format of the file or folder at path, by content."""
+    guess = sn.sniff(path, shown)
+    for fmt in FORMATS:
+        if fmt.sniff(path, guess):
+            return fmt
+    raise MalformedInputError(f"{shown}: not a PyTorch or safetensors checkpoint", shown)
+
+
+__all__ = ["FORMATS", "Format", "detect"]

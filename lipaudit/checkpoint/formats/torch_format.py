@@ -1,0 +1,326 @@
+"""PyTorch checkpoints: the zip archive of torch.save, and the legacy pickle stream."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+import torch
+
+from lipaudit.checkpoint import writer
+from lipaudit.checkpoint.formats.base import Format, sha256_of
+from lipaudit.checkpoint.limits import Limits
+from lipaudit.checkpoint.model import Checkpoint, StorageId
+from lipaudit.checkpoint.select import check_size, select_state_dict
+from lipaudit.checkpoint.torch_reader import load_torch, tensor_info
+from lipaudit.checkpoint.writer import Edits, Pending, Staged
+from lipaudit.errors import OutputError
+from lipaudit.text import visible
+
+
+class _Staged(Pending):
+    def __init__(self, files: list[Staged], root: object) -> None:
+        super().__init__(files)
+        self.root = root  # what the staged file must read back as
+
+
+class TorchFormat(Format):
+    """Shared by both torch formats: the unpickled object, the selected tensors and their containers."""
+
+    zip_format: ClassVar[bool]
+
+    def __init__(self, path: Path, shown: str, root: object, tensors: dict[str, torch.Tensor],
+                 slots: dict[str, tuple[Any, Any]], limits: Limits) -> None:
+        self.path = path
+        self.shown = shown
+        self.root = root
+        self.tensors = tensors
+        self.slots = slots
+        self.limits = limits
+
+    @classmethod
+    def sniff(cls, path: Path, guess: str) -> bool:
+        return guess == cls.name
+
+    @classmethod
+    def open(cls, path: Path, shown: str, key: str | None, limits: Limits) -> Checkpoint:
+        # Mapping the zip is safe even for --in-place: the output is a new file renamed over this one.
+        root = load_torch(path, shown, cls.zip_format, mmap=cls.zip_format, limits=limits)
+        check_size(root, limits, shown)
+        sel = select_state_dict(root, key, shown)
+        handle = cls(path, shown, root, sel.tensors, sel.slots, limits)
+        return Checkpoint(
+            path=shown, sha256=sha256_of(path), infos=[tensor_info(k, t) for k, t in sel.tensors.items()],
+            handle=handle, key=sel.key, ignored=sel.ignored, alternatives=sel.alternatives,
+        )
+
+    def load(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def storage_identity(self, key: str) -> StorageId | None:
+        t = self.tensors.get(key)
+        if t is None:
+            return None
+        try:
+            s = torch.Tensor.untyped_storage(t)
+            if s.nbytes() == 0:
+                return None
+            return (s.data_ptr(), int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), str(t.dtype))
+        except (RuntimeError, NotImplementedError, TypeError):  # sparse, quantized, nested
+            return None
+
+    def stage(self, edits: Edits, target: Path) -> Pending:
+        root = self._edited(edits)
+
+        def write(f: IO[bytes]) -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.save(root, f, _use_new_zipfile_serialization=self.zip_format)
+
+        return _Staged([writer.stage(target, write)], root)
+
+    def verify(self, edits: Edits, pending: Pending) -> None:
+        assert isinstance(pending, _Staged)
+        [staged] = pending.files
+        got = load_torch(Path(staged.readable_path), self.shown, self.zip_format, mmap=self.zip_format,
+                         limits=self.limits)
+        why = difference(pending.root, got)
+        if why is not None:
+            raise OutputError(f"{self.shown}: the written file does not read back as intended ({why})", self.shown)
+
+    def _edited(self, edits: Edits) -> object:
+        """A copy of the unpickled object with the edits applied; the original is left as read.
+
+        Containers are copied and tensors are shared, except those on an edited storage: that
+        storage is copied once, edited, and every tensor viewing it (tied weights) moves to the copy.
+        """
+        copies: dict[int, torch.UntypedStorage] = {}  # data_ptr of an edited storage -> its new copy
+        for key in edits.values:
+            t = self._plain(key)
+            value = edits.value(key)
+            if tuple(value.shape) != tuple(t.shape):
+                raise ValueError(f"{key}: new value has shape {tuple(value.shape)}, not {tuple(t.shape)}")
+            s = torch.Tensor.untyped_storage(t)
+            if s.nbytes() == 0:
+                continue
+            if s.data_ptr() not in copies:
+                copies[s.data_ptr()] = s.clone()  # type: ignore[no-untyped-call]
+            view = _view_on(copies[s.data_ptr()], t)
+            try:
+                with torch.no_grad():
+                    view.copy_(value.to(t.dtype))
+            except RuntimeError:  # an expanded or self-overlapping view
+                raise OutputError(
+                    f"{self.shown}: cannot write {visible(key, 80)!r}: several of its elements share memory", self.shown
+                ) from None
+        for key in edits.values:  # two edits on overlapping storage would silently undo each other
+            t = self.tensors[key]
+            s = torch.Tensor.untyped_storage(t)
+            if s.nbytes() and not writer.same_bits(_view_on(copies[s.data_ptr()], t), edits.value(key).to(t.dtype)):
+                raise OutputError(f"{self.shown}: edits of {visible(key, 80)!r} overlap another edit", self.shown)
+        swap: dict[int, torch.Tensor] = {}
+        for t in _tensors_in(self.root):
+            try:
+                s = torch.Tensor.untyped_storage(t)
+            except (RuntimeError, NotImplementedError, TypeError):
+                continue
+            if s.nbytes() and s.data_ptr() in copies:
+                swap[id(t)] = _like(t, _view_on(copies[s.data_ptr()], t))
+        memo: dict[int, object] = {}
+        root = _copy(self.root, swap, memo)
+        for new_key, (value, olds) in edits.replaced.items():
+            self._replace(memo, new_key, value, olds)
+        return root
+
+    def _plain(self, key: str) -> torch.Tensor:
+        t = self.tensors.get(key)
+        if t is None:
+            raise ValueError(f"no tensor {key!r} to edit")
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided or t.is_quantized:
+            raise OutputError(
+                f"{self.shown}: cannot rewrite {visible(key, 80)!r} (not a plain dense tensor)", self.shown
+            )
+        return t
+
+    def _replace(self, memo: dict[int, object], new_key: str, value: torch.Tensor, olds: tuple[str, ...]) -> None:
+        """new_key takes the place of the first of olds in their (copied) container; the others go."""
+        container, first = self.slots[olds[0]]
+        # the container's keys are the flat keys less the path of the container itself
+        prefix = olds[0][: len(olds[0]) - len(str(first))]
+        copied = memo.get(id(container))
+        if (
+            not isinstance(copied, dict)
+            or any(self.slots[k][0] is not container for k in olds)
+            or not new_key.startswith(prefix)
+        ):
+            raise OutputError(f"{visible(new_key)}: cannot replace tensors kept in different containers")
+        gone = {self.slots[k][1] for k in olds}
+        kind = type(copied)  # the class's own methods: OrderedDict keeps its order apart from dict's
+        items = list(kind.items(copied))
+        kind.clear(copied)
+        for k, v in items:
+            if k == first:
+                copied[new_key[len(prefix):]] = value
+            elif k not in gone:
+                copied[k] = v
+
+
+class TorchZip(TorchFormat):
+    name = "torch-zip"
+    zip_format = True
+
+
+class TorchLegacy(TorchFormat):
+    name = "torch-legacy"
+    zip_format = False
+
+
+def _view_on(storage: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=like.dtype).set_(storage, like.storage_offset(), like.shape, like.stride())
+
+
+def _like(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    if type(old) is torch.nn.Parameter:
+        return torch.nn.Parameter(new, requires_grad=old.requires_grad)
+    return new.requires_grad_(old.requires_grad) if old.requires_grad else new
+
+
+def _children(node: object) -> list[object]:
+    """Read through the builtin types' own methods: an instance attribute cannot hide entries."""
+    if isinstance(node, dict):
+        return list(dict.values(node))
+    if isinstance(node, (list, tuple, set, frozenset)):
+        return list(node)
+    return []
+
+
+def _tensors_in(root: object) -> list[torch.Tensor]:
+    """Every tensor reachable through containers, each once (shared containers are walked once)."""
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.Tensor):
+            out.append(node)
+        else:
+            stack.extend(_children(node))
+    return out
+
+
+def _copy(node: object, swap: dict[int, torch.Tensor], memo: dict[int, object]) -> object:
+    """Copy the containers (sharing and cycles kept), swap tensors, share every other leaf."""
+    if isinstance(node, torch.Tensor):
+        return swap.get(id(node), node)
+    if id(node) in memo:
+        return memo[id(node)]
+    if isinstance(node, dict) and type(node) in (dict, OrderedDict, defaultdict):
+        new: Any = defaultdict(node.default_factory) if isinstance(node, defaultdict) else type(node)()
+        memo[id(node)] = new
+        for k, v in dict.items(node):
+            new[k] = _copy(v, swap, memo)
+        if hasattr(node, "__dict__"):
+            new.__dict__.update(vars(node))  # e.g. a state dict's _metadata
+        return new
+    if type(node) is list:
+        out: list[object] = []
+        memo[id(node)] = out
+        out.extend(_copy(v, swap, memo) for v in node)
+        return out
+    if type(node) is tuple:
+        items = tuple(_copy(v, swap, memo) for v in node)
+        return memo.setdefault(id(node), items)
+    return node
+
+
+def _bytes_tensor(s: torch.UntypedStorage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8).set_(s)
+
+
+def _same_leaf(a: object, b: object) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # objects whose == does not give a truth value
+        return repr(a) == repr(b)
+
+
+def _exotic_same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_meta or b.is_meta:
+        return a.is_meta and b.is_meta
+    if a.is_quantized:
+        return b.is_quantized and writer.same_bits(a.int_repr(), b.int_repr()) and writer.same_bits(
+            a.dequantize(), b.dequantize()
+        )
+    if a.layout in (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+        return writer.same_bits(a.to_dense(), b.to_dense())
+    return True  # nested and other layouts: dtype and shape were compared
+
+
+def difference(expected: object, got: object) -> str | None:
+    """Where got differs from expected: structure, keys, leaves, tensor bytes and views, storage sharing."""
+    stack: list[tuple[object, object, str]] = [(expected, got, "")]
+    pairs: dict[int, int] = {}  # id of an expected container -> id of its counterpart
+    storages: dict[int, int] = {}  # data_ptr of an expected storage -> data_ptr of its counterpart
+    while stack:
+        e, g, where = stack.pop()
+        here = visible(where or "/", 80)
+        if isinstance(e, torch.Tensor):
+            if type(e) is not type(g) or not isinstance(g, torch.Tensor):
+                return f"{here}: not a tensor of the same type"
+            if e.dtype != g.dtype or e.shape != g.shape or e.layout != g.layout or e.requires_grad != g.requires_grad:
+                return f"{here}: dtype, shape or layout"
+            if e.layout != torch.strided or e.is_quantized or e.is_nested or e.is_meta:
+                if not _exotic_same(e, g):
+                    return f"{here}: values"
+                continue
+            if e.stride() != g.stride() or e.storage_offset() != g.storage_offset():
+                return f"{here}: view"
+            se, sg = torch.Tensor.untyped_storage(e), torch.Tensor.untyped_storage(g)
+            if se.nbytes() != sg.nbytes():
+                return f"{here}: storage size"
+            if se.nbytes() == 0:
+                continue
+            known = storages.get(se.data_ptr())
+            if known is None:
+                if not torch.equal(_bytes_tensor(se), _bytes_tensor(sg)):
+                    return f"{here}: values"
+                storages[se.data_ptr()] = sg.data_ptr()
+            elif known != sg.data_ptr():
+                return f"{here}: storage sharing"
+            continue
+        is_container = isinstance(e, (dict, list)) or type(e) is tuple
+        if not is_container:
+            if not _same_leaf(e, g):
+                return f"{here}: value"
+            continue
+        if id(e) in pairs:
+            if pairs[id(e)] != id(g):
+                return f"{here}: container sharing"
+            continue
+        pairs[id(e)] = id(g)
+        if type(e) is not type(g):
+            return f"{here}: container type"
+        if isinstance(e, dict):
+            assert isinstance(g, dict)
+            keys = list(dict.keys(e))
+            if keys != list(dict.keys(g)) or [type(k) for k in keys] != [type(k) for k in dict.keys(g)]:
+                return f"{here}: keys"
+            if set(getattr(e, "__dict__", {})) != set(getattr(g, "__dict__", {})):
+                return f"{here}: attributes"
+            stack.extend((dict.__getitem__(e, k), dict.__getitem__(g, k), f"{where}/{k}") for k in keys)
+        else:
+            assert isinstance(e, (list, tuple)) and isinstance(g, (list, tuple))
+            if len(e) != len(g):
+                return f"{here}: length"
+            stack.extend((a, b, f"{where}/{i}") for i, (a, b) in enumerate(zip(e, g, strict=True)))
+    return None

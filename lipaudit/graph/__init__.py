@@ -1,0 +1,301 @@
+"""Network bounds on the real wiring of a torch.export archive (.pt2), and a measured lower end."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lipaudit.checkpoint.limits import Limits
+from lipaudit.checkpoint.pt2 import Pt2Archive, open_pt2
+from lipaudit.errors import MalformedInputError
+from lipaudit.graph.bound import INPUT, Result, bound_graph
+from lipaudit.graph.interpret import Evaluator, Measured, measure
+from lipaudit.graph.model import Graph, parse_graph
+from lipaudit.text import visible
+
+__all__ = [
+    "GraphBound", "GraphSettings", "Loaded", "inspect_archive", "inspect_state_dict", "load_archive",
+    "match_state_dict", "strip_prefix",
+]
+
+ASSUMPTIONS = (
+    "eval mode: batch norm uses its running statistics, dropout is off",
+    "the bound is for the exported input shapes (pooling, means and upsampling use them); convolutions are "
+    "bounded for every input size",
+    "Euclidean norms over the whole input and over all float outputs together",
+    "zero padding inside convolutions; explicit reflect/replicate/circular pads are bounded as their own maps",
+)
+
+
+@dataclass(frozen=True)
+class GraphSettings:
+    rtol: float = 1e-4  # dense matrices
+    conv_rtol: float = 1e-2
+    seed: int = 0
+    measure: bool = True  # run the interpreter for a measured lower end
+    measure_seconds: float = 20.0
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> GraphSettings:
+        """From the CLI's Settings (any object with rtol, conv_rtol, seed, limits)."""
+        values = {k: getattr(settings, k) for k in ("rtol", "conv_rtol", "seed", "limits") if hasattr(settings, k)}
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class LayerBound:
+    """One weight layer of the graph: its own operator norm and, when folded or merged, the norm of
+    the combined operator the network bound used."""
+
+    param: str
+    node: str
+    kind: str
+    lower: float
+    upper: float
+    method: str
+    certified: bool
+    fused_with: tuple[str, ...]
+    fused_upper: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "param": self.param, "node": self.node, "kind": self.kind, "lower": self.lower, "upper": self.upper,
+            "method": self.method, "certified": self.certified, "fused_with": list(self.fused_with),
+            "fused_upper": self.fused_upper,
+        }
+
+
+@dataclass(frozen=True)
+class GraphBound:
+    """The network bound over the exported DAG."""
+
+    log10_upper: float | None  # None when an uncovered node lies between input and output
+    certified: bool
+    lipschitz_lower: float | None
+    uncovered: tuple[tuple[str, str], ...]
+    nodes: tuple[dict[str, Any], ...]  # per node: name, op, log10 gain, log10 bound from the input
+    dominant_path: tuple[str, ...]
+    chain_log10: float | None  # product of every layer's own norm and activation constant
+    assumptions: tuple[str, ...]
+    layers: dict[str, LayerBound]  # by parameter name
+    partial: tuple[dict[str, Any], ...]  # bounds of covered parts: from a source to an uncovered node/output
+    bound_seconds: float
+    lower_seconds: float | None
+    lower_note: str
+    method: str = "graph"
+
+    @property
+    def lipschitz_upper(self) -> float | None:
+        if self.log10_upper is None:
+            return None
+        return 10.0**self.log10_upper if self.log10_upper < 308 else math.inf
+
+    @property
+    def ratio(self) -> float | None:
+        """upper / lower: how loose the certificate can be at most."""
+        if self.log10_upper is None or not self.lipschitz_lower:
+            return None
+        return 10.0 ** (self.log10_upper - math.log10(self.lipschitz_lower))
+
+    def to_dict(self) -> dict[str, Any]:
+        def num(x: float | None) -> float | None:
+            return None if x is None or not math.isfinite(x) else x
+
+        upper = self.lipschitz_upper
+        return {
+            "method": self.method,
+            "lipschitz_upper": num(upper),
+            "log10_lipschitz_upper": num(self.log10_upper),
+            "certified": self.certified,
+            "lipschitz_lower": num(self.lipschitz_lower),
+            "ratio_upper_lower": num(self.ratio),
+            "chain_log10_product": num(self.chain_log10),
+            "graph_vs_chain_log10": num(None if self.log10_upper is None or self.chain_log10 is None
+                                        else self.log10_upper - self.chain_log10),
+            "uncovered": [{"node": n, "reason": r} for n, r in self.uncovered],
+            "partial": [{k: (num(v) if isinstance(v, float) else v) for k, v in p.items()} for p in self.partial],
+            "dominant_path": list(self.dominant_path),
+            "nodes": [{k: (num(v) if isinstance(v, float) else v) for k, v in n.items()} for n in self.nodes],
+            "layers": {k: v.to_dict() for k, v in self.layers.items()},
+            "assumptions": list(self.assumptions),
+            "seconds": {"bound": self.bound_seconds, "lower": self.lower_seconds},
+            "lower_note": self.lower_note,
+        }
+
+
+@dataclass
+class Loaded:
+    """An archive, its graph, and where its constant tensors come from."""
+
+    archive: Pt2Archive
+    graph: Graph
+    load: Callable[[str], torch.Tensor]  # graph tensor name -> tensor
+
+    def evaluator(self) -> Evaluator:
+        return Evaluator(self.graph, self.load)
+
+
+def load_archive(path: str, limits: Limits | None = None) -> Loaded:
+    arch = open_pt2(path, limits)
+    graph = parse_graph(arch.program, arch.shown, (limits or Limits()).nodes)
+    for name, fqn in graph.params.items():
+        if fqn not in arch.weights:
+            raise MalformedInputError(f"{arch.shown}: the graph uses {visible(fqn, 80)!r}, which the weights config "
+                                      "lacks", arch.shown)
+    for name, fqn in graph.constants.items():
+        if fqn not in arch.constants:
+            raise MalformedInputError(f"{arch.shown}: the graph uses constant {visible(fqn, 80)!r}, which the "
+                                      "constants config lacks", arch.shown)
+
+    def load(name: str) -> torch.Tensor:
+        if name in graph.params:
+            return arch.weight(graph.params[name])
+        return arch.constant(graph.constants[name])
+
+    return Loaded(arch, graph, load)
+
+
+def summarise(res: Result, lower: Measured | None, assumptions: tuple[str, ...] = ASSUMPTIONS) -> GraphBound:
+    reaches = [k for k in res.outputs if k != INPUT and res.outputs[k] != -math.inf]
+    upper = res.outputs.get(INPUT, -math.inf)
+    log10_upper: float | None = None if reaches else upper
+    if log10_upper is not None and math.isfinite(log10_upper):
+        log10_upper += math.log10(1 + 1e-9)  # the rounding of the log-space sums and products
+    certified = log10_upper is not None and res.certified_norms
+    layers: dict[str, LayerBound] = {}
+    for rec in res.layers:
+        name = rec.params[0] if rec.params else rec.node
+        if name in layers:
+            continue  # a weight used twice: its first use names it
+        layers[name] = LayerBound(
+            param=name, node=rec.node, kind=rec.op, lower=rec.interval.lower, upper=rec.interval.upper,
+            method=rec.interval.method, certified=rec.interval.certified, fused_with=tuple(
+                p for p in rec.fused_with if p not in rec.params), fused_upper=rec.fused.upper if rec.fused is not None else None,
+        )
+    nodes = tuple({"node": n.node, "op": n.op, "log10_gain": n.gain, "log10_bound": n.bound, "note": n.note}
+                  for n in res.nodes)
+    lower_value = lower.lower if lower is not None else None
+    if lower_value is not None and log10_upper is not None and lower_value > 0:
+        # a measured value above a certified bound would be a bug; never hide it
+        if math.log10(lower_value) > log10_upper + 1e-6:
+            raise AssertionError("measured Jacobian norm above the certified bound")
+    note = "" if lower is None else (f"{lower.starts} starts, {lower.steps} steps from {lower.start_from}"
+                                     + (f"; {lower.note}" if lower.note else ""))
+    return GraphBound(
+        log10_upper=log10_upper, certified=certified, lipschitz_lower=lower_value,
+        uncovered=tuple(res.uncovered), nodes=nodes, dominant_path=tuple(res.path), chain_log10=res.chain_log10,
+        assumptions=assumptions, layers=layers, partial=tuple(res.partial), bound_seconds=res.seconds,
+        lower_seconds=lower.seconds if lower is not None else None,
+        lower_note=note if lower is not None else "not measured",
+    )
+
+
+def _bound(loaded: Loaded, settings: GraphSettings) -> GraphBound:
+    ev = loaded.evaluator()
+    res = bound_graph(loaded.graph, ev, settings.rtol, settings.conv_rtol, settings.seed)
+    lower: Measured | None = None
+    if settings.measure:
+        samples, _why = loaded.archive.sample_inputs()
+        lower = measure(loaded.graph, ev, samples, settings.measure_seconds, settings.seed)
+    return summarise(res, lower)
+
+
+def inspect_archive(path: str, settings: GraphSettings | None = None) -> GraphBound:
+    """Bound the network of a .pt2 archive over its graph, and measure a lower end."""
+    settings = settings or GraphSettings()
+    return _bound(load_archive(path, settings.limits), settings)
+
+
+# -- a state dict on an exported architecture ----------------------------------------------------
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_prefix(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def match_state_dict(graph: Graph, archive: Pt2Archive, keys: list[str], shown: str) -> dict[str, str]:
+    """graph parameter/buffer name -> state-dict key; a missing or extra key is an error naming them.
+    Buffers the state dict does not hold (non-persistent ones) come from the archive."""
+    from lipaudit.errors import UsageError
+
+    by_name: dict[str, str] = {}
+    for k in keys:
+        s = strip_prefix(k)
+        if s in by_name:
+            raise UsageError(f"{shown}: keys {visible(by_name[s], 80)!r} and {visible(k, 80)!r} collide after "
+                             "prefix stripping", shown)
+        by_name[s] = k
+    wanted = set(graph.params.values())
+    kinds = graph.param_kinds
+    required = {w for w in wanted if kinds.get(w) == "parameter" or w in by_name}
+    missing = sorted(w for w in wanted if kinds.get(w) == "parameter" and w not in by_name)
+    buffers_missing = sorted(w for w in wanted if kinds.get(w) == "buffer" and w not in by_name)
+    extra = sorted(s for s in by_name if s not in wanted)
+    if missing or extra or any(not w.endswith("num_batches_tracked") for w in buffers_missing
+                               if _persistent(archive, w)):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: " + ", ".join(visible(m, 60) for m in missing[:8]))
+        pb = [w for w in buffers_missing if _persistent(archive, w) and not w.endswith("num_batches_tracked")]
+        if pb:
+            parts.append(f"missing buffers {len(pb)}: " + ", ".join(visible(m, 60) for m in pb[:8]))
+        if extra:
+            parts.append(f"extra {len(extra)}: " + ", ".join(visible(by_name[e], 60) for e in extra[:8]))
+        raise UsageError(f"{shown}: the state dict does not match the graph {archive.shown} ({'; '.join(parts)})",
+                         shown)
+    return {w: by_name[w] for w in required}
+
+
+def _persistent(archive: Pt2Archive, fqn: str) -> bool:
+    for s in archive.program["graph_module"]["signature"].get("input_specs", []):
+        b = s.get("buffer") if isinstance(s, dict) else None
+        if isinstance(b, dict) and b.get("buffer_name") == fqn:
+            return bool(b.get("persistent", True))
+    return True
+
+
+def inspect_state_dict(graph_path: str, keys: list[str], load: Callable[[str], torch.Tensor], shown: str,
+                       settings: GraphSettings | None = None) -> GraphBound:
+    """Bound a state dict's network on the architecture of graph_path: tensors are matched by name
+    (after stripping module./_orig_mod.), shapes must agree, nothing is guessed."""
+    from lipaudit.errors import UsageError
+
+    settings = settings or GraphSettings()
+    loaded = load_archive(graph_path, settings.limits)
+    mapping = match_state_dict(loaded.graph, loaded.archive, keys, shown)
+    graph, arch = loaded.graph, loaded.archive
+
+    def load_sd(name: str) -> torch.Tensor:
+        if name in graph.params:
+            fqn = graph.params[name]
+            if fqn in mapping:
+                t = load(mapping[fqn])
+                want = arch.weights[fqn].shape
+                if tuple(t.shape) != want:
+                    raise UsageError(f"{shown}: {visible(mapping[fqn], 80)!r} has shape {tuple(t.shape)}, the graph "
+                                     f"needs {want}", shown)
+                return t
+            return arch.weight(fqn)
+        return arch.constant(graph.constants[name])
+
+    # shapes are checked up front so a mismatch is an error, not an uncovered node
+    for fqn, key in mapping.items():
+        for name, f in graph.params.items():
+            if f == fqn:
+                load_sd(name)
+                break
+    return _bound(Loaded(arch, graph, load_sd), settings)

@@ -1,0 +1,238 @@
+"""Lipschitz constants of single ops: activations, size-aware pooling/upsampling/padding, strided convs."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+
+from lipaudit.spectral import ROUNDING_MARGIN, Interval
+from lipaudit.spectral.conv import conv_interval
+from lipaudit.spectral.dense import dense_interval
+
+# sup |f'| of each activation, rounded up; tests/graph/test_rules.py checks each on a fine grid.
+GELU = 1.12891  # at x = sqrt(2): Phi(x) + x phi(x) = 1.1289041...
+GELU_TANH = 1.12900  # 1.1289931...
+SILU = 1.09984  # at x ~ 2.3994: 1.0998393...
+MISH = 1.08850  # 1.0884982...
+ERF = 1.12838  # 2 / sqrt(pi) = 1.1283792...
+SELU = 1.75810  # scale * alpha = 1.7580993...
+HARDSWISH = 1.5  # slope of x (x + 3) / 6 at x = 3
+HARDSWISH_PRODUCT = 9.0  # x * clamp(x + 3, 0, 6) before the division by 6 (core-aten spelling)
+
+# 1-D operators wider than this are bounded by sqrt(||A||_1 ||A||_inf) instead of an SVD.
+_SVD_WIDTH = 2048
+
+
+def _float(x: object, default: float) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else default
+
+
+def activation_gain(op: str, scalars: dict[str, object]) -> float | None:
+    """sup |f'| of an elementwise op with its (constant) scalar arguments; None if not an activation."""
+    if op in ("relu", "relu_", "relu6", "hardtanh", "hardtanh_", "abs", "neg", "tanh", "softplus", "logsigmoid",
+              "softsign", "tanhshrink", "softshrink", "sin", "cos", "atan", "clamp", "clip",
+              "clamp_min", "clamp_max", "celu", "positive"):
+        return 1.0
+    if op in ("leaky_relu", "leaky_relu_"):
+        return max(1.0, abs(_float(scalars.get("negative_slope"), 0.01)))
+    if op == "gelu":
+        return GELU_TANH if scalars.get("approximate") == "tanh" else GELU
+    if op in ("silu", "silu_"):
+        return SILU
+    if op == "mish":
+        return MISH
+    if op == "sigmoid":
+        return 0.25
+    if op == "hardsigmoid":
+        return 1.0 / 6.0
+    if op in ("hardswish", "hardswish_"):
+        return HARDSWISH
+    if op == "erf":
+        return ERF
+    if op == "selu":
+        return SELU
+    if op in ("elu", "elu_"):
+        alpha = _float(scalars.get("alpha"), 1.0)
+        scale = _float(scalars.get("scale"), 1.0)
+        input_scale = _float(scalars.get("input_scale"), 1.0)
+        return abs(scale) * max(1.0, abs(alpha * input_scale))
+    return None
+
+
+# -- exact norms of small matrices ---------------------------------------------------------
+
+
+def matrix_upper(a: torch.Tensor) -> float:
+    """A certified upper end of ||A||_2 for a small float64 matrix."""
+    if a.numel() == 0:
+        return 0.0
+    if min(a.shape) <= _SVD_WIDTH:
+        return float(torch.linalg.svdvals(a)[0]) * (1 + ROUNDING_MARGIN)
+    col = float(a.abs().sum(dim=0).max())
+    row = float(a.abs().sum(dim=1).max())
+    return math.sqrt(col * row) * (1 + ROUNDING_MARGIN)
+
+
+def pool_output(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """torch's pooling_output_shape."""
+    num = n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)
+    out = num // s + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def avg_pool_matrix(n: int, k: int, s: int, p: int, ceil_mode: bool, include_pad: bool,
+                    override: bool) -> torch.Tensor:
+    """One axis of aten avg_pool: entry 1/divisor (1 with a divisor override, divided afterwards)."""
+    out = pool_output(n, k, s, p, 1, ceil_mode)
+    a = torch.zeros(out, n, dtype=torch.float64)
+    for j in range(out):
+        start = j * s - p
+        end = min(start + k, n + p)
+        size = end - start
+        lo, hi = max(start, 0), min(end, n)
+        if hi <= lo:
+            continue
+        div = 1.0 if override else float(size if include_pad else hi - lo)
+        a[j, lo:hi] = 1.0 / div
+    return a
+
+
+def adaptive_matrix(n: int, out: int, average: bool) -> torch.Tensor:
+    a = torch.zeros(out, n, dtype=torch.float64)
+    for j in range(out):
+        lo = (j * n) // out
+        hi = -((-(j + 1) * n) // out)
+        a[j, lo:hi] = 1.0 / (hi - lo) if average else 1.0
+    return a
+
+
+def max_pool_count(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """The most windows that contain one input position along an axis."""
+    out = pool_output(n, k, s, p, d, ceil_mode)
+    counts = torch.zeros(n + 2 * p + d * k + s * out + 1, dtype=torch.long)
+    for t in range(k):
+        idx = torch.arange(out) * s + t * d - p
+        idx = idx[(idx >= 0) & (idx < n)]
+        counts.index_add_(0, idx, torch.ones_like(idx))
+    return max(1, int(counts.max()))
+
+
+def nearest_matrix(n: int, out: int, scale: float | None, exact: bool) -> torch.Tensor:
+    """aten upsample_nearest (or _nearest_exact) along one axis."""
+    ratio = 1.0 / scale if scale is not None and scale > 0 else n / out
+    dst = torch.arange(out, dtype=torch.float64)
+    src = torch.floor((dst + 0.5) * ratio) if exact else torch.floor(dst * ratio)
+    src = src.clamp(max=n - 1).long()
+    a = torch.zeros(out, n, dtype=torch.float64)
+    a[torch.arange(out), src] = 1.0
+    return a
+
+
+def linear_matrix(n: int, out: int, align_corners: bool, scale: float | None) -> torch.Tensor:
+    """aten upsample_linear/bilinear/trilinear along one axis."""
+    if align_corners:
+        ratio = (n - 1) / (out - 1) if out > 1 else 0.0
+    else:
+        ratio = 1.0 / scale if scale is not None and scale > 0 else n / out
+    dst = torch.arange(out, dtype=torch.float64)
+    src = ratio * dst if align_corners else (ratio * (dst + 0.5) - 0.5).clamp(min=0.0)
+    i0 = src.floor().long().clamp(max=n - 1)
+    i1 = torch.where(i0 < n - 1, i0 + 1, i0)
+    l1 = (src - i0.to(torch.float64)).clamp(0.0, 1.0)
+    a = torch.zeros(out, n, dtype=torch.float64)
+    rows = torch.arange(out)
+    a.index_put_((rows, i0), 1.0 - l1, accumulate=True)
+    a.index_put_((rows, i1), l1, accumulate=True)
+    return a
+
+
+def pad_matrix(n: int, left: int, right: int, mode: str) -> torch.Tensor | None:
+    """F.pad along one axis; None when torch would refuse the sizes."""
+    out = n + left + right
+    if out <= 0:
+        return torch.zeros(0, n, dtype=torch.float64)
+    j = torch.arange(out) - left
+    if mode == "constant":
+        keep = (j >= 0) & (j < n)
+        a = torch.zeros(out, n, dtype=torch.float64)
+        a[torch.arange(out)[keep], j[keep]] = 1.0
+        return a
+    if mode == "reflect":
+        if max(left, right) >= n:
+            return None
+        period = 2 * (n - 1) if n > 1 else 1
+        m = j.remainder(period)
+        src = torch.where(m < n, m, period - m)
+    elif mode == "replicate":
+        src = j.clamp(0, n - 1)
+    elif mode == "circular":
+        if max(left, right) > n:
+            return None
+        src = j.remainder(n)
+    else:
+        return None
+    a = torch.zeros(out, n, dtype=torch.float64)
+    a[torch.arange(out), src] = 1.0
+    return a
+
+
+# -- convolutions --------------------------------------------------------------------------
+
+
+def polyphase(k: torch.Tensor, stride: tuple[int, ...], dilation: tuple[int, ...]) -> torch.Tensor:
+    """The stride-1 kernel on the input's polyphase components: a strided conv with kernel k has
+    the same operator norm on the infinite grid as the stride-1 conv with this kernel."""
+    d = k.ndim - 2
+    if all(s == 1 for s in stride):
+        return k  # dilation alone only re-parametrises the frequency
+    o, i = k.shape[0], k.shape[1]
+    taps = [k.shape[2 + a] for a in range(d)]
+    new_taps = [((taps[a] - 1) * dilation[a]) // stride[a] + 1 for a in range(d)]
+    phases = math.prod(stride)
+    out = torch.zeros(o, i * phases, *new_taps, dtype=k.dtype)
+    for p in torch.cartesian_prod(*[torch.arange(t) for t in taps]).reshape(-1, d).tolist():
+        q = [p[a] * dilation[a] for a in range(d)]
+        r = [q[a] % stride[a] for a in range(d)]
+        t = [q[a] // stride[a] for a in range(d)]
+        phase = 0
+        for a in range(d):
+            phase = phase * stride[a] + r[a]
+        idx = (slice(None), slice(phase * i, (phase + 1) * i), *t)
+        out[idx] = k[(slice(None), slice(None), *p)]
+    return out
+
+
+_GROUPS_PARAM = "groups" in inspect.signature(conv_interval).parameters
+
+
+def conv_norm(k: torch.Tensor, stride: tuple[int, ...], dilation: tuple[int, ...], groups: int,
+              rtol: float, deadline: float | None = None) -> Interval:
+    """Certified bracket of the norm of a zero-padded strided grouped conv (any padding, any input
+    size) with float64 kernel k (c_out, c_in / groups, taps...): the max over groups of S(polyphase)."""
+    o = k.shape[0]
+    if groups <= 1:
+        return conv_interval(polyphase(k, stride, dilation), rtol)
+    per = o // groups
+    if _GROUPS_PARAM and all(s == 1 for s in stride):
+        call: Callable[..., Interval] = conv_interval
+        return call(k, rtol, groups=groups)
+    best: Interval | None = None
+    lower = 0.0
+    certified = True
+    for g in range(groups):
+        iv = conv_interval(polyphase(k[g * per : (g + 1) * per], stride, dilation), rtol)
+        lower = max(lower, iv.lower)
+        certified = certified and iv.certified
+        if best is None or iv.upper > best.upper:
+            best = iv
+    assert best is not None
+    return Interval(lower, best.upper, best.lower_method, best.upper_method, certified)
+
+
+def dense_norm(w: torch.Tensor, rtol: float, seed: int) -> Interval:
+    return dense_interval(w, "auto", rtol, seed)

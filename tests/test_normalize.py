@@ -387,3 +387,48 @@ def test_safetensors_written_in_its_own_order(tmp_path: Path) -> None:
     n2 = int.from_bytes(out.read_bytes()[:8], "little")
     keys = [k for k in json.loads(out.read_bytes()[8 : 8 + n2]) if k != "__metadata__"]
     assert keys == order
+
+
+def test_integer_keys_expanded_views_and_subnormal_weights_are_written(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(9)
+    sd = {
+        0: {"weight": torch.randn(4, 4, generator=g) * 3},
+        5: {"weight": torch.randn(3, 4, generator=g, dtype=torch.float64) * 1e-310},
+        "scale": torch.ones(1).expand(3),
+    }
+    src = tmp_path / "in.pt"
+    torch.save(sd, src)
+    out = tmp_path / "out.pt"
+    code, doc = normalize(src, "-o", out)
+    assert code == 0, doc
+    got = torch.load(out, weights_only=True)
+    assert list(got) == [0, 5, "scale"]
+    assert got["scale"].stride() == (0,) and torch.equal(got["scale"], sd["scale"])
+    assert true_norm(got[0]["weight"]) <= TOL
+    assert bool(torch.isfinite(got[5]["weight"]).all())
+
+
+_READ_ONLY_CHILD = textwrap.dedent("""
+    import os, sys
+    real = os.open
+    def refuse(path, flags, *args):
+        # what a user (not root) gets in a folder without write permission
+        if flags & os.O_CREAT or (flags & getattr(os, "O_TMPFILE", 0)) == getattr(os, "O_TMPFILE", -1):
+            raise PermissionError(13, "Permission denied")
+        return real(path, flags, *args)
+    os.open = refuse
+    from lipaudit.cli import main
+    sys.argv = ["lipaudit", "normalize", *sys.argv[1:]]
+    main()
+""")
+
+
+def test_read_only_output_folder_exits_6(tmp_path: Path) -> None:
+    for src, out in ((FIXTURES / "mlp.pt", tmp_path / "o.pt"), (FIXTURES / "mlp_sharded", tmp_path / "shards")):
+        proc = subprocess.run(
+            [sys.executable, "-c", _READ_ONLY_CHILD, str(src), "-o", str(out), "-q"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 6, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []

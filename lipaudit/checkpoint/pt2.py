@@ -433,10 +433,10 @@ def _data_offset(raw: bytes | bytearray, info: zipfile.ZipInfo, shown: str) -> i
     return info.header_offset + _LOCAL.size + int(fields[9]) + int(fields[10])
 
 
-def _central_offsets(raw: bytes | bytearray) -> dict[str, int]:
+def _central_offsets(raw: bytes | bytearray, start: int) -> dict[str, int]:
     """Offset of each central-directory entry, by member name."""
     out: dict[str, int] = {}
-    pos = raw.find(b"PK\x01\x02")
+    pos = start
     while pos >= 0 and raw[pos : pos + 4] == b"PK\x01\x02":
         n, m, k = struct.unpack("<HHH", raw[pos + 28 : pos + 34])
         name = bytes(raw[pos + 46 : pos + 46 + n]).decode("utf-8", "replace")
@@ -449,7 +449,12 @@ def patched_archive(arch: Pt2Archive, new_bytes: dict[str, bytes]) -> bytes:
     """The archive's bytes with the data of some stored members replaced by equally long data;
     the CRC-32 fields are updated, every other byte is kept."""
     raw = bytearray(arch.path.read_bytes())
-    central = _central_offsets(raw)
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as z:
+            start = int(z.start_dir)  # type: ignore[attr-defined]
+    except (zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
+        raise MalformedInputError(f"{arch.shown}: broken zip archive ({clean_message(e)})", arch.shown) from None
+    central = _central_offsets(raw, start)
     for name, data in new_bytes.items():
         info = arch.members[name]
         if len(data) != info.file_size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -192,6 +193,14 @@ def network_function(graph: Graph, consts: Evaluator) -> Callable[[list[torch.Te
 def measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, seconds: float,
             seed: int, starts: int = 3, steps: int = 12, ascent: int = 2) -> Measured:
     """Power iteration on J^T J at several input points, with a few ascent steps on the point."""
+    # torch's forward-mode AD sets up its own decompositions on first use, with deprecation warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _measure(graph, consts, samples, seconds, seed, starts, steps, ascent)
+
+
+def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, seconds: float,
+             seed: int, starts: int, steps: int, ascent: int) -> Measured:
     t0 = time.perf_counter()
     deadline = t0 + seconds
     try:

@@ -184,14 +184,6 @@ def byte_view(t: torch.Tensor) -> memoryview:
     return t.view(torch.uint8).numpy().data.cast("B")
 
 
-def storage_view(t: torch.Tensor) -> memoryview:
-    """All bytes of the storage behind a strided tensor."""
-    s = torch.Tensor.untyped_storage(t)
-    if s.nbytes() == 0:
-        return memoryview(b"")
-    return torch.empty(0, dtype=torch.uint8).set_(s).numpy().data.cast("B")
-
-
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (NaN payloads included)."""
     if a.dtype != b.dtype or a.shape != b.shape:

@@ -171,6 +171,18 @@ def test_torch_tied_weights_stay_tied_and_change_together(tmp_path: Path) -> Non
     assert _same(got["first_row"], (emb * 0.5)[0])
 
 
+def test_torch_overlapping_edits_are_refused(tmp_path: Path) -> None:
+    base = torch.randn(4, 4)
+    torch.save({"w": base, "row": base[2], "col": base[:, 1], "other": base[3]}, tmp_path / "in.pt")
+    ckpt = open_checkpoint(str(tmp_path / "in.pt"))
+    with pytest.raises(OutputError, match="overlap"):
+        ckpt.write(Edits(values={"w": base * 0.5, "row": base[2] * 2}), tmp_path / "out.pt")
+    ckpt.write(Edits(values={"row": base[2] * 2, "other": base[3] * 3}), tmp_path / "out.pt")  # disjoint rows
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert _same(got["w"][2], base[2] * 2) and _same(got["w"][3], base[3] * 3) and _same(got["w"][0], base[0])
+    assert _same(got["col"], got["w"][:, 1])
+
+
 def test_torch_expanded_tensor_integer_keys_and_subnormals(tmp_path: Path) -> None:
     tiny = torch.full((4, 4), 1e-310, dtype=torch.float64)
     sd = {0: torch.randn(3, 3), 5: tiny, "scale": torch.ones(1).expand(16)}

@@ -98,13 +98,28 @@ class TorchFormat(Format):
         storage is copied once, edited, and every tensor viewing it (tied weights) moves to the copy.
         """
         copies: dict[int, torch.UntypedStorage] = {}  # data_ptr of an edited storage -> its new copy
+        spans: dict[int, list[tuple[int, int, str]]] = {}  # edited byte ranges per storage
         for key in edits.values:
             t = self._plain(key)
+            s = torch.Tensor.untyped_storage(t)
+            if s.nbytes() == 0 or t.numel() == 0:
+                continue
+            size = t.element_size()
+            start = int(t.storage_offset()) * size
+            stop = start + size * (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)))
+            for a, b, other in spans.setdefault(s.data_ptr(), []):
+                if start < b and a < stop:  # two edits would write the same bytes
+                    raise OutputError(
+                        f"{self.shown}: edits of {visible(key, 80)!r} and {visible(other, 80)!r} overlap", self.shown
+                    )
+            spans[s.data_ptr()].append((start, stop, key))
+        for key in edits.values:
+            t = self.tensors[key]
             value = edits.value(key)
             if tuple(value.shape) != tuple(t.shape):
                 raise ValueError(f"{key}: new value has shape {tuple(value.shape)}, not {tuple(t.shape)}")
             s = torch.Tensor.untyped_storage(t)
-            if s.nbytes() == 0:
+            if s.nbytes() == 0 or t.numel() == 0:
                 continue
             if s.data_ptr() not in copies:
                 copies[s.data_ptr()] = s.clone()  # type: ignore[no-untyped-call]
@@ -116,11 +131,6 @@ class TorchFormat(Format):
                 raise OutputError(
                     f"{self.shown}: cannot write {visible(key, 80)!r}: several of its elements share memory", self.shown
                 ) from None
-        for key in edits.values:  # two edits on overlapping storage would silently undo each other
-            t = self.tensors[key]
-            s = torch.Tensor.untyped_storage(t)
-            if s.nbytes() and not writer.same_bits(_view_on(copies[s.data_ptr()], t), edits.value(key).to(t.dtype)):
-                raise OutputError(f"{self.shown}: edits of {visible(key, 80)!r} overlap another edit", self.shown)
         swap: dict[int, torch.Tensor] = {}
         for t in _tensors_in(self.root):
             try:

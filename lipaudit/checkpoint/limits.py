@@ -27,6 +27,7 @@ class Limits:
     expanded_bytes: int = 64 * 2**20
     depth: int = 64
     nodes: int = 10_000_000
+    pickle_bytes: int = 1 << 30  # data.pkl of a zip checkpoint: about 100 bytes per tensor
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -37,4 +38,5 @@ class Limits:
             "expanded_bytes": self.expanded_bytes,
             "depth": self.depth,
             "nodes": self.nodes,
+            "pickle_bytes": self.pickle_bytes,
         }

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,8 +15,8 @@ import torch
 
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import TensorInfo
-from lipaudit.checkpoint.sniff import regular_file_size
-from lipaudit.errors import MalformedInputError, ResourceLimitError
+from lipaudit.checkpoint.unpickler import checked_shape
+from lipaudit.errors import LipauditError, MalformedInputError, ResourceLimitError, UsageError
 from lipaudit.text import clean_message, visible
 
 _DTYPES = {
@@ -41,23 +44,63 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def open_regular(path: Path, shown: str) -> int:
+    """A descriptor on the regular file at path (links followed); FIFOs, devices and folders are
+    refused without blocking on them."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MalformedInputError(f"{shown}: missing (or a link to nothing)", shown) from None
+    except OSError as e:
+        raise MalformedInputError(f"{shown}: cannot read ({e.strerror})", shown) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MalformedInputError(f"{shown}: not a regular file", shown)
+    return fd
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        got = os.pread(fd, min(n - len(out), 1 << 26), offset + len(out))
+        if not got:
+            break
+        out += got
+    return bytes(out)
+
+
+def parse_json(raw: bytes, what: str, shown: str) -> Any:
+    """Strict JSON: no NaN constants, no duplicate names, nesting refused instead of recursing."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MalformedInputError(f"{shown}: bad {what} ({clean_message(e)})", shown) from None
+    except RecursionError:
+        raise MalformedInputError(f"{shown}: bad {what} (nested too deeply)", shown) from None
+
+
 def read_header(path: Path, shown: str, limits: Limits | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Parsed header (name -> entry) and metadata, validated against the file size."""
-    limits = limits or Limits()
-    size = regular_file_size(path, shown)
+    fd = open_regular(path, shown)
+    try:
+        return header_of(fd, shown, limits or Limits())
+    finally:
+        os.close(fd)
+
+
+def header_of(fd: int, shown: str, limits: Limits) -> tuple[dict[str, Any], dict[str, str]]:
+    size = os.fstat(fd).st_size
     if size < 8:
         raise MalformedInputError(f"{shown}: too short for a safetensors file", shown)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-            raise MalformedInputError(f"{shown}: safetensors header length exceeds the file", shown)
-        if n > limits.header_bytes:
-            raise ResourceLimitError(f"{shown}: safetensors header over {limits.header_bytes} bytes", shown)
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise MalformedInputError(f"{shown}: bad safetensors header ({clean_message(e)})", shown) from None
+    (n,) = struct.unpack("<Q", _pread(fd, 8, 0))
+    if n > size - 8:
+        raise MalformedInputError(f"{shown}: safetensors header length exceeds the file", shown)
+    if n > limits.header_bytes:
+        raise ResourceLimitError(f"{shown}: safetensors header over {limits.header_bytes} bytes", shown)
+    raw = _pread(fd, n, 8)
+    if len(raw) != n:
+        raise MalformedInputError(f"{shown}: safetensors header is truncated", shown)
+    header = parse_json(raw, "safetensors header", shown)
     if not isinstance(header, dict):
         raise MalformedInputError(f"{shown}: safetensors header is not an object", shown)
     meta = header.pop("__metadata__", None) or {}
@@ -81,9 +124,13 @@ def read_header(path: Path, shown: str, limits: Limits | None = None) -> tuple[d
         start, end = entry["data_offsets"]
         if not 0 <= start <= end <= data_size:
             raise MalformedInputError(f"{shown}: tensor {visible(name, 80)!r} lies outside the file", shown)
-        numel = 1
-        for d in entry["shape"]:
-            numel *= d
+        try:
+            # Even an empty tensor may not declare a dimension torch cannot hold (2^64 and up).
+            numel = checked_shape(tuple(entry["shape"]))
+        except LipauditError:
+            raise MalformedInputError(
+                f"{shown}: tensor {visible(name, 80)!r} has a shape out of range", shown
+            ) from None
         if numel * _SIZES.get(entry["dtype"], 1) != end - start:
             raise MalformedInputError(
                 f"{shown}: tensor {visible(name, 80)!r} has {end - start} bytes for its shape", shown
@@ -117,8 +164,11 @@ class Location:
 
 
 def locations(path: Path, header: dict[str, Any]) -> dict[str, Location]:
-    with open(path, "rb") as f:
-        base = 8 + struct.unpack("<Q", f.read(8))[0]
+    fd = open_regular(path, visible(str(path)))
+    try:
+        base = 8 + struct.unpack("<Q", _pread(fd, 8, 0))[0]
+    finally:
+        os.close(fd)
     return {
         k: Location(path, base + e["data_offsets"][0], base + e["data_offsets"][1], _DTYPES[e["dtype"]],
                     tuple(e["shape"]))
@@ -126,13 +176,42 @@ def locations(path: Path, header: dict[str, Any]) -> dict[str, Location]:
     }
 
 
+def read_into(fd: int, buf: bytearray, offset: int) -> int:
+    """Fill buf from the file at offset; returns how many bytes were there."""
+    done = 0
+    with memoryview(buf) as view:
+        while done < len(buf):
+            got = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
+            if got <= 0:
+                break
+            done += got
+    return done
+
+
+def _close_all(fds: dict[Path, int]) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class SafetensorsFiles:
     """Tensors spread over one or more safetensors files, read one at a time with plain reads:
-    no mapping, so memory follows the tensor being audited, not the file."""
+    no mapping, so memory follows the tensor being audited, not the file. Each file is opened
+    once, up front: a file replaced or removed during the run is still read as it was."""
 
     def __init__(self, where: dict[str, Location], shown: str) -> None:
         self.where = where
         self.shown = shown
+        self.fds: dict[Path, int] = {}
+        self._closer = weakref.finalize(self, _close_all, self.fds)
+        for loc in where.values():
+            if loc.path not in self.fds:
+                self.fds[loc.path] = open_regular(loc.path, shown)
+
+    def close(self) -> None:
+        self._closer()
 
     def path_of(self, key: str) -> Path:
         return self.where[key].path
@@ -140,39 +219,44 @@ class SafetensorsFiles:
     def load(self, key: str) -> torch.Tensor:
         loc = self.where[key]
         dtype = getattr(torch, loc.dtype)
+        n = loc.stop - loc.start
+        data = bytearray(n)
         try:
-            data = bytearray(loc.stop - loc.start)
-            with open(loc.path, "rb") as f:
-                f.seek(loc.start)
-                got = f.readinto(data)
+            got = read_into(self.fds[loc.path], data, loc.start)
         except OSError as e:
             raise MalformedInputError(
                 f"{self.shown}: cannot read tensor {visible(key, 80)!r} ({e.strerror})", self.shown
             ) from None
-        if got != len(data):
+        if got != n:
             raise MalformedInputError(f"{self.shown}: tensor {visible(key, 80)!r} is truncated", self.shown)
         if not data:
             return torch.empty(loc.shape, dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape(loc.shape)
 
 
-def read_index(index: Path, shown: str, limits: Limits | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Map each tensor to its shard; shards must be plain files beside the index."""
+def read_index(index: Path, shown: str, limits: Limits | None = None,
+               suffixes: tuple[str, ...] = (".safetensors",)) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Map each tensor to its shard. Shard names must be plain file names beside the index; a
+    shard may be a link (a Hugging Face cache snapshot links into ../../blobs/) if it ends at a
+    regular file."""
     limits = limits or Limits()
-    size = regular_file_size(index, shown)
-    if size > limits.header_bytes:
-        raise ResourceLimitError(f"{shown}: index file over {limits.header_bytes} bytes", shown)
+    fd = open_regular(index, shown)
     try:
-        data = json.loads(
-            index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants
-        )
-    except (UnicodeDecodeError, ValueError) as e:
-        raise MalformedInputError(f"{shown}: bad index JSON ({clean_message(e)})", shown) from None
+        size = os.fstat(fd).st_size
+        if size > limits.header_bytes:
+            raise ResourceLimitError(f"{shown}: index file over {limits.header_bytes} bytes", shown)
+        raw = _pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    data = parse_json(raw, "index JSON", shown)
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
         raise MalformedInputError(f"{shown}: index has no weight_map of names to files", shown)
+    if len(wm) > limits.tensors:
+        raise ResourceLimitError(f"{shown}: more than {limits.tensors} tensors", shown)
     folder = index.parent
     shards: dict[str, Path] = {}
+    kind = " or ".join(suffixes)
     for fname in dict.fromkeys(wm.values()):
         if (
             not fname
@@ -180,25 +264,29 @@ def read_index(index: Path, shown: str, limits: Limits | None = None) -> tuple[d
             or "\\" in fname
             or fname in (".", "..")
             or ":" in fname
-            or not fname.endswith(".safetensors")
+            or "\x00" in fname
+            or not fname.endswith(suffixes)
         ):
             raise MalformedInputError(
-                f"{shown}: shard {visible(fname, 80)!r} is not a safetensors file beside the index", shown
+                f"{shown}: shard {visible(fname, 80)!r} is not a plain {kind} file name beside the index", shown
             )
         shard = folder / fname
-        if shard.is_symlink() or not shard.is_file():
-            what = "missing" if not shard.exists() else "not a regular file"
-            what = "a symbolic link" if shard.is_symlink() else what
-            raise MalformedInputError(f"{shown}: shard {visible(fname, 80)!r} is {what}", shown)
+        try:
+            st = os.stat(shard)  # follows links: what counts is where they end
+        except FileNotFoundError:
+            what = "a link to nothing" if shard.is_symlink() else "missing"
+            raise MalformedInputError(f"{shown}: shard {visible(fname, 80)!r} is {what}", shown) from None
+        except OSError as e:
+            raise MalformedInputError(f"{shown}: shard {visible(fname, 80)!r}: {e.strerror}", shown) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise MalformedInputError(f"{shown}: shard {visible(fname, 80)!r} is not a regular file", shown)
         shards[fname] = shard
-    if len(wm) > limits.tensors:
-        raise ResourceLimitError(f"{shown}: more than {limits.tensors} tensors", shown)
     return {k: shards[v] for k, v in wm.items()}, data
 
 
-def find_index(folder: Path, shown: str) -> Path | None:
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
+def find_index(folder: Path, shown: str, pattern: str = "*.safetensors.index.json") -> Path | None:
+    indexes = sorted(folder.glob(pattern))
     if len(indexes) > 1:
         names = ", ".join(visible(p.name, 80) for p in indexes)
-        raise MalformedInputError(f"{shown}: several index files ({names}); name one", shown)
+        raise UsageError(f"{shown}: several index files ({names}); name one", shown)
     return indexes[0] if indexes else None

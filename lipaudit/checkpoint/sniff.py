@@ -27,6 +27,17 @@ def regular_file_size(path: Path, shown: str) -> int:
     return st.st_size
 
 
+def _ends_object(path: Path, n: int) -> bool:
+    """Whether the n-byte header ends with '}' (and padding spaces), as a JSON object does."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(8 + max(0, n - 64))
+            tail = f.read(min(n, 64))
+    except OSError:
+        return False
+    return tail.rstrip(b" ").endswith(b"}")
+
+
 def sniff(path: Path, shown: str) -> str:
     """Return the format of the file or folder at path."""
     if path.is_dir():
@@ -39,16 +50,22 @@ def sniff(path: Path, shown: str) -> str:
             head = f.read(64)
     except OSError as e:
         raise UsageError(f"{shown}: cannot read ({e.strerror})", shown) from None
+    # The full structure decides, not a prefix: a safetensors header of 640 bytes begins with
+    # 80 02, the bytes of a pickle.
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 2 <= n <= size - 8 and _ends_object(path, n):
+            return SAFETENSORS
     if head.startswith(b"PK\x03\x04"):
         return TORCH_ZIP
     if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
         # Torch's legacy format is a pickle stream; a plain pickle goes the same way and
-        # is refused by the allowlist unpickler or by torch's magic-number check.
+        # is refused by the restricted unpickler or by the magic-number check.
         return TORCH_LEGACY
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 0 < n <= size - 8:
-            return SAFETENSORS
+            return SAFETENSORS  # a broken header: the reader says what is wrong with it
     stripped = head.lstrip()
     if stripped.startswith(b"{"):
         return SHARDED

@@ -1,12 +1,11 @@
-"""Read PyTorch zip and legacy checkpoints with the allowlist unpickler only."""
+"""Read PyTorch zip and legacy checkpoints with lipaudit's restricted unpickler only."""
 
 from __future__ import annotations
 
-import os
-import pickle
-import re
-import warnings
+import io
+import struct
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +13,33 @@ import torch
 
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import TensorInfo
-from lipaudit.errors import MalformedInputError, ResourceLimitError, UnsafeInputError
+from lipaudit.checkpoint.unpickler import Bounded, Marker, Storage, refuse_dangerous, unpickle
+from lipaudit.errors import LipauditError, MalformedInputError, ResourceLimitError, UnsafeInputError
 from lipaudit.text import clean_message, visible
 
-_GLOBAL = re.compile(r"GLOBAL ([A-Za-z0-9_.]+)")
-_OPERAND = re.compile(r"Unsupported operand (\d+)")
-# Opcodes that import or call something: refusing one of them is refusing code, not garbage.
-_CODE_OPCODES = {ord(c) for c in "ciRob"} | {0x81, 0x92, 0x93}
+
+@dataclass(frozen=True)
+class Member:
+    offset: int  # of the data, in the file
+    size: int
 
 
-def check_zip(path: Path, shown: str, limits: Limits) -> None:
+@dataclass(frozen=True)
+class ZipLayout:
+    size: int
+    prefix: str  # "archive/": the folder every member sits in
+    pickle: str
+    members: dict[str, Member]
+
+
+def check_zip(path: Path, shown: str, limits: Limits) -> ZipLayout:
     """Refuse TorchScript archives, zips that torch and zipfile would read differently, and
-    members that would inflate or claim more than the file holds."""
+    members that would inflate or claim more than the file holds; locate each member's data."""
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as z:
             members = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RecursionError) as e:
         raise MalformedInputError(f"{shown}: broken zip archive ({clean_message(e)})", shown) from None
     names = [m.filename for m in members]
     if len(set(names)) != len(names):
@@ -39,157 +48,225 @@ def check_zip(path: Path, shown: str, limits: Limits) -> None:
         raise UnsafeInputError(f"{shown}: a TorchScript archive (it carries code); refused", shown)
     if len(members) > limits.tensors + 16:
         raise ResourceLimitError(f"{shown}: {len(members)} zip members, over the limit of {limits.tensors}", shown)
-    for m in members:
-        if m.compress_type != zipfile.ZIP_STORED:
-            # torch.save never compresses; inflating is how a 260 KB file asks for 256 MB
-            raise ResourceLimitError(
-                f"{shown}: compressed zip member {visible(m.filename, 80)!r} "
-                f"({m.compress_size} bytes inflating to {m.file_size}): refused", shown,
-            )
-        if m.file_size > size or m.header_offset + m.file_size > size:
-            raise MalformedInputError(f"{shown}: zip member {visible(m.filename, 80)!r} is larger than the file", shown)
     pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
     if not pkl:
         raise MalformedInputError(f"{shown}: zip archive without data.pkl: not a torch checkpoint", shown)
-    sizes = {m.filename: m.file_size for m in members}
+    if len(pkl) > 1:
+        # torch and this reader could pick different ones, and only one would be checked.
+        raise MalformedInputError(f"{shown}: zip archive holds {len(pkl)} data.pkl members", shown)
     prefix = pkl[0][: -len("data.pkl")]
-    try:
-        with zipfile.ZipFile(path) as z:
-            records = _storage_records(z.read(pkl[0]))
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as e:
-        raise MalformedInputError(f"{shown}: broken zip archive ({clean_message(e)})", shown) from None
-    for key, nbytes in records:
-        name = f"{prefix}data/{key}"
-        if name not in sizes:
-            raise MalformedInputError(f"{shown}: storage record {visible(name, 80)!r} is missing", shown)
-        if nbytes is not None and sizes[name] != nbytes:
-            raise MalformedInputError(
-                f"{shown}: storage record {visible(name, 80)!r} holds {sizes[name]} bytes, the tensor needs {nbytes}",
-                shown,
-            )
+    if any(not n.startswith(prefix) for n in names):
+        raise MalformedInputError(f"{shown}: zip members outside the archive folder {visible(prefix, 80)!r}", shown)
+    located: dict[str, Member] = {}
+    with open(path, "rb") as f:
+        for m in members:
+            if m.compress_type != zipfile.ZIP_STORED:
+                # torch.save never compresses; inflating is how a 260 KB file asks for 256 MB
+                raise ResourceLimitError(
+                    f"{shown}: compressed zip member {visible(m.filename, 80)!r} "
+                    f"({m.compress_size} bytes inflating to {m.file_size}): refused", shown,
+                )
+            f.seek(m.header_offset)
+            local = f.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise MalformedInputError(f"{shown}: zip member {visible(m.filename, 80)!r} has no local header", shown)
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = m.header_offset + 30 + name_len + extra_len
+            if m.file_size != m.compress_size or start + m.file_size > size:
+                raise MalformedInputError(
+                    f"{shown}: zip member {visible(m.filename, 80)!r} is larger than the file", shown
+                )
+            located[m.filename] = Member(start, m.file_size)
+    if located[pkl[0]].size > limits.pickle_bytes:
+        raise ResourceLimitError(f"{shown}: data.pkl over {limits.pickle_bytes} bytes", shown)
+    return ZipLayout(size, prefix, pkl[0], located)
 
 
-# bytes per element of the storage classes torch pickles by name
-_STORAGE_ITEMSIZE = {
-    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
-    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
-    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "UntypedStorage": 1,
-    "Float8_e4m3fnStorage": 1, "Float8_e5m2Storage": 1,
-}
-
-
-def _storage_records(data: bytes) -> list[tuple[str, int | None]]:
-    """(record key, expected bytes) of each storage named in data.pkl, read without unpickling:
-    the opcodes are only listed, and the tuples before BINPERSID rebuilt from strings and ints."""
-    import pickletools
-
-    out: list[tuple[str, int | None]] = []
-    memo: dict[int, object] = {}
-    frames: list[list[object]] = [[]]
-    last: object = None
-    try:
-        for op, arg, _ in pickletools.genops(data):
-            name = op.name
-            if name in ("BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BINUNICODE8", "BININT", "BININT1",
-                        "BININT2", "LONG1", "LONG4", "INT", "LONG"):
-                last = arg
-                frames[-1].append(arg)
-            elif name == "GLOBAL":
-                last = str(arg).split(" ")[-1]
-                frames[-1].append(last)
-            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-                memo[int(str(arg))] = last
-            elif name == "MEMOIZE":
-                memo[len(memo)] = last
-            elif name in ("BINGET", "LONG_BINGET", "GET"):
-                last = memo.get(int(str(arg)))
-                frames[-1].append(last)
-            elif name == "MARK":
-                frames.append([])
-            elif name == "TUPLE" and len(frames) > 1:
-                last = tuple(frames.pop())
-                frames[-1].append(last)
-            elif name in ("SETITEMS", "APPENDS", "LIST", "DICT", "POP_MARK", "OBJ", "INST", "FROZENSET",
-                          "ADDITEMS") and len(frames) > 1:
-                frames.pop()
-                last = None
-            elif name == "BINPERSID":
-                pid = last
-                if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
-                    size = _STORAGE_ITEMSIZE.get(str(pid[1]))
-                    numel = pid[4] if isinstance(pid[4], int) else None
-                    out.append((str(pid[2]), None if size is None or numel is None else size * numel))
-            else:
-                last = None
-    except (ValueError, EOFError, TypeError):
-        return out  # torch will judge the rest
+def _err(e: LipauditError, shown: str) -> LipauditError:
+    """The same error, its message prefixed with the file."""
+    if e.path is not None:
+        return e
+    out = type(e)(f"{shown}: {e.message}", shown)
     return out
 
 
 def load_torch(path: Path, shown: str, zip_format: bool, mmap: bool, limits: Limits | None = None) -> Any:
-    """torch.load with weights_only=True spelled out; never a fallback."""
-    if zip_format:
-        check_zip(path, shown, limits or Limits())
-    # This variable flips an *unspecified* weights_only; we pass it explicitly, but torch
-    # still raises if both force variables are set, so take it out of the way.
-    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    """Unpickle a torch checkpoint with lipaudit's restricted unpickler: nothing named by the file
+    is imported or called, and tensors are rebuilt from checked records."""
+    limits = limits or Limits()
     try:
-        # Invalid sparse indices fail here instead of crashing the process later.
-        invariants = torch.sparse.check_sparse_tensor_invariants()  # type: ignore[no-untyped-call]
-        with warnings.catch_warnings(), invariants:
-            warnings.simplefilter("ignore")
-            if str(path).endswith(".safetensors"):
-                # torch.load hands such paths to safetensors by name; a file object keeps
-                # the decision with the content.
-                with open(path, "rb") as f:
-                    return torch.load(f, map_location="cpu", weights_only=True)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        m = _GLOBAL.search(text)
-        if m:
-            raise UnsafeInputError(
-                f"{shown}: refused: the pickle asks for {clean_message(m.group(1))}, "
-                "which is not an allowed tensor type",
-                shown,
-            ) from None
-        op = _OPERAND.search(text)
-        if op and int(op.group(1)) == 0x95:  # FRAME: pickle protocol 4 or later
-            raise MalformedInputError(
-                f"{shown}: unsupported: pickle protocol 4+ framing, which torch's weights-only loader cannot "
-                "read (re-save with torch.save's default protocol)", shown,
-            ) from None
-        if (op and int(op.group(1)) in _CODE_OPCODES) or "Can only build" in text or "Can only create" in text:
-            raise UnsafeInputError(
-                f"{shown}: refused: the pickle builds objects outside the allowlist", shown
-            ) from None
-        raise MalformedInputError(f"{shown}: malformed torch checkpoint", shown) from None
+        if zip_format:
+            return _load_zip(path, shown, mmap, limits)
+        return _load_legacy(path, shown, limits)
+    except LipauditError as e:
+        raise _err(e, shown) from None
     except MemoryError:
         raise ResourceLimitError(f"{shown}: not enough memory to load the checkpoint", shown) from None
     except RecursionError:
         raise ResourceLimitError(f"{shown}: containers nested too deeply", shown) from None
-    except Exception as e:  # torch raises many types on garbage; all mean a broken file
+    except Exception as e:  # a broken pickle raises many types; all mean a broken file
         reason = clean_message(e)
         detail = f" ({reason})" if reason else ""
         raise MalformedInputError(f"{shown}: malformed or truncated torch checkpoint{detail}", shown) from None
 
 
+def _storage_pid(pid: object, legacy: bool) -> tuple[torch.dtype, str, int]:
+    n = 6 if legacy else 5
+    if not isinstance(pid, tuple) or len(pid) != n or pid[0] != "storage":
+        raise MalformedInputError("a persistent reference that is not a storage record")
+    stype, key, numel = pid[1], pid[2], pid[4]
+    if not isinstance(stype, Marker) or stype.dtype is None:
+        raise MalformedInputError("a storage record without a storage type")
+    if not isinstance(key, str) or len(key) > 256 or type(numel) is not int or numel < 0:
+        raise MalformedInputError("a storage record with a bad key or size")
+    if legacy and pid[5] is not None:
+        raise MalformedInputError("legacy storage views are not supported")
+    return stype.dtype, key, numel
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return int(torch.empty(0, dtype=dtype).element_size())
+
+
+def _read_storage(f: Any, offset: int, nbytes: int) -> torch.UntypedStorage:
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8).untyped_storage()
+    buf = bytearray(nbytes)  # zeroed: never uninitialised memory
+    f.seek(offset)
+    if f.readinto(buf) != nbytes:
+        raise MalformedInputError("storage data is truncated")
+    return torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()
+
+
+def _swap(storage: torch.UntypedStorage, itemsize: int) -> torch.UntypedStorage:
+    if itemsize == 1 or not storage.nbytes():
+        return storage
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
+    return raw.view(-1, itemsize).flip(1).contiguous().untyped_storage()
+
+
+def _load_zip(path: Path, shown: str, mmap: bool, limits: Limits) -> Any:
+    layout = check_zip(path, shown, limits)
+    with open(path, "rb") as f:
+        f.seek(layout.members[layout.pickle].offset)
+        data = f.read(layout.members[layout.pickle].size)
+        order = layout.members.get(layout.prefix + "byteorder")
+        byteorder = "little"
+        if order is not None:
+            f.seek(order.offset)
+            byteorder = f.read(min(order.size, 16)).decode("ascii", "replace")
+    if byteorder not in ("little", "big"):
+        raise MalformedInputError(f"{shown}: unknown byte order record", shown)
+    with io.BytesIO(data) as scan:
+        refuse_dangerous(scan)
+    whole: Any = None
+    if mmap and byteorder == "little":
+        whole = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=layout.size)
+    loaded: dict[str, torch.UntypedStorage] = {}
+
+    def storage(pid: object) -> Storage:
+        dtype, key, numel = _storage_pid(pid, legacy=False)
+        itemsize = _itemsize(dtype)
+        name = f"{layout.prefix}data/{key}"
+        member = layout.members.get(name)
+        if member is None:
+            raise MalformedInputError(f"storage record {visible(name, 80)!r} is missing")
+        if key not in loaded:
+            if member.size != numel * itemsize:
+                raise MalformedInputError(
+                    f"storage record {visible(name, 80)!r} holds {member.size} bytes, "
+                    f"the tensor needs {numel * itemsize}"
+                )
+            if whole is not None:
+                loaded[key] = whole[member.offset : member.offset + member.size]
+            else:
+                with open(path, "rb") as f:
+                    raw = _read_storage(f, member.offset, member.size)
+                loaded[key] = _swap(raw, itemsize) if byteorder == "big" else raw
+        return Storage(loaded[key], dtype)
+
+    with io.BytesIO(data) as pkl:
+        root, _ = unpickle(pkl, limits, storage)
+    return root
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+
+def _load_legacy(path: Path, shown: str, limits: Limits) -> Any:
+    size = path.stat().st_size
+    with open(path, "rb") as raw_file:
+        f = Bounded(raw_file, size)
+        # Names anywhere in the leading pickles are refused before anything is built.
+        refuse_dangerous(f, pickles=5)
+        raw_file.seek(0)
+        magic, _ = unpickle(f, limits)
+        if magic != _LEGACY_MAGIC:
+            raise MalformedInputError("a pickle, but not a PyTorch checkpoint")
+        protocol, _ = unpickle(f, limits)
+        if protocol != _LEGACY_PROTOCOL:
+            raise MalformedInputError("unsupported legacy checkpoint protocol")
+        info, _ = unpickle(f, limits)
+        if not isinstance(info, dict) or info.get("little_endian") is not True:
+            raise MalformedInputError("big-endian legacy checkpoints are not supported")
+        storages: dict[str, Storage] = {}
+        buffers: dict[str, bytearray] = {}
+        claimed = 0
+
+        def storage(pid: object) -> Storage:
+            nonlocal claimed
+            dtype, key, numel = _storage_pid(pid, legacy=True)
+            if key not in storages:
+                nbytes = numel * _itemsize(dtype)
+                claimed += nbytes
+                if claimed > size:  # the data must be in the file: never allocate more than it holds
+                    raise MalformedInputError("storage records claim more bytes than the file holds")
+                buf = buffers[key] = bytearray(nbytes)
+                untyped = (torch.frombuffer(buf, dtype=torch.uint8).untyped_storage() if nbytes
+                           else torch.empty(0, dtype=torch.uint8).untyped_storage())
+                storages[key] = Storage(untyped, dtype)
+            elif storages[key].dtype != dtype:
+                return Storage(storages[key].untyped, dtype)
+            return storages[key]
+
+        main = raw_file.tell()
+        unpickle(f, limits, storage)  # a first pass learns the storages; their data follows the pickles
+        keys, _ = unpickle(f, limits)
+        if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages) or len(keys) != len(storages):
+            raise MalformedInputError("the storage list does not match the storages used")
+        for key in keys:
+            st = storages[key]
+            itemsize = _itemsize(st.dtype)
+            count = raw_file.read(8)
+            if len(count) != 8 or struct.unpack("<q", count)[0] * itemsize != st.nbytes:
+                raise MalformedInputError(f"storage {visible(str(key), 40)!r} has the wrong size")
+            if st.nbytes and raw_file.readinto(buffers[key]) != st.nbytes:
+                raise MalformedInputError("storage data is truncated")
+        raw_file.seek(main)
+        root, _ = unpickle(f, limits, storage)  # now over filled storages
+    return root
+
+
 def tensor_info(key: str, t: torch.Tensor) -> TensorInfo:
-    layout = str(t.layout).removeprefix("torch.")
+    """Read through torch.Tensor's own descriptors, never the instance's attributes."""
+    T: Any = torch.Tensor
+    nested = bool(T.is_nested.__get__(t))
+    layout = str(T.layout.__get__(t)).removeprefix("torch.")
     return TensorInfo(
         key=key,
-        shape=tuple(int(d) for d in t.shape) if not t.is_nested else (),
-        dtype=str(t.dtype).removeprefix("torch."),
+        shape=tuple(int(d) for d in T.shape.__get__(t)) if not nested else (),
+        dtype=str(T.dtype.__get__(t)).removeprefix("torch."),
         layout=layout,
-        is_quantized=bool(t.is_quantized),
-        is_meta=bool(t.is_meta),
-        is_nested=bool(t.is_nested),
+        is_quantized=bool(T.is_quantized.__get__(t)),
+        is_meta=bool(T.is_meta.__get__(t)),
+        is_nested=nested,
         storage_bytes=_storage_bytes(t),
     )
 
 
 def _storage_bytes(t: torch.Tensor) -> int | None:
     try:
-        return int(t.untyped_storage().nbytes())
+        return int(torch.UntypedStorage.nbytes(torch.Tensor.untyped_storage(t)))
     except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, quantized
         return None

@@ -254,7 +254,7 @@ def test_fifo_and_folder_without_index(tmp_path: Path) -> None:
         open_checkpoint(str(fifo))
     empty = tmp_path / "empty_dir"
     empty.mkdir()
-    with pytest.raises(MalformedInputError, match="index"):
+    with pytest.raises(UsageError, match="looks for"):
         open_checkpoint(str(empty))
     with pytest.raises(UsageError):
         open_checkpoint(str(tmp_path / "missing.pt"))

@@ -14,7 +14,9 @@ from lipaudit.checkpoint.formats.safetensors_format import Safetensors, ShardedS
 from lipaudit.checkpoint.formats.torch_format import TorchLegacy, TorchZip
 from lipaudit.errors import MalformedInputError
 
-FORMATS: tuple[type[Format], ...] = (TorchZip, TorchLegacy, Safetensors, ShardedSafetensors)
+from lipaudit.checkpoint.folder import Folder, ShardedTorch  # isort: skip  (needs base above)
+
+FORMATS: tuple[type[Format], ...] = (Folder, ShardedTorch, TorchZip, TorchLegacy, Safetensors, ShardedSafetensors)
 
 
 def detect(path: Path, shown: str) -> type[Format]:

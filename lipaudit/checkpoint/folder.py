@@ -1,0 +1,157 @@
+"""Folders as people keep them: Hugging Face snapshots, pytorch_model.bin shards, one file in a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lipaudit.checkpoint import sniff as sn
+from lipaudit.checkpoint.formats.base import Format, by_prefix, natural_key, sha256_of
+from lipaudit.checkpoint.limits import Limits
+from lipaudit.checkpoint.model import Checkpoint, Ignored, StorageId
+from lipaudit.checkpoint.safetensors_reader import find_index, read_index
+from lipaudit.checkpoint.select import check_size, select_state_dict
+from lipaudit.checkpoint.torch_reader import load_torch, tensor_info
+from lipaudit.checkpoint.writer import Edits, Pending
+from lipaudit.errors import MalformedInputError, UsageError
+from lipaudit.text import visible
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+LOOKS_FOR = (
+    "*.safetensors.index.json, pytorch_model.bin.index.json (or another *.bin.index.json), "
+    "or a single *.safetensors, *.bin, *.pt, *.pth or *.ckpt file"
+)
+
+
+def _single(folder: Path, suffixes: tuple[str, ...], shown: str) -> Path | None:
+    found = sorted(p for p in folder.iterdir() if p.name.endswith(suffixes) and not p.name.startswith("."))
+    if len(found) > 1:
+        names = ", ".join(visible(p.name, 60) for p in found[:5])
+        raise UsageError(f"{shown}: the folder holds several checkpoints ({names}); name one", shown)
+    return found[0] if found else None
+
+
+class Folder(Format):
+    """Routes a folder (or a .bin index) to the format that reads what it holds."""
+
+    name = "folder"
+
+    @classmethod
+    def sniff(cls, path: Path, guess: str) -> bool:
+        if guess != sn.SHARDED:
+            return False
+        if path.is_dir():  # a folder with a safetensors index is the sharded safetensors format's own
+            return not any(path.glob("*.safetensors.index.json"))
+        return path.name.endswith(".bin.index.json")
+
+    @classmethod
+    def open(cls, path: Path, shown: str, key: str | None, limits: Limits) -> Checkpoint:
+        from lipaudit.checkpoint.formats import detect
+        from lipaudit.checkpoint.formats.safetensors_format import ShardedSafetensors
+
+        if not path.is_dir():
+            return ShardedTorch.open(path, shown, key, limits)
+        try:
+            # safetensors first, as transformers does when a repository holds both
+            index = find_index(path, shown)
+            if index is not None:
+                return ShardedSafetensors.open(index, shown, key, limits)
+            index = find_index(path, shown, "*.bin.index.json")
+            if index is not None:
+                return ShardedTorch.open(index, shown, key, limits)
+            single = _single(path, (".safetensors",), shown) or _single(path, TORCH_SUFFIXES, shown)
+        except PermissionError:
+            raise UsageError(f"{shown}: cannot list the folder", shown) from None
+        if single is None:
+            raise UsageError(f"{shown}: a folder without a checkpoint; lipaudit looks for {LOOKS_FOR}", shown)
+        inner = f"{shown}/{visible(single.name, 100)}"
+        return detect(single, inner).open(single, inner, key, limits)
+
+    def load(self, key: str) -> torch.Tensor:  # pragma: no cover - open returns another format's checkpoint
+        raise NotImplementedError
+
+    def stage(self, edits: Edits, target: Path) -> Pending:  # pragma: no cover
+        raise NotImplementedError
+
+    def verify(self, edits: Edits, pending: Pending) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ShardedTorch(Format):
+    """pytorch_model.bin shards named by a *.bin.index.json weight_map; each shard a torch.save file."""
+
+    name = "torch-sharded"
+
+    def __init__(self, shown: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.shown = shown
+        self.tensors = tensors
+
+    @classmethod
+    def sniff(cls, path: Path, guess: str) -> bool:
+        return guess == sn.SHARDED and path.name.endswith(".bin.index.json")
+
+    @classmethod
+    def open(cls, path: Path, shown: str, key: str | None, limits: Limits) -> Checkpoint:
+        where, _data = read_index(path, shown, limits, suffixes=TORCH_SUFFIXES)
+        tensors: dict[str, torch.Tensor] = {}
+        ignored: list[Ignored] = []
+        shards = list(dict.fromkeys(where.values()))
+        for shard in shards:
+            inner = f"{shown}: {visible(shard.name, 100)}"
+            fmt = sn.sniff(shard, inner)
+            if fmt not in (sn.TORCH_ZIP, sn.TORCH_LEGACY):
+                raise MalformedInputError(f"{inner}: not a torch.save file, as a .bin index names", shown)
+            root = load_torch(shard, inner, fmt == sn.TORCH_ZIP, mmap=fmt == sn.TORCH_ZIP, limits=limits)
+            sel = select_state_dict(root, None, inner, limits, check_size(root, limits, inner))
+            ignored += [Ignored(f"{shard.name}: {x.path}", x.reason) for x in sel.ignored]
+            for name, t in sel.tensors.items():
+                if name in tensors:
+                    raise MalformedInputError(f"{shown}: tensor {visible(name, 80)!r} is in two shards", shown)
+                if where.get(name) != shard:
+                    raise MalformedInputError(
+                        f"{shown}: tensor {visible(name, 80)!r} in {visible(shard.name, 80)} is not mapped there "
+                        "by the index", shown,
+                    )
+                tensors[name] = t
+            if len(tensors) > limits.tensors:
+                raise MalformedInputError(f"{shown}: more than {limits.tensors} tensors", shown)
+        missing = [k for k in where if k not in tensors]
+        if missing:
+            raise MalformedInputError(
+                f"{shown}: {len(missing)} tensors in the index are in no shard (first: {visible(missing[0], 80)!r})",
+                shown,
+            )
+        infos = [tensor_info(k, tensors[k]) for k in sorted(tensors, key=natural_key)]
+        infos = by_prefix(infos, key, shown)
+        return Checkpoint(
+            path=shown, sha256=sha256_of(path), infos=infos, handle=cls(shown, tensors), key=key or None,
+            ignored=ignored, shards=[p.name for p in shards],
+        )
+
+    def load(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def storage_identity(self, key: str) -> StorageId | None:
+        t = self.tensors.get(key)
+        if t is None:
+            return None
+        try:
+            s = torch.Tensor.untyped_storage(t)
+            if s.nbytes() == 0:
+                return None
+            return (s.data_ptr(), int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), str(t.dtype))
+        except (RuntimeError, NotImplementedError, TypeError):
+            return None
+
+    def _refuse(self) -> MalformedInputError:
+        return MalformedInputError(
+            f"{self.shown}: rewriting .bin shards is not supported; convert them to safetensors "
+            "(save_pretrained(..., safe_serialization=True)) and normalize those", self.shown,
+        )
+
+    def stage(self, edits: Edits, target: Path) -> Pending:
+        raise self._refuse()
+
+    def verify(self, edits: Edits, pending: Pending) -> None:
+        raise self._refuse()

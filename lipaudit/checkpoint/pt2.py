@@ -451,7 +451,7 @@ def patched_archive(arch: Pt2Archive, new_bytes: dict[str, bytes]) -> bytes:
     raw = bytearray(arch.path.read_bytes())
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as z:
-            start = int(z.start_dir)  # type: ignore[attr-defined]
+            start = int(z.start_dir)
     except (zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
         raise MalformedInputError(f"{arch.shown}: broken zip archive ({clean_message(e)})", arch.shown) from None
     central = _central_offsets(raw, start)

@@ -94,14 +94,14 @@ class GraphBound:
     def lipschitz_upper(self) -> float | None:
         if self.log10_upper is None:
             return None
-        return 10.0**self.log10_upper if self.log10_upper < 308 else math.inf
+        return float(10.0**self.log10_upper) if self.log10_upper < 308 else math.inf
 
     @property
     def ratio(self) -> float | None:
         """upper / lower: how loose the certificate can be at most."""
         if self.log10_upper is None or not self.lipschitz_lower:
             return None
-        return 10.0 ** (self.log10_upper - math.log10(self.lipschitz_lower))
+        return float(10.0 ** (self.log10_upper - math.log10(self.lipschitz_lower)))
 
     def to_dict(self) -> dict[str, Any]:
         def num(x: float | None) -> float | None:
@@ -144,11 +144,11 @@ class Loaded:
 def load_archive(path: str, limits: Limits | None = None) -> Loaded:
     arch = open_pt2(path, limits)
     graph = parse_graph(arch.program, arch.shown, (limits or Limits()).nodes)
-    for name, fqn in graph.params.items():
+    for fqn in graph.params.values():
         if fqn not in arch.weights:
             raise MalformedInputError(f"{arch.shown}: the graph uses {visible(fqn, 80)!r}, which the weights config "
                                       "lacks", arch.shown)
-    for name, fqn in graph.constants.items():
+    for fqn in graph.constants.values():
         if fqn not in arch.constants:
             raise MalformedInputError(f"{arch.shown}: the graph uses constant {visible(fqn, 80)!r}, which the "
                                       "constants config lacks", arch.shown)
@@ -175,8 +175,9 @@ def summarise(res: Result, lower: Measured | None, assumptions: tuple[str, ...] 
             continue  # a weight used twice: its first use names it
         layers[name] = LayerBound(
             param=name, node=rec.node, kind=rec.op, lower=rec.interval.lower, upper=rec.interval.upper,
-            method=rec.interval.method, certified=rec.interval.certified, fused_with=tuple(
-                p for p in rec.fused_with if p not in rec.params), fused_upper=rec.fused.upper if rec.fused is not None else None,
+            method=rec.interval.method, certified=rec.interval.certified,
+            fused_with=tuple(p for p in rec.fused_with if p not in rec.params),
+            fused_upper=rec.fused.upper if rec.fused is not None else None,
         )
     nodes = tuple({"node": n.node, "op": n.op, "log10_gain": n.gain, "log10_bound": n.bound, "note": n.note}
                   for n in res.nodes)
@@ -293,7 +294,7 @@ def inspect_state_dict(graph_path: str, keys: list[str], load: Callable[[str], t
         return arch.constant(graph.constants[name])
 
     # shapes are checked up front so a mismatch is an error, not an uncovered node
-    for fqn, key in mapping.items():
+    for fqn in mapping:
         for name, f in graph.params.items():
             if f == fqn:
                 load_sd(name)

@@ -310,9 +310,9 @@ class Bounder:
         if prev is None or not self.single_consumer(op.src):
             return None
         if op.kind == "dense" and prev.kind == "dense" and op.axis == prev.axis:
-            w = op.weight @ prev.weight if op.axis == -1 else op.weight @ prev.weight
             if op.weight.shape[1] != prev.weight.shape[0]:
                 return None
+            w = op.weight @ prev.weight
             return LinearOp("dense", w, prev.src, prev.params + op.params, op.axis)
         return None
 
@@ -385,9 +385,8 @@ class Bounder:
         self.uncovered.append((node.name, reason))
         ins = [self.lip(t) for t in node.tensor_inputs()]
         here = combine(ins, quadrature=False) if ins else {}
-        b = here.get(INPUT)
         self.nodes.append(NodeInfo(node.name, node.op or node.target, None, None, reason))
-        self.partial_in[node.name] = here if b is not None else here
+        self.partial_in[node.name] = here
         for o in outs:
             self.lips[o] = {node.name: 0.0}
             self.parent[o] = None
@@ -624,7 +623,8 @@ class Bounder:
                 continue
             if p.op == "sigmoid" and p.tensor_inputs() == [x]:
                 return rules.SILU
-            lo, hi, cur = -math.inf, math.inf, p
+            lo, hi = -math.inf, math.inf
+            cur: Node | None = p
             while cur is not None and cur.op in ("clamp", "clamp_min", "clamp_max", "hardtanh"):
                 mn = cur.arg("min", 1) if cur.op != "hardtanh" else cur.arg("min_val", 1)
                 mx = cur.arg("max", 2) if cur.op != "hardtanh" else cur.arg("max_val", 2)
@@ -745,7 +745,7 @@ class Bounder:
         if not parts:
             self.unary(node, x.value, 0.0)
             return
-        b = torch.broadcast_tensors(*parts)
+        b = torch.broadcast_tensors(*parts)  # type: ignore[no-untyped-call]
         flat = torch.zeros_like(b[0])
         for d, t in zip(dims, b, strict=True):
             flat = flat * shape[d] + t

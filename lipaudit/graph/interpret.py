@@ -72,7 +72,7 @@ def _value(a: Arg, env: dict[str, torch.Tensor]) -> Any:
             raise CannotRun(f"tensor {a.value} has no value")
         return env[a.value]
     if a.kind in ("tensors", "opt_tensors"):
-        out = []
+        out: list[torch.Tensor | None] = []
         for v in a.value:
             if v is None:
                 out.append(None)
@@ -232,17 +232,17 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
             done_starts += 1
             v = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in x]
             for rnd in range(ascent + 1):
+                back = torch.func.vjp(lambda *xs: f(list(xs)), *x)[1]
                 for _ in range(steps):
                     norm_v = math.sqrt(sum(float((t * t).sum()) for t in v))
                     if norm_v == 0 or not math.isfinite(norm_v):
                         break
                     v = [t / norm_v for t in v]
-                    _, jv = torch.func.jvp(lambda *xs: f(list(xs)), tuple(x), tuple(v))
+                    jv = torch.func.jvp(lambda *xs: f(list(xs)), tuple(x), tuple(v))[1]
                     value = float(torch.linalg.vector_norm(jv))
                     if math.isfinite(value):
                         best = value if best is None else max(best, value)
                     done_steps += 1
-                    _, back = torch.func.vjp(lambda *xs: f(list(xs)), *x)
                     v = list(back(jv))
                     if time.perf_counter() > deadline:
                         break
@@ -260,8 +260,9 @@ def _ascend(f: Callable[[list[torch.Tensor]], torch.Tensor], x: list[torch.Tenso
     """One step on x along the gradient of ||J(x) v||^2 (a random nudge where it vanishes)."""
     xs = [t.detach().requires_grad_(True) for t in x]
     with torch.enable_grad():
-        _, jv = torch.func.jvp(lambda *ys: f(list(ys)), tuple(xs), tuple(v))
+        jv = torch.func.jvp(lambda *ys: f(list(ys)), tuple(xs), tuple(v))[1]
         obj = (jv * jv).sum()
+        grads: tuple[torch.Tensor | None, ...]
         try:
             grads = torch.autograd.grad(obj, xs, allow_unused=True)
         except RuntimeError:

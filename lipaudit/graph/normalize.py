@@ -148,11 +148,26 @@ def normalize_archive(path: str, output: str | None, target: float = 1.0, mode: 
     if dry_run:
         return NormalizeResult(changes, before, None, None)
     arch = loaded.archive
-    values = {f: (arch.weight(f).to(torch.float64) * c).to(arch.weights[f].dtype) for f, c in factors.items()}
-    for f, v in values.items():
-        if not bool(torch.isfinite(v).all()):
-            raise OutputError(f"{arch.shown}: rescaling {visible(f, 80)!r} overflows its dtype; nothing written",
-                              arch.shown)
+
+    def rounded(fs: dict[str, float]) -> dict[str, torch.Tensor]:
+        out = {f: (arch.weight(f).to(torch.float64) * c).to(arch.weights[f].dtype) for f, c in fs.items()}
+        for f, v in out.items():
+            if not bool(torch.isfinite(v).all()):
+                raise OutputError(f"{arch.shown}: rescaling {visible(f, 80)!r} overflows its dtype; nothing "
+                                  "written", arch.shown)
+        return out
+
+    values = rounded(factors)
+    if network_target is not None:
+        # the weights as written are rounded to their dtype: audit those, and shrink until they fit
+        for _ in range(8):
+            got = _bound_with(loaded, values, settings)
+            if got <= math.log10(network_target):
+                break
+            shrink = 10.0 ** (math.log10(network_target) - got) * (1 - 4 * _HEADROOM)
+            factors = {f: c * shrink for f, c in factors.items()}
+            values = rounded(factors)
+        changes = tuple(Change(f, owns[f], c) for f, c in factors.items())
     data = patched_archive(arch, weight_edits(arch, values))
     writer.check_target(dst)
     with writer.transaction() as staged:
@@ -161,6 +176,18 @@ def normalize_archive(path: str, output: str | None, target: float = 1.0, mode: 
         after = _verify(Path(s.readable_path), arch.shown, loaded, values, settings, network_target)
         writer.commit_all(staged)
     return NormalizeResult(changes, before, after, str(dst))
+
+
+def _bound_with(loaded: Loaded, values: dict[str, torch.Tensor], settings: GraphSettings) -> float:
+    """log10 of the graph bound with some weights replaced."""
+    by_name = {name: values[fqn] for name, fqn in loaded.graph.params.items() if fqn in values}
+
+    def load(name: str) -> torch.Tensor:
+        return by_name[name] if name in by_name else loaded.load(name)
+
+    res = bound_graph(loaded.graph, Loaded(loaded.archive, loaded.graph, load).evaluator(), settings.rtol,
+                      settings.conv_rtol, settings.seed)
+    return res.outputs.get(INPUT, math.inf) + math.log10(1 + 1e-9)
 
 
 def _verify(path: Path, shown: str, loaded: Loaded, values: dict[str, torch.Tensor], settings: GraphSettings,

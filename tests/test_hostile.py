@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import os
@@ -343,3 +344,217 @@ def test_fuzz_damaged_files(tmp_path: Path, sample: tuple[str, bytes]) -> None:
     assert time.monotonic() - t0 < 20
     assert [p.name for p in folder.iterdir()] == [name]  # nothing written beside it
     assert path.read_bytes() == data
+
+
+# -- the second red-team round: each case in every format and through normalize ----------------
+
+
+class Reduce:
+    """Pickles as fn(*args), with optional BUILD state and dict items, as a crafted file would."""
+
+    def __init__(self, fn: object, *args: object, state: object = None,
+                 items: list[tuple[object, object]] | None = None) -> None:
+        self.fn, self.args, self.state, self.items = fn, args, state, items
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (self.fn, self.args, self.state, None, iter(self.items) if self.items is not None else None)
+
+
+def _typed(t: torch.Tensor) -> object:
+    return torch.storage.TypedStorage(wrap_storage=t.untyped_storage(), dtype=t.dtype, _internal=True)
+
+
+def _st_raw(header: dict[str, object], data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def _case_shared(p: Path) -> None:
+    d: object = {"w.weight": torch.eye(3)}
+    for _ in range(40):
+        d = [d, d]  # one list reused through the memo: 2^40 paths, 1 KB on disk
+    torch.save(d, p)
+
+
+def _case_shared_dict(p: Path) -> None:
+    d: object = {"w.weight": torch.eye(3)}
+    for _ in range(40):
+        d = {"a": d, "b": d}
+    torch.save(d, p)
+
+
+def _case_hidden_items(p: Path) -> None:
+    hidden = Reduce(collections.OrderedDict, state={"items": set}, items=[("w.weight", torch.eye(3) * 100)])
+    torch.save({"state_dict": hidden, "other": {"x.weight": torch.eye(2) * 0.5}}, p)
+
+
+def _case_shadowed_storage(p: Path) -> None:
+    s = torch.zeros(1)
+    rebuilt = Reduce(torch._tensor._rebuild_from_type_v2, torch._utils._rebuild_tensor_v2, torch.Tensor,
+                     (_typed(s), 0, (60_000, 60_000), (0, 0), False, collections.OrderedDict()),
+                     {"untyped_storage": torch.Tensor})
+    torch.save({"w.weight": rebuilt}, p)
+
+
+def _case_shadowed_detach(p: Path) -> None:
+    rebuilt = Reduce(torch._tensor._rebuild_from_type_v2, torch._utils._rebuild_tensor_v2, torch.Tensor,
+                     (_typed(torch.eye(2)), 0, (2, 2), (2, 1), False, collections.OrderedDict()),
+                     {"detach": torch.Tensor, "__reduce_ex__": set})
+    torch.save({"w.weight": rebuilt}, p)
+
+
+def _case_bytearray(p: Path) -> None:
+    torch.save({"w.weight": torch.eye(2), "x": Reduce(bytearray, 3_000_000_000)}, p)
+
+
+def _case_uninitialised(p: Path) -> None:
+    torch.save({"w.weight": Reduce(torch.DoubleTensor, 3, 3)}, p)
+
+
+def _case_hooks(p: Path) -> None:
+    bad = Reduce(torch._utils._rebuild_tensor_v2, _typed(torch.eye(2)), 0, (2, 2), (2, 1), False, 5)
+    torch.save({"w.weight": bad}, p)
+
+
+def _case_huge_dim_torch(p: Path) -> None:
+    bad = Reduce(torch._utils._rebuild_tensor_v2, _typed(torch.zeros(0)), 0, (0, 2**64), (1, 1), False,
+                 collections.OrderedDict())
+    torch.save({"w.weight": torch.eye(2), "e": bad}, p)
+
+
+def _case_huge_dim_st(p: Path) -> None:
+    p.write_bytes(_st_raw({"e": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]},
+                           "w.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}},
+                          torch.eye(2).numpy().tobytes()))
+
+
+def _case_deep_json(p: Path) -> None:
+    meta = "[" * 100_000 + "]" * 100_000
+    raw = ('{"__metadata__": {"x": ' + meta + '}, "w.weight": {"dtype": "F32", "shape": [1], '
+           '"data_offsets": [0, 4]}}').encode()
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+
+
+def _case_expanded(p: Path) -> None:
+    torch.save({"w.weight": torch.eye(4), "scale": torch.ones(1).expand(16)}, p)
+
+
+def _case_header_80_02(p: Path) -> None:
+    header: dict[str, object] = {"w.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+                                 "__metadata__": {"pad": ""}}
+    size = len(json.dumps(header).encode())
+    header["__metadata__"] = {"pad": "x" * (640 - size)}
+    p.write_bytes(_st_raw(header, (torch.eye(2) * 2).numpy().tobytes()))
+    assert p.read_bytes()[:2] == b"\x80\x02"
+
+
+def _case_second_data_pkl(p: Path) -> None:
+    torch.save({"w.weight": torch.eye(2)}, p.with_suffix(".tmp"))
+    with zipfile.ZipFile(p.with_suffix(".tmp")) as a, zipfile.ZipFile(p, "w") as b:
+        for info in a.infolist():
+            b.writestr(info.filename, a.read(info.filename))
+        b.writestr("other/data.pkl", a.read(next(n for n in a.namelist() if n.endswith("data.pkl"))))
+    p.with_suffix(".tmp").unlink()
+
+
+def _case_module(p: Path) -> None:
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), p)
+
+
+def _case_escapes(p: Path) -> None:
+    torch.save({"\x1b]0;x\x07::error::a\r\n::add-mask::b.weight": torch.eye(2), "state_dict": Reduce(
+        collections.OrderedDict, state={"\x1b[31mitems": set}, items=[])}, p)
+
+
+# case name -> (builder, file name, exit codes it may give)
+CATALOGUE: dict[str, tuple[Callable[[Path], None], str, tuple[int, ...]]] = {
+    "shared_list": (_case_shared, "x.pt", (0, 5)),
+    "shared_dict": (_case_shared_dict, "x.pt", (0, 5)),
+    "hidden_items": (_case_hidden_items, "x.pt", (3,)),
+    "shadowed_storage": (_case_shadowed_storage, "x.pt", (3,)),
+    "shadowed_detach": (_case_shadowed_detach, "x.pt", (3,)),
+    "bytearray_3e9": (_case_bytearray, "x.pt", (3,)),
+    "uninitialised": (_case_uninitialised, "x.pt", (3,)),
+    "hooks_not_dict": (_case_hooks, "x.pt", (4,)),
+    "huge_dim_torch": (_case_huge_dim_torch, "x.pt", (4,)),
+    "huge_dim_safetensors": (_case_huge_dim_st, "x.safetensors", (4,)),
+    "deep_json": (_case_deep_json, "x.safetensors", (4,)),
+    "expanded": (_case_expanded, "x.pt", (0, 1)),
+    "header_80_02": (_case_header_80_02, "x.safetensors", (0, 1)),
+    "second_data_pkl": (_case_second_data_pkl, "x.pt", (4,)),
+    "whole_module": (_case_module, "x.pt", (3,)),
+    "escapes": (_case_escapes, "x.pt", (3,)),
+}
+_FORMATS = ("table", "json", "markdown", "github")
+
+
+def _clean(text: str) -> None:
+    assert "\x1b" not in text and "\x07" not in text and "\r" not in text, text[:300]
+    assert "Traceback" not in text
+    assert not any(line.startswith("::") and not line.startswith(("::error ", "::warning ", "::notice "))
+                   for line in text.splitlines()), text[:300]
+
+
+@pytest.mark.parametrize("case", sorted(CATALOGUE))
+def test_catalogue_in_every_format_and_normalize(tmp_path: Path, case: str) -> None:
+    build, name, codes = CATALOGUE[case]
+    path = tmp_path / name
+    build(path)
+    before = path.read_bytes()
+    for fmt in _FORMATS:
+        result = run("inspect", path, "--format", fmt)
+        assert result.exit_code in codes, (fmt, result.exit_code, result.stderr)
+        _clean(result.stdout + result.stderr)
+        if fmt == "json":
+            validate(json.loads(result.stdout))
+    out = tmp_path / f"out_{name}"
+    result = run("normalize", path, "-o", out)
+    assert result.exit_code in {*codes, 0, 1}, result.stderr
+    _clean(result.stdout + result.stderr)
+    if result.exit_code not in (0, 1):
+        assert not out.exists()
+    assert path.read_bytes() == before
+
+
+_CAP = """
+import resource, sys, runpy
+resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))
+sys.argv = ["lipaudit", *sys.argv[1:]]
+runpy.run_module("lipaudit", run_name="__main__")
+"""
+
+
+def run_capped(args: list[str], cap: int = 3 * 2**30, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The CLI in a child with an address-space cap and a time limit."""
+    return subprocess.run([sys.executable, "-c", _CAP.format(cap=cap), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("case", ["shared_list", "shared_dict", "shadowed_storage", "bytearray_3e9", "deep_json"])
+def test_resource_cases_stay_small_and_fast(tmp_path: Path, case: str) -> None:
+    build, name, codes = CATALOGUE[case]
+    path = tmp_path / name
+    build(path)
+    t0 = time.monotonic()
+    everything = ["--key", "/"] if case.startswith("shared") else []  # list every path: the budget must stop it
+    proc = run_capped(["inspect", str(path), "-q", *everything])
+    if everything:
+        codes = (5,)
+    assert proc.returncode in codes, proc.stderr
+    assert time.monotonic() - t0 < 30
+    _clean(proc.stdout + proc.stderr)
+
+
+def test_uninitialised_memory_never_reaches_the_output(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    torch.save({"w.weight": torch.eye(3), "junk": Reduce(torch.DoubleTensor, 3, 3)}, path)
+    out = tmp_path / "out.pt"
+    assert run("normalize", path, "-o", out).exit_code == 3
+    assert not out.exists()
+
+
+def test_hidden_container_never_passes_the_gate(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    _case_hidden_items(path)
+    result = run("inspect", path, "--fail-above", "1", "--format", "json")
+    assert result.exit_code == 3

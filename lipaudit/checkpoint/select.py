@@ -121,7 +121,11 @@ def count_tensors(node: object, depth: int = 0, seen: set[int] | None = None) ->
 
 
 def _name(key: object) -> str:
-    return key if isinstance(key, str) else str(key)
+    if isinstance(key, str):
+        return key
+    if key is None or type(key) in (int, float, bool):
+        return str(key)
+    return f"<{type(key).__name__} key>"  # never the str() of an arbitrary object
 
 
 @dataclass
@@ -190,6 +194,7 @@ def unread_objects(root: object, limits: Limits | None = None) -> dict[str, tupl
     found: dict[str, tuple[list[str], int, int]] = {}
     stack: list[tuple[object, str, int]] = [(root, "", 0)]
     seen: set[int] = set()
+    counted: set[int] = set()  # shared by every count: what many objects share is counted once
     while stack:
         node, path, depth = stack.pop()
         if id(node) in seen or depth > limits.depth:
@@ -199,7 +204,7 @@ def unread_objects(root: object, limits: Limits | None = None) -> dict[str, tupl
             paths, count, held = found.get(node.qualname, ([], 0, 0))
             if len(paths) < 3:
                 paths.append(path or "(root)")
-            found[node.qualname] = (paths, count + 1, held + count_tensors(node))
+            found[node.qualname] = (paths, count + 1, held + count_tensors(node, 0, counted))
             continue  # what an unread object holds is unread with it
         if _is_mapping(node) or _is_sequence(node):
             seen.add(id(node))

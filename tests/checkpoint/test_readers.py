@@ -129,8 +129,8 @@ class _Call:
 @pytest.mark.parametrize(
     "payload",
     [
-        _Call(socket.socket), _Call(pickle.loads, b"x"), _Call(getattr, argparse.Namespace(), "x"), _Call(__import__, "os"),
-        _Call(exec, "1"), _Call(os.popen, "true"), _Call(compile, "1", "x", "eval"),
+        _Call(socket.socket), _Call(pickle.loads, b"x"), _Call(getattr, argparse.Namespace(), "x"),
+        _Call(__import__, "os"), _Call(exec, "1"), _Call(os.popen, "true"), _Call(compile, "1", "x", "eval"),
     ],
     ids=["socket", "pickle.loads", "getattr", "__import__", "exec", "popen", "compile"],
 )

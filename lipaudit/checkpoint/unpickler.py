@@ -566,8 +566,18 @@ class RestrictedUnpickler(pickle._Unpickler):
         items = self.pop_mark()
         self._set(self.stack[-1], items)
 
+    def load_dict(self) -> None:
+        items = self.pop_mark()
+        d: dict[Any, Any] = {}
+        self._set(d, items)
+        self.append(d)
+
     def _set(self, target: object, items: list[Any]) -> None:
         self._count(len(items) // 2)
+        for k in items[::2]:
+            if not _plain_key(k):
+                # a tensor as a key compares element-wise: nothing a state dict holds
+                raise MalformedInputError(f"a dict key of type {type(k).__name__}")
         if type(target) in (dict, OrderedDict):
             # the class's own method, never an attribute
             setitem: Any = OrderedDict.__setitem__ if type(target) is OrderedDict else dict.__setitem__
@@ -612,9 +622,19 @@ _DISPATCH.update({
     pickle.APPENDS[0]: RestrictedUnpickler.load_appends,
     pickle.SETITEM[0]: RestrictedUnpickler.load_setitem,
     pickle.SETITEMS[0]: RestrictedUnpickler.load_setitems,
+    pickle.DICT[0]: RestrictedUnpickler.load_dict,
     pickle.ADDITEMS[0]: RestrictedUnpickler.load_additems,
     pickle.BYTEARRAY8[0]: RestrictedUnpickler.load_bytearray8,
 })
+
+
+_KEY_TYPES = (str, int, float, bool, bytes, type(None), Opaque, Global)
+
+
+def _plain_key(k: object) -> bool:
+    if type(k) is tuple:
+        return all(type(x) in _KEY_TYPES for x in k)
+    return type(k) in _KEY_TYPES
 
 
 def globals_named(f: Any, pickles: int = 1) -> list[tuple[str, str]]:

@@ -287,8 +287,9 @@ class Worker:
         return out
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
         self.proc.wait(timeout=30)
 
 

@@ -5,7 +5,8 @@ Run by hand (files go to /tmp, about 2.1 GB):
     python tests/benchmarks/bench_normalize.py            # 90 MB and 400 MB, 3 runs; 1.6 GB once
     python tests/benchmarks/bench_normalize.py --cases st90 --repeat 5
 
-Each command runs as its own process; times include start-up, peak RSS comes from wait4.
+Each command runs as its own process; times include start-up, peak RSS comes from wait4 (this
+script imports neither torch nor lipaudit, so its children start small).
 "write only" opens the checkpoint and writes it with every matrix scaled by 0.5, values computed
 on demand: the writer's own memory and speed, apart from the audit.
 """
@@ -21,17 +22,17 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
+from typing import Any
 
 Maker = Callable[[Path], None]
 
 
-def _bert(blocks: int, vocab: int, width: int = 768, hidden: int = 3072) -> dict[str, torch.Tensor]:
+def _bert(blocks: int, vocab: int, width: int = 768, hidden: int = 3072) -> dict[str, Any]:
+    import torch
+
     g = torch.Generator().manual_seed(0)
 
-    def mat(rows: int, cols: int) -> torch.Tensor:
+    def mat(rows: int, cols: int) -> Any:
         return torch.randn(rows, cols, generator=g) / cols**0.5
 
     sd = {"embeddings.word_embeddings.weight": mat(vocab, width),
@@ -53,6 +54,8 @@ def _bert(blocks: int, vocab: int, width: int = 768, hidden: int = 3072) -> dict
 
 
 def _mlp(layers: int, width: int = 1024) -> dict[str, object]:
+    import torch
+
     g = torch.Generator().manual_seed(1)
     sd = {}
     for i in range(layers):
@@ -61,13 +64,25 @@ def _mlp(layers: int, width: int = 1024) -> dict[str, object]:
     return {"epoch": 3, "state_dict": sd}
 
 
+def _save_st(sd: dict[str, Any], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path))
+
+
+def _save_pt(sd: dict[str, object], path: Path) -> None:
+    import torch
+
+    torch.save(sd, path)
+
+
 CASES: dict[str, tuple[str, Maker]] = {
     # a sentence-transformer of about 90 MB
-    "st90": ("model.safetensors", lambda p: save_file(_bert(2, 10000), str(p))),
+    "st90": ("model.safetensors", lambda p: _save_st(_bert(2, 10000), p)),
     # a training checkpoint of 95 Linear layers 1024x1024, about 400 MB
-    "zip400": ("model.pt", lambda p: torch.save(_mlp(95), p)),
+    "zip400": ("model.pt", lambda p: _save_pt(_mlp(95), p)),
     # 56 BERT blocks, about 1.6 GB
-    "st1600": ("model.safetensors", lambda p: save_file(_bert(56, 1000), str(p))),
+    "st1600": ("model.safetensors", lambda p: _save_st(_bert(56, 1000), p)),
 }
 
 _PLAIN = """
@@ -108,10 +123,10 @@ def _run(args: list[str]) -> tuple[float, int]:
 
 
 def bench(name: str, repeat: int, folder: Path) -> None:
-    filename, make = CASES[name]
+    filename = CASES[name][0]
     src = folder / f"{name}-{filename}"
-    if not src.exists():
-        make(src)
+    if not src.exists():  # in a child: a parent grown large would pass its peak RSS on to every fork
+        subprocess.run([sys.executable, __file__, "--make", name, str(src)], check=True)
     out = folder / f"{name}-out-{filename}"
     py = sys.executable
     commands = {
@@ -143,7 +158,11 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--repeat", type=int, default=3, help="runs per case (st1600 runs once unless named alone)")
     ap.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "lipaudit-bench")
+    ap.add_argument("--make", nargs=2, metavar=("CASE", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.make:
+        CASES[args.make[0]][1](Path(args.make[1]))
+        return
     args.folder.mkdir(exist_ok=True)
     for name in args.cases:
         repeat = 1 if name == "st1600" and len(args.cases) > 1 else args.repeat

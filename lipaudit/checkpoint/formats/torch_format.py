@@ -121,12 +121,19 @@ class TorchFormat(Format):
             s = torch.Tensor.untyped_storage(t)
             if s.nbytes() == 0 or t.numel() == 0:
                 continue
+            new = value.to(t.dtype)
+            whole = t.is_contiguous() and t.storage_offset() == 0 and t.numel() * t.element_size() == s.nbytes()
+            if whole and new.is_contiguous() and new.storage_offset() == 0 and new.layout == torch.strided:
+                ns = torch.Tensor.untyped_storage(new)
+                if ns.nbytes() == s.nbytes() and ns.device == s.device:
+                    copies[s.data_ptr()] = ns  # the value's own storage is the new one; nothing to copy
+                    continue
             if s.data_ptr() not in copies:
                 copies[s.data_ptr()] = s.clone()  # type: ignore[no-untyped-call]
             view = _view_on(copies[s.data_ptr()], t)
             try:
                 with torch.no_grad():
-                    view.copy_(value.to(t.dtype))
+                    view.copy_(new)
             except RuntimeError:  # an expanded or self-overlapping view
                 raise OutputError(
                     f"{self.shown}: cannot write {visible(key, 80)!r}: several of its elements share memory", self.shown

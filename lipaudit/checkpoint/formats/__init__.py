@@ -15,8 +15,11 @@ from lipaudit.checkpoint.formats.torch_format import TorchLegacy, TorchZip
 from lipaudit.errors import MalformedInputError
 
 from lipaudit.checkpoint.folder import Folder, ShardedTorch  # isort: skip  (needs base above)
+from lipaudit.checkpoint.pt2 import Pt2  # isort: skip  (needs base above)
 
-FORMATS: tuple[type[Format], ...] = (Folder, ShardedTorch, TorchZip, TorchLegacy, Safetensors, ShardedSafetensors)
+FORMATS: tuple[type[Format], ...] = (
+    Folder, ShardedTorch, Pt2, TorchZip, TorchLegacy, Safetensors, ShardedSafetensors,
+)
 
 
 def detect(path: Path, shown: str) -> type[Format]:

@@ -1,0 +1,303 @@
+"""--format html: frequency response against dense references, a self-contained page with charts,
+and the page as a real browser draws it (skips without chromium)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+import subprocess
+from functools import cache
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lipaudit.errors import UsageError
+from lipaudit.formats import html as html_format
+from lipaudit.formats.html import frequency_response
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _symbol_norm(k: np.ndarray, w: tuple[float, ...]) -> float:
+    """sigma_max of sum_p K_p e^{-i w.p}, summed tap by tap in numpy, LAPACK SVD in float64."""
+    sym = np.zeros(k.shape[:2], dtype=np.complex128)
+    for p in itertools.product(*(range(s) for s in k.shape[2:])):
+        sym += k[(slice(None), slice(None), *p)] * np.exp(-1j * float(np.dot(w, p)))
+    return float(np.linalg.norm(sym, 2))
+
+
+def _circular_matrix_norm(k: torch.Tensor, n: int) -> float:
+    """Norm of the circular convolution on an n^d input: push every basis vector through conv."""
+    d = k.ndim - 2
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    c_in = k.shape[1]
+    size = c_in * n**d
+    basis = torch.eye(size, dtype=torch.float64).reshape(size, c_in, *([n] * d))
+    pad: list[int] = []
+    for s in reversed(k.shape[2:]):
+        pad += [0, s - 1]
+    out = conv(F.pad(basis, pad, mode="circular"), k)
+    return float(np.linalg.norm(out.reshape(size, -1).numpy().T, 2))
+
+
+def _w(n: int, j: int) -> float:
+    return 2 * math.pi * (j - n // 2) / n
+
+
+@pytest.mark.parametrize(("shape", "n"), [((3, 2, 3, 3), 8), ((2, 4, 2, 4), 7), ((5, 5, 1, 1), 6), ((2, 3, 5, 2), 3)])
+def test_conv2d_grid_matches_numpy_at_every_point(shape: tuple[int, ...], n: int) -> None:
+    g = torch.Generator().manual_seed(sum(shape) + n)
+    k = torch.randn(shape, generator=g, dtype=torch.float64)
+    grid = frequency_response(k, n)
+    assert grid.shape == (n, n)
+    kn = k.numpy()
+    for j1, j2 in itertools.product(range(n), range(n)):
+        assert grid[j1, j2].item() == pytest.approx(_symbol_norm(kn, (_w(n, j1), _w(n, j2))), rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [6, 8])
+def test_grid_maximum_is_the_circular_convolution_norm(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    k = torch.randn(3, 2, 3, 2, generator=g, dtype=torch.float64)  # an even kernel axis too
+    assert float(frequency_response(k, n).max()) == pytest.approx(_circular_matrix_norm(k, n), rel=1e-9)
+    k1 = torch.randn(4, 3, 4, generator=g, dtype=torch.float64)
+    curve = frequency_response(k1, n)
+    assert curve.shape == (n,)
+    assert float(curve.max()) == pytest.approx(_circular_matrix_norm(k1, n), rel=1e-9)
+
+
+def test_conv3d_plane_values_are_symbol_norms_and_below_the_certified_bound() -> None:
+    from lipaudit.spectral.conv import conv_interval
+
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 3, 3, 3, 2, generator=g, dtype=torch.float64)
+    plane = frequency_response(k, 8)
+    assert plane.shape == (8, 8)
+    upper = conv_interval(k, 1e-3).upper
+    assert float(plane.max()) <= upper
+    # the plane is some w3 = c of the coarse grid: one c makes every point agree with numpy
+    kn = k.numpy()
+    hits = []
+    for j3 in range(8):
+        c = _w(8, j3)
+        ref = [_symbol_norm(kn, (_w(8, a), _w(8, b), c)) for a, b in [(0, 0), (3, 5), (7, 2)]]
+        hits.append(all(math.isclose(plane[a, b].item(), r, rel_tol=1e-9)
+                        for (a, b), r in zip([(0, 0), (3, 5), (7, 2)], ref, strict=True)))
+    assert any(hits)
+    # a kernel flat along the third axis gives the 2-D response
+    flat = k[..., :1]
+    assert torch.allclose(frequency_response(flat, 8), frequency_response(flat[..., 0], 8), rtol=1e-10)
+
+
+def test_fp16_bf16_zero_and_nonfinite_kernels() -> None:
+    k = torch.randn(4, 4, 3, 3)
+    ref = frequency_response(k.half().double(), 8)
+    assert torch.allclose(frequency_response(k.half(), 8), ref)
+    assert torch.allclose(frequency_response(k.bfloat16(), 8), frequency_response(k.bfloat16().double(), 8))
+    assert float(frequency_response(torch.zeros(2, 2, 3, 3), 8).abs().max()) == 0.0
+    bad = k.clone()
+    bad[0, 0, 0, 0] = math.inf
+    assert bool(frequency_response(bad, 8).isnan().all())
+    with pytest.raises(ValueError):
+        frequency_response(torch.zeros(2, 2), 8)
+
+
+def test_extreme_magnitudes_scale_exactly() -> None:
+    k = torch.randn(3, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    base = frequency_response(k, 8)
+    for scale in (1e-150, 1e150):
+        # the Gram squares the entries: 1e+-150 keeps them inside float64
+        assert torch.allclose(frequency_response(k * scale, 8) / scale, base, rtol=1e-9)
+
+
+def test_wide_kernels_stay_within_the_work_cap() -> None:
+    import time
+
+    k = torch.randn(192, 160, 3, 3, dtype=torch.float32, generator=torch.Generator().manual_seed(2))
+    start = time.perf_counter()
+    grid = frequency_response(k, 64, max_work=1e9)
+    took = time.perf_counter() - start
+    m = grid.shape[0]
+    assert 8 <= m < 64 and grid.shape == (m, m)
+    assert took < 30
+    kn = k.double().numpy()
+    assert grid[1, 2].item() == pytest.approx(_symbol_norm(kn, (_w(m, 1), _w(m, 2))), rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+
+@cache
+def _report_json(name: str, fail_above: float | None) -> str:
+    from lipaudit.audit import audit
+    from lipaudit.checkpoint import open_checkpoint
+    from lipaudit.report import Settings
+
+    ckpt = open_checkpoint(str(ROOT / "fixtures" / name), None)
+    return json.dumps(audit(ckpt, Settings(fail_above=fail_above)).to_dict())
+
+
+def _report(name: str = "demo_sn_cnn.pt", fail_above: float | None = 5.0) -> dict[str, Any]:
+    return json.loads(_report_json(name, fail_above))  # type: ignore[no-any-return]
+
+
+def _heatmaps(report: dict[str, Any]) -> dict[str, Any]:
+    sd = torch.load(ROOT / "fixtures" / "demo_sn_cnn.pt", weights_only=True)
+    return {x["tensor"]: frequency_response(sd[x["tensor"]], 32) for x in report["layers"] if x["kind"] == "conv2d"}
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.stack: list[str] = []
+        self.figures: list[list[str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag == "figure":
+            self.figures.append([])
+        elif self.figures and self.stack.count("figure"):
+            self.figures[-1].append(tag)
+        self.stack.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if self.figures and self.stack.count("figure"):
+            self.figures[-1].append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        while self.stack and self.stack.pop() != tag:
+            pass
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def _parse(page: str) -> _Page:
+    parser = _Page()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+pytest.importorskip("matplotlib")
+
+
+def test_page_holds_the_charts_findings_and_bound() -> None:
+    report = _report()
+    maps = _heatmaps(report)
+    page = html_format.render_html(report, maps)
+    p = _parse(page)
+    classes = [a.get("class") or "" for t, a in p.tags if t == "figure"]
+    assert any("norm-chart" in c for c in classes) and any("heatmaps" in c for c in classes)
+    # each figure is an inline SVG with drawn content; the heatmaps carry embedded images
+    assert len(p.figures) == 2 and all("svg" in f and "path" in f for f in p.figures)
+    # one image per heatmap and one per colour bar
+    assert sum(t == "image" for t in p.figures[1]) == 2 * len(maps)
+    text = " ".join(p.text)
+    assert "30.895" in text and "certified" in text
+    for a in report["network"]["assumptions"]:
+        assert a in text
+    for f in report["findings"]:
+        assert f["code"] in text and f["message"] in text
+    for x in report["layers"]:
+        assert x["name"] in text
+
+
+def test_page_fetches_nothing() -> None:
+    report = _report()
+    page = html_format.render_html(report, _heatmaps(report))
+    for tag, attrs in _parse(page).tags:
+        assert tag not in ("script", "link", "iframe", "object", "embed")
+        for name in ("src", "href", "xlink:href"):
+            value = attrs.get(name)
+            assert value is None or value.startswith(("data:", "#")), (tag, name, value[:60])
+    assert "url(http" not in page and "@import" not in page
+
+
+def test_hostile_names_are_inert() -> None:
+    report = _report()
+    report["checkpoint"]["path"] = "<script>alert(1)</script>.pt"
+    for x in report["layers"]:
+        x["name"] = "$\\frac{a}{b}$ <img src=x onerror=alert(1)> \x1b[31m\u202e"
+    report["findings"][0]["message"] = "</td><script>alert(2)</script>"
+    page = html_format.render_html(report, {report["layers"][0]["tensor"]: [[1.0, 2.0], [3.0, 4.0]]})
+    p = _parse(page)
+    assert not any(t in ("script", "img") for t, _ in p.tags)
+    assert all(not k.startswith("on") for _, a in p.tags for k in a)
+    assert "\x1b" not in page and "\u202e" not in page
+
+
+def test_many_layers_error_document_and_lists() -> None:
+    report = _report()
+    template = report["layers"][0]
+    report["layers"] = [dict(template, name=f"l{i}", tensor=f"l{i}.weight",
+                             sigma=dict(template["sigma"], upper=1.0 + i, lower=1.0 + i)) for i in range(80)]
+    page = html_format.render_html(report, {"l3.weight": [0.5, 1.0, 0.7]})
+    assert f"The {html_format.MAX_CHART_LAYERS} layers with the largest upper bounds of 80" in page
+    error = {"schema_version": 1, "tool": {"name": "lipaudit", "version": "0.1.0"},
+             "error": {"code": "unsafe_input", "exit_code": 3, "message": "pickle calls os.system", "path": "x.pt"}}
+    many = html_format.render_html({"reports": [_report(), error]})
+    assert many.count("<section>") == 2 and "pickle calls os.system" in many
+
+
+def test_without_matplotlib_the_message_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(UsageError, match=r'pip install "lipaudit\[html\]"') as info:
+        html_format.render_html(_report(), {})
+    assert info.value.exit_code == 2
+
+
+def _browser() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless chromium installed")
+def test_a_real_browser_draws_the_charts(tmp_path: Path) -> None:
+    report = _report()
+    page = tmp_path / "report.html"
+    page.write_text(html_format.render_html(report, _heatmaps(report)), encoding="utf-8")
+    browser = _browser()
+    assert browser is not None
+    # the DOM after layout: both SVG charts present, with a drawn size
+    script = (
+        "<script>window.onload=()=>{const r=[...document.querySelectorAll('figure svg')].map(s=>"
+        "{const b=s.getBoundingClientRect();return Math.round(b.width)+'x'+Math.round(b.height)});"
+        "document.title='SIZES '+r.join(',')}</script>"
+    )
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*common, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    title = dom.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
+    sizes = [tuple(int(v) for v in s.split("x")) for s in title.removeprefix("SIZES ").split(",")]
+    assert len(sizes) == 2 and all(w > 300 and h > 150 for w, h in sizes), title
+    shot = tmp_path / "shot.png"
+    run = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and shot.stat().st_size > 10_000, run.stderr[-2000:]

@@ -21,6 +21,7 @@ from typing import IO, Any
 import torch
 
 from lipaudit.checkpoint import safetensors_reader as st
+from lipaudit.checkpoint import sniff as sn
 from lipaudit.checkpoint import writer
 from lipaudit.checkpoint.formats.base import Format, by_prefix, natural_key, sha256_of
 from lipaudit.checkpoint.limits import Limits
@@ -225,7 +226,7 @@ def _copy_of(src: Path) -> Callable[[IO[bytes]], None]:
 class Safetensors(Format):
     """A single safetensors file."""
 
-    name = "safetensors"
+    name = sn.SAFETENSORS
 
     def __init__(self, path: Path, shown: str, header: dict[str, Any], meta: dict[str, str], limits: Limits) -> None:
         self.path = path
@@ -362,7 +363,7 @@ def tidy(folder: Path, keep: set[str]) -> None:
 class ShardedSafetensors(Format):
     """A folder of safetensors shards named by an index's weight_map."""
 
-    name = "safetensors-sharded"
+    name = sn.SHARDED
 
     def __init__(self, index: Path, shown: str, data: dict[str, Any], where: dict[str, Path],
                  headers: dict[Path, tuple[dict[str, Any], dict[str, str]]], files: st.SafetensorsFiles,

@@ -10,6 +10,7 @@ from typing import IO, Any, ClassVar
 
 import torch
 
+from lipaudit.checkpoint import sniff as sn
 from lipaudit.checkpoint import writer
 from lipaudit.checkpoint.formats.base import Format, sha256_of
 from lipaudit.checkpoint.limits import Limits
@@ -186,12 +187,12 @@ class TorchFormat(Format):
 
 
 class TorchZip(TorchFormat):
-    name = "torch-zip"
+    name = sn.TORCH_ZIP
     zip_format = True
 
 
 class TorchLegacy(TorchFormat):
-    name = "torch-legacy"
+    name = sn.TORCH_LEGACY
     zip_format = False
 
 

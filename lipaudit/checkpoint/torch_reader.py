@@ -157,8 +157,6 @@ def _load_zip(path: Path, shown: str, mmap: bool, limits: Limits) -> Any:
             byteorder = f.read(min(order.size, 16)).decode("ascii", "replace")
     if byteorder not in ("little", "big"):
         raise MalformedInputError(f"{shown}: unknown byte order record", shown)
-    with io.BytesIO(data) as scan:
-        refuse_dangerous(scan)
     whole: Any = None
     if mmap and byteorder == "little":
         whole = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=layout.size)
@@ -185,8 +183,17 @@ def _load_zip(path: Path, shown: str, mmap: bool, limits: Limits) -> Any:
                 loaded[key] = _swap(raw, itemsize) if byteorder == "big" else raw
         return Storage(loaded[key], dtype)
 
-    with io.BytesIO(data) as pkl:
-        root, _ = unpickle(pkl, limits, storage)
+    try:
+        with io.BytesIO(data) as pkl:
+            root, _ = unpickle(pkl, limits, storage)
+    except UnsafeInputError:
+        raise
+    except Exception:
+        # Names are refused as the unpickler meets them; when it stops early, a name of code
+        # further on still makes the file unsafe rather than broken.
+        with io.BytesIO(data) as scan:
+            refuse_dangerous(scan)
+        raise
     return root
 
 
@@ -195,12 +202,20 @@ _LEGACY_PROTOCOL = 1001
 
 
 def _load_legacy(path: Path, shown: str, limits: Limits) -> Any:
+    try:
+        return _read_legacy(path, limits)
+    except UnsafeInputError:
+        raise
+    except Exception:
+        with open(path, "rb") as raw_file:  # as for zip files: code named anywhere is unsafe
+            refuse_dangerous(Bounded(raw_file, path.stat().st_size), pickles=5)
+        raise
+
+
+def _read_legacy(path: Path, limits: Limits) -> Any:
     size = path.stat().st_size
     with open(path, "rb") as raw_file:
         f = Bounded(raw_file, size)
-        # Names anywhere in the leading pickles are refused before anything is built.
-        refuse_dangerous(f, pickles=5)
-        raw_file.seek(0)
         magic, _ = unpickle(f, limits)
         if magic != _LEGACY_MAGIC:
             raise MalformedInputError("a pickle, but not a PyTorch checkpoint")

@@ -274,14 +274,15 @@ def select_state_dict(root: Any, key: str | None, shown: str, limits: Limits | N
         try:
             node, _ = _resolve(root, key)
         except KeyError:
-            keys = ", ".join(_top_keys(root)[:20]) or "none"
+            # Keys come from the file: escaped, or they could carry terminal or CI commands.
+            keys = ", ".join(repr(visible(k, 60)) for k in _top_keys(root)[:20]) or "none"
             raise UsageError(
-                f"{shown}: no entry {key!r} holds tensors (entries with tensors: {keys})", shown
+                f"{shown}: no entry {visible(key, 80)!r} holds tensors (entries with tensors: {keys})", shown
             ) from None
         if is_tensor(node):
             return Selection(key, {key: node}, ignored, alternatives, {})  # type: ignore[dict-item]
         if not count_tensors(node):
-            raise UsageError(f"{shown}: entry {key!r} holds no tensors", shown)
+            raise UsageError(f"{shown}: entry {visible(key, 80)!r} holds no tensors", shown)
         path = [key] if key not in ("", "/") else []
     else:
         for _ in range(MAX_DEPTH):
@@ -317,7 +318,8 @@ def select_state_dict(root: Any, key: str | None, shown: str, limits: Limits | N
                     ignored.append(Ignored(where, f"optimizer state ({n} tensors): not a layer"))
                 elif n:
                     alternatives.append(where)
-                    ignored.append(Ignored(where, f"not selected ({n} tensors); audit it with --key {where}"))
+                    hint = f"not selected ({n} tensors); audit it with --key {visible(where, 80)}"
+                    ignored.append(Ignored(where, hint))
             path.append(_name(chosen[0]))
             node = chosen[1]
     tensors: dict[str, torch.Tensor] = {}

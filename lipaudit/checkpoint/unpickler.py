@@ -265,6 +265,9 @@ class Builder:
         return self.call(func, args)
 
     def call(self, func: object, args: tuple[Any, ...]) -> object:
+        if isinstance(func, Global) and (func.module.startswith("torch.nn.modules") or func.module == "torch.nn"):
+            # naming a layer class (say an activation in hyper-parameters) is fine; building one is not
+            raise whole_module(func.qualname)
         method = _CALLS.get(func) if isinstance(func, Global) else None
         if isinstance(func, Global) and method is None:
             return Opaque(func, args)
@@ -394,8 +397,6 @@ def resolve(module: str, name: str) -> object:
         return _DTYPES[name]
     if danger(module, name):
         raise UnsafeInputError(f"the pickle names {visible(qualname, 100)}, which is code; refused, nothing was run")
-    if module.startswith("torch.nn.modules") or qualname in ("torch.nn.Module", "torch.jit.ScriptModule"):
-        raise whole_module(qualname)
     if qualname in _TENSOR_CLASS_NAMES and qualname not in ("torch.Tensor", "torch.nn.parameter.Parameter"):
         raise UnsafeInputError(
             f"the pickle names {visible(qualname, 100)}, a constructor that returns uninitialised memory; "

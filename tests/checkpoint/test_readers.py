@@ -265,3 +265,20 @@ def test_attributes_on_a_state_dict_other_than_metadata(tmp_path: Path) -> None:
     torch.save(sd, path)
     with pytest.raises(UnsafeInputError, match="extra"):
         open_checkpoint(str(path))
+
+
+def test_a_layer_class_named_in_hyper_parameters_is_fine(tmp_path: Path) -> None:
+    path = tmp_path / "hp.ckpt"
+    torch.save(_lightning({"activation": torch.nn.ReLU, "norm": torch.nn.BatchNorm1d}), path)
+    doc = report_of(path)
+    assert any("torch.nn.modules.activation.ReLU" in s["reason"] for s in doc["skipped"])
+
+
+def test_key_errors_escape_checkpoint_keys(tmp_path: Path) -> None:
+    path = tmp_path / "keys.pt"
+    torch.save({"\x1b]0;t\x07\r\n::error::x": {"w.weight": torch.eye(2)}}, path)
+    for fmt in ("table", "json", "github"):
+        result = run("inspect", path, "--key", "nope\x1b[2J", "--format", fmt)
+        assert result.exit_code == 2
+        text = result.stdout + result.stderr
+        assert "\x1b" not in text and "\r" not in text and "\n::error::x" not in text

@@ -12,7 +12,7 @@ import torch
 
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import Ignored
-from lipaudit.checkpoint.unpickler import Global, Opaque, UnreadTensor
+from lipaudit.checkpoint.unpickler import Global, Marker, Opaque, Storage, UnreadTensor
 from lipaudit.errors import MalformedInputError, ResourceLimitError, UsageError
 from lipaudit.text import visible
 
@@ -175,6 +175,10 @@ def _flatten(
                 )
         elif isinstance(v, UnreadTensor):
             ignored.append(Ignored(path, f"{v.kind} tensor: not read or measured"))
+        elif isinstance(v, Storage):
+            ignored.append(Ignored(path, "a bare storage, not a tensor: not measured"))
+        elif isinstance(v, Marker):
+            ignored.append(Ignored(path, f"a reference to {v.qualname}: not a tensor"))
         elif isinstance(v, (Opaque, Global)):
             pass  # listed by unread_objects, with the rest of the file's
         elif _is_optimizer_state(k, v):

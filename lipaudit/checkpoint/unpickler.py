@@ -65,7 +65,8 @@ def danger(module: str, name: str) -> bool:
 def unwritable(what: str) -> MalformedInputError:
     """Writing back a placeholder would corrupt the file: refuse, and say what works instead."""
     return MalformedInputError(
-        f"the checkpoint holds {what}, which lipaudit reads without importing, so it cannot rewrite the file; "
+        f"the checkpoint holds {what}, which lipaudit keeps only as an inert placeholder, so it cannot rewrite "
+        "the file; "
         "save the state dict alone (torch.save(model.state_dict(), path)) and normalize that"
     )
 
@@ -118,6 +119,9 @@ class Marker:
     qualname: str
     dtype: torch.dtype | None = None
 
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise unwritable(f"a reference to {self.qualname}")
+
 
 @dataclass
 class Storage:
@@ -129,6 +133,9 @@ class Storage:
     @property
     def nbytes(self) -> int:
         return int(torch.UntypedStorage.nbytes(self.untyped))
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise unwritable("a bare storage")
 
 
 # Storage type names torch writes in persistent ids, and their dtypes.

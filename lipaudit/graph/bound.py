@@ -32,8 +32,11 @@ pixel_unshuffle channel_shuffle slice select narrow split split_with_sizes chunk
 dropout feature_dropout alpha_dropout feature_alpha_dropout native_dropout constant_pad_nd amax amin max min
 logsumexp
 """.split())
-_CONSTANT_OUTPUT = frozenset("""
-zeros_like ones_like full_like empty_like new_zeros new_ones new_full new_empty eq ne lt le gt ge sign
+# outputs that depend only on the input's shape
+_CONSTANT_OUTPUT = frozenset("zeros_like ones_like full_like empty_like new_zeros new_ones new_full new_empty".split())
+_DISCRETE = frozenset("""
+eq ne lt le gt ge sign floor ceil round trunc argmax argmin remainder fmod floor_divide bitwise_and bitwise_or
+logical_and logical_or logical_not logical_xor isnan isinf isfinite sort argsort topk nonzero bucketize heaviside
 """.split())
 _BN = frozenset({"batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
                  "_native_batch_norm_legit", "cudnn_batch_norm", "_native_batch_norm_legit_functional"})
@@ -419,6 +422,14 @@ class Bounder:
             for o in outs:
                 self.lips[o] = {}
             return
+        if op in _DISCRETE:
+            raise Uncovered(f"aten.{op} of input-dependent values is not continuous")
+        if op in ("max", "min") and len([t for t in node.tensor_inputs() if not self.is_const(t)]) > 1:
+            self.op_maximum(node, outs)
+            return
+        dtype = node.arg("dtype")
+        if dtype is not None and dtype.kind == "dtype" and int(dtype.value) not in (6, 7, 8, 13):
+            raise Uncovered("conversion of input-dependent values to a non-float type")
         if op in _VIEWS:
             assert xin is not None
             for o in outs:
@@ -454,6 +465,7 @@ class Bounder:
         groups = _int(node.arg("groups"), 1)
         if groups < 1 or kernel.shape[0] % groups:
             raise Uncovered("groups do not divide the channels")
+        self._const_bias(node)
         params = self.param_of(w.value)
         op = LinearOp("conv", kernel, x.value, params, stride=stride, dilation=dilation, groups=groups,
                       transposed=transposed)
@@ -461,6 +473,11 @@ class Bounder:
 
     op_conv1d = op_conv2d = op_conv3d = op_conv_transpose1d = op_conv_transpose2d = op_conv_transpose3d = \
         op_convolution
+
+    def _const_bias(self, node: Node) -> None:
+        b = node.arg("bias")
+        if b is not None and b.kind == "tensor" and not self.is_const(b.value):
+            raise Uncovered("an input-dependent bias")
 
     def _dense(self, node: Node, outs: list[str], x: str, w: torch.Tensor, wname: str, axis: int) -> None:
         if w.ndim == 1:
@@ -482,6 +499,7 @@ class Bounder:
         x, w = node.arg("input", 0), node.arg("weight", 1)
         if x is None or w is None or x.kind != "tensor" or w.kind != "tensor" or not self.is_const(w.value):
             raise Uncovered("linear with an input-dependent weight")
+        self._const_bias(node)
         self._dense(node, outs, x.value, self.value(w.value), w.value, -1)
 
     def _matmul(self, node: Node, outs: list[str], a: Arg | None, b: Arg | None) -> None:
@@ -934,6 +952,11 @@ def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, 
     b.partial_in = {}
     b.run()
     outs = [o for o in graph.outputs if graph.dtypes.get(o, 7) in (6, 7, 8, 13)]
+    for o in graph.outputs:
+        if o not in outs and not b.is_const(o):
+            b.uncovered.append((o, "a non-float output that depends on the input"))
+            b.lips[o] = {o: 0.0}
+            outs.append(o)
     total = combine([b.lip(o) for o in outs], quadrature=True)
     # the dominant path: from the output with the largest bound back to the input
     path: list[str] = []

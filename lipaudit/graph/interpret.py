@@ -14,6 +14,7 @@ import torch
 
 from lipaudit.checkpoint.pt2 import DTYPES
 from lipaudit.graph.model import Arg, Graph, Node
+from lipaudit.text import clean_message
 
 # Ops the interpreter may call: pure functions of their arguments (no in-place variants, no I/O).
 ALLOWED: frozenset[str] = frozenset("""
@@ -105,9 +106,13 @@ def run_node(node: Node, env: dict[str, torch.Tensor]) -> None:
         else:
             kwargs[name] = v
     try:
-        out = fn(*args, **kwargs)
+        if node.op == "copy" and len(args) >= 2:
+            # aten.copy has neither forward- nor reverse-mode derivatives; this is the same value
+            out = args[1].to(args[0].dtype).expand_as(args[0]).clone()
+        else:
+            out = fn(*args, **kwargs)
     except Exception as e:  # a graph whose values do not fit its ops
-        raise CannotRun(f"{node.target}: {type(e).__name__}") from None
+        raise CannotRun(f"{node.target}: {type(e).__name__}: {clean_message(e, 100)}") from None
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     names = node.outputs
     if len(outs) < len([n for n in names if n is not None]):
@@ -238,7 +243,7 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
                     if norm_v == 0 or not math.isfinite(norm_v):
                         break
                     v = [t / norm_v for t in v]
-                    jv = torch.func.jvp(lambda *xs: f(list(xs)), tuple(x), tuple(v))[1]
+                    jv = _jvp(f, x, v, back)
                     value = float(torch.linalg.vector_norm(jv))
                     if math.isfinite(value):
                         best = value if best is None else max(best, value)
@@ -250,22 +255,36 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
                     break
                 x = _ascend(f, x, v, gen)
     except (CannotRun, RuntimeError, NotImplementedError) as e:
-        note = f"stopped early: {type(e).__name__}"
+        note = f"stopped early: {type(e).__name__}: {str(e)[:120]}"
     start_from = "sample inputs" if use_samples else "random"
     return Measured(best, time.perf_counter() - t0, done_starts, done_steps, start_from, note)
+
+
+def _jvp(f: Callable[[list[torch.Tensor]], torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor],
+         back: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+    """J(x) v: forward mode, or, for ops without a forward-mode formula (aten.copy), as the
+    transpose of the linear map u -> J^T u."""
+    try:
+        out: torch.Tensor = torch.func.jvp(lambda *xs: f(list(xs)), tuple(x), tuple(v))[1]
+        return out
+    except (CannotRun, NotImplementedError, RuntimeError):
+        pass
+    y = f(x)
+    back2 = torch.func.vjp(lambda u: tuple(back(u)), torch.zeros_like(y))[1]
+    (jv,) = back2(tuple(v))
+    return jv  # type: ignore[no-any-return]
 
 
 def _ascend(f: Callable[[list[torch.Tensor]], torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor],
             gen: torch.Generator) -> list[torch.Tensor]:
     """One step on x along the gradient of ||J(x) v||^2 (a random nudge where it vanishes)."""
     xs = [t.detach().requires_grad_(True) for t in x]
+    grads: tuple[torch.Tensor | None, ...]
     with torch.enable_grad():
-        jv = torch.func.jvp(lambda *ys: f(list(ys)), tuple(xs), tuple(v))[1]
-        obj = (jv * jv).sum()
-        grads: tuple[torch.Tensor | None, ...]
         try:
-            grads = torch.autograd.grad(obj, xs, allow_unused=True)
-        except RuntimeError:
+            jv = torch.func.jvp(lambda *ys: f(list(ys)), tuple(xs), tuple(v))[1]
+            grads = torch.autograd.grad((jv * jv).sum(), xs, allow_unused=True)
+        except (CannotRun, NotImplementedError, RuntimeError):
             grads = tuple(None for _ in xs)
     out = []
     for t, g in zip(x, grads, strict=True):

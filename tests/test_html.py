@@ -3,6 +3,7 @@ and the page as a real browser draws it (skips without chromium)."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -190,9 +191,11 @@ def _parse(page: str) -> _Page:
     return parser
 
 
-pytest.importorskip("matplotlib")
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason='needs the html extra: pip install "lipaudit[html]"')
 
 
+@needs_matplotlib
 def test_page_holds_the_charts_findings_and_bound() -> None:
     report = _report()
     maps = _heatmaps(report)
@@ -214,6 +217,7 @@ def test_page_holds_the_charts_findings_and_bound() -> None:
         assert x["name"] in text
 
 
+@needs_matplotlib
 def test_page_fetches_nothing() -> None:
     report = _report()
     page = html_format.render_html(report, _heatmaps(report))
@@ -225,6 +229,7 @@ def test_page_fetches_nothing() -> None:
     assert "url(http" not in page and "@import" not in page
 
 
+@needs_matplotlib
 def test_hostile_names_are_inert() -> None:
     report = _report()
     report["checkpoint"]["path"] = "<script>alert(1)</script>.pt"
@@ -238,6 +243,7 @@ def test_hostile_names_are_inert() -> None:
     assert "\x1b" not in page and "\u202e" not in page
 
 
+@needs_matplotlib
 def test_many_layers_error_document_and_lists() -> None:
     report = _report()
     template = report["layers"][0]
@@ -275,6 +281,7 @@ def _browser() -> str | None:
     return None
 
 
+@needs_matplotlib
 @pytest.mark.skipif(_browser() is None, reason="no headless chromium installed")
 def test_a_real_browser_draws_the_charts(tmp_path: Path) -> None:
     report = _report()

@@ -215,12 +215,13 @@ def conv_norm(k: torch.Tensor, stride: tuple[int, ...], dilation: tuple[int, ...
     """Certified bracket of the norm of a zero-padded strided grouped conv (any padding, any input
     size) with float64 kernel k (c_out, c_in / groups, taps...): the max over groups of S(polyphase)."""
     o = k.shape[0]
+    if _GROUPS_PARAM:
+        # the groups are known from the graph; the polyphase kernel keeps each group's rows
+        call: Callable[..., Interval] = conv_interval
+        return call(polyphase(k, stride, dilation), rtol, groups=max(1, groups))
     if groups <= 1:
         return conv_interval(polyphase(k, stride, dilation), rtol)
     per = o // groups
-    if _GROUPS_PARAM and all(s == 1 for s in stride):
-        call: Callable[..., Interval] = conv_interval
-        return call(k, rtol, groups=groups)
     best: Interval | None = None
     lower = 0.0
     certified = True

@@ -558,3 +558,15 @@ def test_hidden_container_never_passes_the_gate(tmp_path: Path) -> None:
     _case_hidden_items(path)
     result = run("inspect", path, "--fail-above", "1", "--format", "json")
     assert result.exit_code == 3
+
+
+def test_max_tensors_holds_while_listing(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    d: object = {"w.weight": torch.eye(2)}
+    for _ in range(12):
+        d = {"a": d, "b": d}  # 4096 paths to one tensor: under the listing budget, over --max-tensors
+    torch.save(d, path)
+    t0 = time.monotonic()
+    code, err = audit(path, "--key", "/", "--max-tensors", "100")
+    assert code == 5 and "--max-tensors" in err
+    assert time.monotonic() - t0 < 10

@@ -50,8 +50,8 @@ class TorchFormat(Format):
     def open(cls, path: Path, shown: str, key: str | None, limits: Limits) -> Checkpoint:
         # Mapping the zip is safe even for --in-place: the output is a new file renamed over this one.
         root = load_torch(path, shown, cls.zip_format, mmap=cls.zip_format, limits=limits)
-        check_size(root, limits, shown)
-        sel = select_state_dict(root, key, shown)
+        nodes = check_size(root, limits, shown)
+        sel = select_state_dict(root, key, shown, limits, nodes)  # budgets enforced while listing
         handle = cls(path, shown, root, sel.tensors, sel.slots, limits)
         return Checkpoint(
             path=shown, sha256=sha256_of(path), infos=[tensor_info(k, t) for k, t in sel.tensors.items()],

@@ -208,7 +208,7 @@ def test_page_holds_the_charts_findings_and_bound() -> None:
     # one image per heatmap and one per colour bar
     assert sum(t == "image" for t in p.figures[1]) == 2 * len(maps)
     text = " ".join(p.text)
-    assert "30.895" in text and "certified" in text
+    assert f"L \u2264 {report['network']['lipschitz_upper']:.5g}" in text and "certified" in text
     for a in report["network"]["assumptions"]:
         assert a in text
     for f in report["findings"]:

@@ -346,6 +346,14 @@ def _layer_table(layers: list[Mapping[str, Any]]) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
+def _certified(net: Mapping[str, Any]) -> str:
+    if net.get("certified"):
+        return "certified"
+    why = net.get("not_certified_because")
+    first = why[0] if isinstance(why, list) and why else None
+    return "not certified" + (f": {_esc(first)}" if first else "")
+
+
 def _section(report: Mapping[str, Any], heatmaps: Mapping[str, Grid], Figure: Any) -> str:
     error = report.get("error")
     if isinstance(error, Mapping):
@@ -364,7 +372,7 @@ def _section(report: Mapping[str, Any], heatmaps: Mapping[str, Grid], Figure: An
         f"<section><h1>lipaudit: {_esc(ck.get('path', ''))}</h1>",
         '<div class="summary">',
         f'<div class="card"><div class="muted">network Lipschitz bound</div><div class="big">L &le; '
-        f"{_esc(_network_bound(net))}</div><div>{'certified' if net.get('certified') else 'not certified'}, "
+        f"{_esc(_network_bound(net))}</div><div>{_certified(net)}, "
         f"product of {_esc(net.get('layers_counted', 0))} layers</div></div>",
         f'<div class="card"><div class="muted">gates</div><div class="big {"pass" if passed else "fail"}">'
         f"{'passed' if passed else 'failed'}</div><div>{len(report.get('findings') or [])} findings</div></div>",

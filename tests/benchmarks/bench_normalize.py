@@ -128,6 +128,7 @@ def bench(name: str, repeat: int, folder: Path) -> None:
     if not src.exists():  # in a child: a parent grown large would pass its peak RSS on to every fork
         subprocess.run([sys.executable, __file__, "--make", name, str(src)], check=True)
     out = folder / f"{name}-out-{filename}"
+    out.unlink(missing_ok=True)
     py = sys.executable
     commands = {
         "inspect": [py, "-m", "lipaudit", "inspect", str(src), "--format", "json"],

@@ -172,3 +172,20 @@ fail-above = 50
     assert "('fail_above', 50.0)" in _run(cfg, [big])
     out = _run(cfg, [big, "--fail-above", "2", "--format", "table"])
     assert "('fail_above', 2.0)" in out and "('fmt', 'table')" in out
+
+
+@pytest.mark.parametrize(("file_gate", "cli_gate", "code"), [(1e-3, None, 1), (1e12, None, 0), (1e-3, "1e12", 0)])
+def test_a_file_gate_decides_the_real_inspect_exit_code(
+    tmp_path: Path, file_gate: float, cli_gate: str | None, code: int
+) -> None:
+    from lipaudit.cli import cli
+
+    _write(tmp_path, f"[tool.lipaudit]\nfail-above = {file_gate!r}\nformat = \"json\"\n")
+    cfg = load_config(tmp_path, env={})
+    inspect = cli.get_command(click.Context(cli), "inspect")
+    assert inspect is not None
+    demo = str(Path(__file__).resolve().parent.parent / "fixtures" / "mlp.safetensors")
+    args = ["inspect", demo, "-q"] + (["--fail-above", cli_gate] if cli_gate else [])
+    result = CliRunner().invoke(cli, args, default_map={"inspect": cfg.default_map(inspect)})
+    assert result.exit_code == code, result.output
+    assert '"schema_version"' in result.stdout  # format = "json" came from the file

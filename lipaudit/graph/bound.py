@@ -227,21 +227,38 @@ class Bounder:
     def is_const(self, name: str) -> bool:
         return not self.lip(name) or all(v == -math.inf for v in self.lip(name).values())
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        s = self.g.shapes.get(name)
+    def dims(self, name: str) -> tuple[int | str, ...]:
+        """Sizes, symbolic ones as their expression."""
+        s = self.g.dims.get(name)
         if s is None:
-            raise Uncovered(f"the shape of {name} is not fixed")
+            raise Uncovered(f"the shape of {name} is not known")
         return s
 
-    def numel(self, name: str) -> int:
-        return math.prod(self.shape(name))
+    def fixed(self, name: str, axes: list[int]) -> list[int]:
+        d = self.dims(name)
+        out = []
+        for a in axes:
+            v = d[a]
+            if not isinstance(v, int):
+                raise Uncovered(f"a size of {name} the bound depends on is dynamic")
+            out.append(v)
+        return out
 
     def ratio(self, src: str, out: str) -> float:
         """log10 sqrt(copies per element) when src is broadcast to out's shape."""
-        a, b = self.numel(src), self.numel(out)
-        if a == 0 or b <= a:
+        a, b = list(self.dims(src)), list(self.dims(out))
+        for d in [x for x in a if isinstance(x, str)]:
+            if d not in b:
+                raise Uncovered(f"broadcast of {src} over a dynamic size")
+            b.remove(d)
+            a.remove(d)
+        if any(isinstance(x, str) for x in b):
+            raise Uncovered(f"broadcast of {src} over a dynamic size")
+        na = math.prod(int(x) for x in a)
+        nb = math.prod(int(x) for x in b)
+        if na == 0 or nb <= na:
             return 0.0
-        return 0.5 * math.log10(b / a)
+        return 0.5 * math.log10(nb / na)
 
     def value(self, name: str) -> torch.Tensor:
         v = self.consts.value(name)
@@ -341,7 +358,7 @@ class Bounder:
                     w = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
                 folded = LinearOp("conv", w, prev.src, prev.params + params, stride=prev.stride,
                                   dilation=prev.dilation, groups=prev.groups, transposed=prev.transposed)
-            elif (prev.kind == "dense" and prev.axis == -1 and len(self.shape(x)) == 2
+            elif (prev.kind == "dense" and prev.axis == -1 and len(self.dims(x)) == 2
                   and prev.weight.shape[0] == scale.numel()):
                 folded = LinearOp("dense", prev.weight * scale.reshape(-1, 1), prev.src, prev.params + params)
             if folded is not None:
@@ -516,7 +533,7 @@ class Bounder:
                 self._dense(node, outs, a.value, m, b.value, -1)
             return
         m = self.value(a.value)
-        xdim = len(self.shape(b.value))
+        xdim = len(self.dims(b.value))
         if m.ndim == 2 and xdim <= 2:
             self._dense(node, outs, b.value, m, a.value, 0)
         else:
@@ -739,7 +756,7 @@ class Bounder:
             raise Uncovered("indexing with input-dependent indices")
         v = self.value(idx.value).reshape(-1).long()
         dim = _int(node.arg("dim", 1), 0)
-        n = self.shape(x.value)[dim]
+        n = self.fixed(x.value, [dim])[0]
         counts = torch.bincount(v.remainder(n), minlength=1) if v.numel() else torch.ones(1)
         self.unary(node, x.value, 0.5 * _lg(float(counts.max())))
 
@@ -748,36 +765,37 @@ class Bounder:
         idx = node.arg("indices", 1)
         if x is None or x.kind != "tensor" or idx is None or idx.kind not in ("tensors", "opt_tensors"):
             raise Uncovered("indexing without fixed indices")
-        shape = self.shape(x.value)
+        nd = len(self.dims(x.value))
         parts, dims = [], []
         for d, t in enumerate(idx.value):
             if t is None:
                 continue
+            size = self.fixed(x.value, [d])[0] if d < nd else 1
             if not self.is_const(t):
                 raise Uncovered("indexing with input-dependent indices")
             v = self.value(t)
             if v.dtype == torch.bool:
                 raise Uncovered("boolean mask indexing")
-            parts.append(v.long().remainder(shape[d]))
-            dims.append(d)
+            parts.append(v.long().remainder(max(size, 1)))
+            dims.append(max(size, 1))
         if not parts:
             self.unary(node, x.value, 0.0)
             return
         b = torch.broadcast_tensors(*parts)  # type: ignore[no-untyped-call]
         flat = torch.zeros_like(b[0])
-        for d, t in zip(dims, b, strict=True):
-            flat = flat * shape[d] + t
+        for size, t in zip(dims, b, strict=True):
+            flat = flat * size + t
         _, counts = torch.unique(flat.reshape(-1), return_counts=True)
         self.unary(node, x.value, 0.5 * _lg(float(counts.max())) if counts.numel() else 0.0)
 
     # -- reductions ---------------------------------------------------------------------
     def _reduced(self, node: Node, x: str) -> int:
         dims = node.arg("dim", 1)
-        shape = self.shape(x)
+        nd = len(self.dims(x))
         if dims is None or dims.kind == "none" or (dims.kind == "ints" and not dims.value):
-            return math.prod(shape)
+            return math.prod(self.fixed(x, list(range(nd))))
         ds = _ints(dims, [])
-        return math.prod(shape[d % len(shape)] for d in ds) if shape else 1
+        return math.prod(self.fixed(x, [d % nd for d in ds])) if nd else 1
 
     def op_mean(self, node: Node, outs: list[str]) -> None:
         x = node.tensor_inputs()[0]
@@ -792,10 +810,10 @@ class Bounder:
     # -- pooling, upsampling, padding -------------------------------------------------------
     def _spatial(self, node: Node, d: int) -> tuple[str, tuple[int, ...]]:
         x = node.tensor_inputs()[0]
-        shape = self.shape(x)
-        if len(shape) < d:
+        nd = len(self.dims(x))
+        if nd < d:
             raise Uncovered("fewer axes than the pooling needs")
-        return x, shape[-d:]
+        return x, tuple(self.fixed(x, list(range(nd - d, nd))))
 
     def _dim(self, op: str) -> int:
         for d in (1, 2, 3):
@@ -862,7 +880,8 @@ class Bounder:
     def _upsample(self, node: Node, outs: list[str], kind: str) -> None:
         d = self._dim(node.op)
         x, sizes = self._spatial(node, d)
-        o_shape = self.shape(outs[0])[-d:]
+        no = len(self.dims(outs[0]))
+        o_shape = self.fixed(outs[0], list(range(no - d, no)))
         scales_arg = node.arg("scale_factors") or node.arg("scales")
         scales: list[float | None] = [None] * d
         if scales_arg is not None and scales_arg.kind == "floats" and len(scales_arg.value) == d:
@@ -898,14 +917,16 @@ class Bounder:
 
     def _pad(self, node: Node, outs: list[str], mode: str) -> None:
         x = node.tensor_inputs()[0]
-        shape = self.shape(x)
+        nd = len(self.dims(x))
         pads = _ints(node.arg("pad", 1) or node.arg("padding", 1), [])
-        if len(pads) % 2 or len(pads) // 2 > len(shape):
+        if len(pads) % 2 or len(pads) // 2 > nd:
             raise Uncovered("padding of an unexpected length")
         norm = 1.0
         for i in range(len(pads) // 2):
-            axis = len(shape) - 1 - i
-            a = rules.pad_matrix(shape[axis], pads[2 * i], pads[2 * i + 1], mode)
+            axis = nd - 1 - i
+            if mode == "constant":
+                continue  # zero padding or cropping: norm at most 1 whatever the size
+            a = rules.pad_matrix(self.fixed(x, [axis])[0], pads[2 * i], pads[2 * i + 1], mode)
             if a is None:
                 raise Uncovered(f"{mode} padding wider than the input")
             norm *= rules.matrix_upper(a)

@@ -212,9 +212,10 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
         f = network_function(graph, consts)
     except CannotRun as e:
         return Measured(None, time.perf_counter() - t0, 0, 0, "", f"not measured: {e}")
-    shapes = [graph.shapes.get(n) for n in graph.inputs]
+    # dynamic sizes: the example sizes the program was exported with
+    shapes = [graph.shapes.get(n) or graph.hints.get(n) for n in graph.inputs]
     if any(s is None for s in shapes) or not shapes:
-        return Measured(None, time.perf_counter() - t0, 0, 0, "", "not measured: input shapes are not fixed")
+        return Measured(None, time.perf_counter() - t0, 0, 0, "", "not measured: input sizes are not known")
     float_inputs = [graph.dtypes.get(n, 7) in (6, 7, 8, 13) for n in graph.inputs]
     if not all(float_inputs):
         return Measured(None, time.perf_counter() - t0, 0, 0, "", "not measured: non-float inputs")

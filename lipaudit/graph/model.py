@@ -61,13 +61,15 @@ class Node:
 @dataclass
 class Graph:
     nodes: list[Node]
-    shapes: dict[str, tuple[int, ...] | None]
+    shapes: dict[str, tuple[int, ...] | None]  # fixed shapes only
     dtypes: dict[str, int]
     params: dict[str, str]  # graph tensor name -> state-dict name (parameters and buffers)
     param_kinds: dict[str, str]  # state-dict name -> parameter | buffer
     constants: dict[str, str]  # graph tensor name -> lifted constant name
     inputs: list[str]  # user inputs
     outputs: list[str]  # user outputs (tensor names)
+    dims: dict[str, tuple[int | str, ...]] = field(default_factory=dict)  # symbolic sizes as their expression
+    hints: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the example sizes
     producer: dict[str, Node] = field(default_factory=dict)
     consumers: dict[str, list[Node]] = field(default_factory=dict)
 
@@ -150,17 +152,31 @@ def check_target(target: str, shown: str) -> tuple[str, str, str]:
     return "", "", ""
 
 
-def _shape(meta: Any) -> tuple[int, ...] | None:
+def _dims(meta: Any) -> tuple[tuple[int | str, ...], tuple[int, ...] | None] | None:
+    """Sizes with symbolic ones as their expression text, and the example (hint) sizes."""
     sizes = meta.get("sizes") if isinstance(meta, dict) else None
     if not isinstance(sizes, list):
         return None
-    out = []
+    out: list[int | str] = []
+    hint: list[int] | None = []
     for s in sizes:
         v = s.get("as_int") if isinstance(s, dict) else None
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            return None  # symbolic or broken: size-aware rules will not use it
-        out.append(v)
-    return tuple(out)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            out.append(v)
+            if hint is not None:
+                hint.append(v)
+            continue
+        e = s.get("as_expr") if isinstance(s, dict) else None
+        if not isinstance(e, dict) or not isinstance(e.get("expr_str"), str):
+            return None
+        out.append("sym:" + e["expr_str"][:200])
+        h = e.get("hint")
+        h = h.get("as_int") if isinstance(h, dict) else h
+        if hint is not None and isinstance(h, int) and not isinstance(h, bool) and h >= 0:
+            hint.append(h)
+        else:
+            hint = None
+    return tuple(out), (tuple(hint) if hint is not None else None)
 
 
 def parse_graph(program: dict[str, Any], shown: str, max_nodes: int = 10_000_000) -> Graph:
@@ -177,7 +193,19 @@ def parse_graph(program: dict[str, Any], shown: str, max_nodes: int = 10_000_000
         raise MalformedInputError(f"{shown}: the graph JSON has malformed nodes", shown)
     if len(raw_nodes) > max_nodes:
         raise ResourceLimitError(f"{shown}: {len(raw_nodes)} graph nodes, over the limit of {max_nodes}", shown)
-    shapes = {str(k): _shape(v) for k, v in values.items()}
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    dims: dict[str, tuple[int | str, ...]] = {}
+    hints: dict[str, tuple[int, ...]] = {}
+    for k, v in values.items():
+        parsed = _dims(v)
+        shapes[str(k)] = None
+        if parsed is None:
+            continue
+        dims[str(k)] = parsed[0]
+        if parsed[1] is not None:
+            hints[str(k)] = parsed[1]
+        if all(isinstance(d, int) for d in parsed[0]):
+            shapes[str(k)] = tuple(int(d) for d in parsed[0])
     dtypes = {str(k): int(v.get("dtype", 0)) for k, v in values.items() if isinstance(v, dict)
               and isinstance(v.get("dtype", 0), int)}
     nodes: list[Node] = []
@@ -234,6 +262,6 @@ def parse_graph(program: dict[str, Any], shown: str, max_nodes: int = 10_000_000
             a = parse_arg(spec["user_output"].get("arg"), shown)
             if a.kind == "tensor":
                 outputs.append(a.value)
-    graph = Graph(nodes, shapes, dtypes, params, kinds, constants, inputs, outputs)
+    graph = Graph(nodes, shapes, dtypes, params, kinds, constants, inputs, outputs, dims, hints)
     graph.index()
     return graph

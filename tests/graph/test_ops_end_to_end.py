@@ -115,3 +115,26 @@ def test_pt2_as_a_checkpoint_format(tmp_path: Path) -> None:
     a, b = zipfile.ZipFile(FIXTURES / "unet.pt2"), zipfile.ZipFile(tmp_path / "o.pt2")
     differ = [n for n in a.namelist() if a.read(n) != b.read(n)]
     assert len(differ) == 1 and "/data/weights/" in differ[0]
+
+
+def test_dynamic_batch_gets_the_static_bound(tmp_path: Path) -> None:
+    import io
+    import warnings
+
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model, (x,), dynamic_shapes=({0: Dim("b")},))
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+    dyn = tmp_path / "dyn.pt2"
+    dyn.write_bytes(buf.getvalue())
+    r = inspect_archive(str(dyn), GraphSettings(measure_seconds=1.0))
+    static = inspect_archive(str(export_to(tmp_path / "s.pt2", model, x)), FAST)
+    assert r.certified and r.log10_upper == pytest.approx(static.log10_upper, abs=1e-12)
+    assert r.lipschitz_lower is not None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,6 +22,10 @@ class Interval:
     lower_method: str
     upper_method: str
     certified: bool
+    # Set when a budget cut the work short: one line saying the bound is loose and by at most how much.
+    loose: str | None = None
+    # True when lower and upper hold for different groupings of a kernel whose grouping is unknown.
+    grouping_assumed: bool = False
 
     @property
     def method(self) -> str:
@@ -31,6 +36,50 @@ class Interval:
 
 def exact(value: float, method: str) -> Interval:
     return Interval(value, value, method, method, True)
+
+
+def pow2_exponent(t: torch.Tensor) -> int:
+    """e with max |t| in [2^(e-1), 2^e): dividing by 2^e is exact and brings the entries near 1."""
+    top = float(t.detach().abs().max()) if t.numel() else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return 0
+    return math.frexp(top)[1]
+
+
+def scaled(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t / 2^e with max |entry| in [1/2, 1), and e (see docs/mathematics.md, "Scaling")."""
+    e = pow2_exponent(t)
+    out, rest = t, -e
+    while rest:  # steps of at most 2^900 so the factor itself stays a normal float
+        step = max(-900, min(900, rest))
+        out = out * 2.0**step
+        rest -= step
+    return out, e
+
+
+def unscale(x: float, e: int) -> float:
+    """x * 2^e, inf on overflow (an honest upper end), exact otherwise unless the result is subnormal."""
+    try:
+        return math.ldexp(x, e)
+    except OverflowError:
+        return math.inf
+
+
+def unscale_lower(x: float, e: int) -> float:
+    """x * 2^e rounded down: a result that lands in the subnormal range may lose bits."""
+    y = unscale(x, e)
+    return math.nextafter(y, 0.0) if 0.0 < y < 2.0**-1021 else y
+
+
+def unscale_upper(x: float, e: int) -> float:
+    y = unscale(x, e)
+    return math.nextafter(y, math.inf) if 0.0 < y < 2.0**-1021 else y
+
+
+def unscale_interval(iv: Interval, e: int) -> Interval:
+    if e == 0:
+        return iv
+    return replace(iv, lower=unscale_lower(iv.lower, e), upper=unscale_upper(iv.upper, e))
 
 
 def to_float64(t: torch.Tensor, device: str = "cpu") -> torch.Tensor:

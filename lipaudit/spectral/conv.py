@@ -1,38 +1,94 @@
 """Operator norms of convolution kernels, valid for every padding, stride and input size.
 
 S(K) = sup over w of sigma_max(K^(w)), with K^(w) = sum_p K[:, :, p] e^{-i w.p}, is the norm of
-the convolution on the infinite grid; zero or circular padding, strides, dilation and
-transposition can only lower it (DESIGN §2.2).
+the convolution on the infinite grid; zero padding, circular padding up to 'same', strides,
+dilation and transposition can only lower it (docs/mathematics.md, "Convolutions").
 
-The certificate: cover the frequency torus with boxes C (centre c, half-widths h). With
-tau_C = sum_i ((k_i - 1) / 2) h_i < sqrt(2), every w in C has
-    sigma_max(K^(w)) <= S <= sigma_max(K^(c)) / (1 - tau_C^2 / 2)
-(Bernstein's inequality along the segment from the maximiser to c). Branch and bound keeps
-the boxes whose bound could still exceed lower * (1 + rtol) and splits them. A box is closed
-by a Cholesky factorisation of t^2 I - P(c), P = K^H K, which proves sigma_max(K^(c)) < t
-without an eigensolver.
+Two certificates (docs/mathematics.md, "Certifying S(K)"):
+- cells: cover the frequency torus with boxes C (centre c, half-widths h). With
+  tau_C = sum_i ((k_i - 1) / 2) h_i < sqrt(2), S <= max_C sigma_max(K^(c)) / (1 - tau_C^2 / 2).
+  Branch and bound splits the boxes whose bound could still exceed lower * (1 + rtol); a box is
+  closed by a Cholesky factorisation of t^2 I - P(c), P = K^H K, which proves sigma < t.
+- a uniform grid of N_i points per axis: S <= max over the grid / prod_i (1 - t_i^2 / 2) with
+  t_i = pi (k_i - 1) / (2 N_i). Used for flat spectra (every box must be split to the end anyway)
+  and for kernels whose symbol is a vector (one FFT).
+
+Every entry point scales the kernel by a power of two first, so no product can overflow or
+underflow, and honours a wall-clock deadline and a memory budget: when the deadline passes, a
+sound but looser bound comes back with Interval.loose saying by how much at most.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from lipaudit.spectral import ROUNDING_MARGIN, Interval, exact, lanczos_top_vector
-from lipaudit.spectral.dense import exact_norm, svd_norm
+from lipaudit.errors import ResourceLimitError
+from lipaudit.spectral import (
+    ROUNDING_MARGIN,
+    Interval,
+    exact,
+    lanczos_top_vector,
+    scaled,
+    unscale_interval,
+    unscale_lower,
+    unscale_upper,
+)
+from lipaudit.spectral.dense import exact_norm, svd_error, svd_norm
 
 _EPS = float(torch.finfo(torch.float64).eps)
-# Boxes per batch are sized so a batch of Gram matrices stays near this many bytes.
+# Working sets (batches of Gram matrices, grid chunks) are sized to stay near this many bytes.
 _BATCH_BYTES = 64 * 2**20
-# Bound on the work for one kernel, in Gram evaluations; beyond it the simple bound stands.
+# Bound on the work for one kernel, in Gram evaluations, when no deadline is given.
 MAX_POINTS = 1_000_000
 # Exact eigenvalue evaluations per batch at the last level before its open cells are split.
 _MAX_EXACT = 32
 # Aim below the requested rtol so rounding slack cannot push the result past it.
 _TARGET = 0.9
+# Error constant of a float64 FFT per level (Higham, Thm 24.2: mu + gamma_4 (sqrt 2 + mu), generous).
+_FFT_ETA = 16 * _EPS
+# The autocorrelation table is built shift by shift; beyond this many shifts the direct form is used.
+_MAX_SHIFTS = 20_000
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Budget:
+    """deadline: a time.monotonic() value; max_bytes: the largest working set allowed."""
+
+    deadline: float | None = None
+    max_bytes: int | None = None
+
+    def check(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise _OutOfTime
+
+    def chunk(self) -> int:
+        return _BATCH_BYTES if self.max_bytes is None else max(2**16, min(_BATCH_BYTES, self.max_bytes // 4))
+
+    def fits(self, nbytes: float) -> bool:
+        return self.max_bytes is None or nbytes <= self.max_bytes
+
+    def need(self, nbytes: float, what: str) -> None:
+        if not self.fits(nbytes):
+            raise ResourceLimitError(
+                f"{what} needs about {_mib(nbytes)} of memory, over the budget of {_mib(self.max_bytes or 0)}; "
+                "raise the memory budget to audit this layer"
+            )
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
 
 
 def kernel_matrix(k: torch.Tensor) -> torch.Tensor:
@@ -45,74 +101,137 @@ def reshape_sigma(k: torch.Tensor) -> float:
 
 
 def taps_bound(k: torch.Tensor, reshape: float | None = None) -> float:
-    """sqrt(k_1 ... k_d) * reshape_sigma: each input pixel meets at most prod k output positions."""
-    r = reshape_sigma(k) if reshape is None else reshape
+    """sqrt(k_1 ... k_d) * reshape_sigma: each input pixel meets at most prod k output positions.
+
+    reshape, when given, is LAPACK's value (svd_norm); its rounding margin is added here."""
+    mat = kernel_matrix(k)
+    r = exact_norm(mat).upper if reshape is None else reshape * (1 + svd_error(*mat.shape))
     return math.sqrt(math.prod(k.shape[2:])) * r * (1 + ROUNDING_MARGIN)
 
 
-class GramSymbol:
-    """P(w) = K^(w)^H K^(w) on the smaller channel side, for batches of frequencies."""
+def frobenius_taps_bound(k: torch.Tensor) -> float:
+    """sqrt(prod k) * ||K||_F >= the taps bound; needs no factorisation at all."""
+    ks, e = scaled(k)
+    fro = float(torch.linalg.vector_norm(ks)) * (1 + ks.numel() * _EPS)
+    return unscale_upper(math.sqrt(math.prod(k.shape[2:])) * fro * (1 + ROUNDING_MARGIN), e)
 
-    def __init__(self, k: torch.Tensor) -> None:
-        if k.shape[0] < k.shape[1]:
-            k = k.transpose(0, 1)  # K^(w)^T has the same singular values
-        self.m, self.n = int(k.shape[0]), int(k.shape[1])
-        self.ks = tuple(int(s) for s in k.shape[2:])
-        self.device = k.device
+
+def same_padding(ks: Sequence[int], dilation: int | Sequence[int] = 1) -> list[tuple[int, int]]:
+    """torch's padding='same': total d (k - 1) per axis, left = total // 2, the rest on the right."""
+    dil = _per_axis(dilation, len(ks))
+    out = []
+    for k, d in zip(ks, dil, strict=True):
+        total = d * (int(k) - 1)
+        out.append((total // 2, total - total // 2))
+    return out
+
+
+def _per_axis(x: int | Sequence[int], d: int) -> list[int]:
+    return [int(x)] * d if isinstance(x, int) else [int(v) for v in x]
+
+
+# --- the symbol -------------------------------------------------------------------------------
+
+
+def _grouped(k: torch.Tensor, groups: int) -> torch.Tensor:
+    """(g, m, n, k...) with m >= n in each group: K^(w)^T has the same singular values."""
+    c_out = k.shape[0]
+    if groups < 1 or c_out % groups:
+        raise ValueError(f"groups={groups} does not divide {c_out} output channels")
+    kg = k.reshape(groups, c_out // groups, *k.shape[1:])
+    if kg.shape[1] < kg.shape[2]:
+        kg = kg.transpose(1, 2)
+    return kg.contiguous()
+
+
+class GramSymbol:
+    """P_j(w) = K_j^(w)^H K_j^(w) for every group j, on the smaller channel side, for batches of w.
+
+    Real arithmetic: P(w) = A_0 + sum_{q > 0} cos(w.q) (A_q + A_q^T) - i sin(w.q) (A_q - A_q^T),
+    with the autocorrelation A_q = sum_p K_p^T K_{p+q} (A_{-q} = A_q^T), or directly
+    K^(w) = sum_p K_p (cos(w.p) - i sin(w.p)) and P = K^H K when that is cheaper."""
+
+    def __init__(self, kg: torch.Tensor, budget: Budget | None = None) -> None:
+        budget = budget or Budget()
+        if kg.shape[1] < kg.shape[2]:
+            kg = kg.transpose(1, 2).contiguous()
+        self.g, self.m, self.n = int(kg.shape[0]), int(kg.shape[1]), int(kg.shape[2])
+        self.ks = tuple(int(s) for s in kg.shape[3:])
+        self.device = kg.device
+        g, m, n = self.g, self.m, self.n
         taps = math.prod(self.ks)
         span = math.prod(2 * s - 1 for s in self.ks)
-        # Autocorrelation A_q = sum_p K_p^T K_{p+q} makes each P(w) cost span * n^2 instead of
-        # taps * m * n + m * n^2; worth it unless the kernel is long and narrow.
-        self.autocorr = span * self.n < taps * self.m + self.m * self.n and span * self.n * self.n * 8 < 2**29
-        norms = torch.linalg.vector_norm(k.reshape(self.m, self.n, taps), dim=(0, 1))
-        tap_sum = float(norms.sum())
-        flat = k.reshape(self.m, self.n, taps)
+        half = (span + 1) // 2
+        flat = kg.reshape(g, m, n, taps)
+        tap_sum = float(torch.linalg.vector_norm(flat, dim=(1, 2)).sum(dim=1).max())
+        auto_cost = half * n * n * 2
+        direct_cost = taps * m * n * 2 + m * n * n * 4
+        auto_bytes = half * g * n * n * 8 * 2
+        self.autocorr = span <= _MAX_SHIFTS and auto_cost < direct_cost and budget.fits(4 * auto_bytes)
         if self.autocorr:
-            self.shifts, self.table = self._autocorrelation(k)
-            self.traces = self.table[:, :: self.n + 1].sum(dim=1)
-            work = self.m * taps + span
+            shifts, cos_t, sin_t, traces = self._autocorrelation(kg)
+            self.shifts = shifts
+            self.cos_table, self.sin_table, self.traces = cos_t, sin_t, traces
+            work = m * taps + span
         else:
-            self.shifts = self._positions(self.ks)
-            self.table = flat.permute(2, 0, 1).reshape(taps, -1).to(torch.complex128)
-            self.tap_gram = torch.einsum("mnp,mnq->pq", flat, flat).to(torch.complex128)
-            work = taps + self.m
-        # Rounding of P(w), in spectral norm (Higham, Thm 3.5; complex factor 4; 2 more because
-        # only the lower triangle is read and mirrored).
-        self.p_error = 8 * (work + 8) * _EPS * tap_sum * tap_sum
+            budget.need(taps * g * m * n * 8 + g * taps * taps * 8, "the convolution symbol table")
+            self.shifts = torch.tensor(list(itertools.product(*(range(s) for s in self.ks))), dtype=torch.float64)
+            self.table = flat.permute(3, 0, 1, 2).reshape(taps, -1)
+            self.tap_gram = torch.einsum("gmnp,gmnq->gpq", flat, flat)
+            work = taps + m
+        # Rounding of P(w) in spectral norm (Higham, Thm 3.5; complex factor 4; 2 more because
+        # LAPACK reads one triangle; the phases w.q carry a relative error eps |w.q|).
+        work += 8 + int(2 * math.pi * sum(2 * s for s in self.ks))
+        self.p_error = 8 * work * _EPS * tap_sum * tap_sum + 2.0**-1000
+        self.batch = max(1, budget.chunk() // (16 * max(g * n * n, g * m * n, span)))
 
-    @staticmethod
-    def _positions(ks: tuple[int, ...]) -> torch.Tensor:
-        return torch.tensor(list(itertools.product(*(range(s) for s in ks))), dtype=torch.float64)
-
-    def _autocorrelation(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _autocorrelation(
+        self, kg: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        g, n = self.g, self.n
+        every = (slice(None), slice(None), slice(None))
         shifts, mats = [], []
-        every = (slice(None), slice(None))
         for q in itertools.product(*(range(-(s - 1), s) for s in self.ks)):
+            if q < tuple(0 for _ in q):
+                continue  # the negative half is the transpose of the positive one
             pairs = list(zip(q, self.ks, strict=True))
-            src = k[(*every, *(slice(max(0, -qi), s - max(0, qi)) for qi, s in pairs))]
-            dst = k[(*every, *(slice(max(0, qi), s - max(0, -qi)) for qi, s in pairs))]
-            a = src.transpose(0, 1).reshape(self.n, -1) @ dst.transpose(0, 1).reshape(self.n, -1).T
+            src = kg[(*every, *(slice(max(0, -qi), s - max(0, qi)) for qi, s in pairs))]
+            dst = kg[(*every, *(slice(max(0, qi), s - max(0, -qi)) for qi, s in pairs))]
+            a = src.transpose(1, 2).reshape(g, n, -1) @ dst.transpose(1, 2).reshape(g, n, -1).transpose(1, 2)
             shifts.append(q)
-            mats.append(a.reshape(-1))
-        return torch.tensor(shifts, dtype=torch.float64), torch.stack(mats).to(torch.complex128)
+            mats.append(a)
+        a = torch.stack(mats)  # (H + 1, g, n, n), shift 0 first
+        cos_t = a + a.transpose(-1, -2)
+        cos_t[0] = a[0]
+        sin_t = a - a.transpose(-1, -2)
+        tr = a.diagonal(dim1=-2, dim2=-1).sum(-1)  # (H + 1, g)
+        tr = torch.cat([tr[:1], 2 * tr[1:]])
+        return (torch.tensor(shifts, dtype=torch.float64), cos_t.reshape(len(shifts), -1),
+                sin_t.reshape(len(shifts), -1), tr)
 
-    def batch_size(self) -> int:
-        return max(1, _BATCH_BYTES // (16 * self.n * self.n))
+    def _phases(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        arg = w.to(self.device) @ self.shifts.to(self.device).T
+        return torch.cos(arg), torch.sin(arg)
 
     def trace(self, w: torch.Tensor) -> torch.Tensor:
-        """trace P(w) = ||K^(w)||_F^2 >= lambda_max(P(w)), for a fraction of the cost of P(w)."""
-        phases = torch.exp(-1j * (w.to(self.device) @ self.shifts.to(self.device).T))
+        """max over groups of trace P_j(w) = ||K_j^(w)||_F^2 >= lambda_max, for a fraction of the cost."""
+        c, s = self._phases(w)
         if self.autocorr:
-            return (phases @ self.traces.to(self.device)).real.cpu()
-        return torch.einsum("bp,pq,bq->b", phases.conj(), self.tap_gram.to(self.device), phases).real.cpu()
+            t = c @ self.traces
+        else:
+            t = torch.einsum("bp,gpq,bq->bg", c, self.tap_gram, c) + torch.einsum("bp,gpq,bq->bg", s, self.tap_gram, s)
+        out: torch.Tensor = t.max(dim=1).values.cpu()
+        return out
 
     def negated(self, w: torch.Tensor) -> torch.Tensor:
-        """w: (B, d) frequencies -> -P(w), (B, n, n). LAPACK reads only the lower triangle, so
-        the Hermitian halves need not be averaged."""
-        phases = torch.exp(-1j * (w.to(self.device) @ self.shifts.to(self.device).T))
+        """w: (B, d) frequencies -> -P_j(w), (B * g, n, n), point-major."""
+        c, s = self._phases(w)
+        m, n = self.m, self.n
         if self.autocorr:
-            return ((-phases) @ self.table.to(self.device)).reshape(-1, self.n, self.n)
-        sym = (phases @ self.table.to(self.device)).reshape(-1, self.m, self.n)
+            re = (c @ self.cos_table).reshape(-1, n, n)
+            im = (s @ self.sin_table).reshape(-1, n, n)
+            return torch.complex(-re, im)
+        sym = torch.complex(c @ self.table, -(s @ self.table)).reshape(-1, m, n)
         return -(sym.mH @ sym)
 
 
@@ -122,21 +241,21 @@ def top_eigenvalue(neg: torch.Tensor) -> torch.Tensor:
     return top
 
 
-def below(neg: torch.Tensor, t2: float, p_error: float) -> torch.Tensor:
-    """True where lambda_max(P) < t2 is proven by a Cholesky factorisation of (t2 - slack) I - P.
-
-    neg holds -P and is restored afterwards. The slack covers the rounding of P and of the
-    factorisation (Higham, Thm 10.3; the trace of the shifted matrix is at most n t2)."""
+def below(neg: torch.Tensor, t2: float, p_error: float, groups: int = 1) -> torch.Tensor:
+    """Per point (groups consecutive matrices): lambda_max(P) < t2 for every group, proven by a
+    Cholesky factorisation of (t2 - slack) I - P. neg holds -P and is restored afterwards. The
+    slack covers the rounding of P and of the factorisation (Higham, Thm 10.3)."""
     n = neg.shape[-1]
+    points = neg.shape[0] // groups
     slack = p_error + 4 * (n + 1) * n * _EPS * t2 / (1 - (n + 1) * _EPS)
     if t2 - slack <= 0:
-        return torch.zeros(neg.shape[0], dtype=torch.bool)
+        return torch.zeros(points, dtype=torch.bool)
     diag = neg.diagonal(dim1=-2, dim2=-1)
     saved = diag.clone()
     diag.add_(t2 - slack)
     _, info = torch.linalg.cholesky_ex(neg)
     diag.copy_(saved)
-    ok: torch.Tensor = (info == 0).cpu()
+    ok: torch.Tensor = (info == 0).reshape(points, groups).all(dim=1).cpu()
     return ok
 
 
@@ -176,8 +295,6 @@ class _Cover:
         return self._to_s(y) / self.a
 
     def _inside(self, y: torch.Tensor, b: float) -> torch.Tensor:
-        # A cell moves s_1, s_2 by at most 2b and the other s_i by b: keep it if it can reach
-        # the region.
         s, reach = self._to_s(y), self.ratio * b
         return ((s >= -reach) & (s <= self.extent + reach)).all(dim=1)
 
@@ -195,6 +312,12 @@ class _Cover:
         ]
         y = torch.cartesian_prod(*axes).reshape(-1, self.d)
         return y[self._inside(y, b)]
+
+    def count(self, b: float) -> float:
+        """About how many cells of base half-width b cover the region."""
+        vol = float(torch.prod(self.extent + 2 * self.ratio * b))
+        cell = float(torch.prod(2 * self.ratio * b)) / (2 if self.rotated else 1)
+        return vol / cell
 
     def split(self, y: torch.Tensor, b: float) -> torch.Tensor:
         """Children of base half-width b / 2."""
@@ -219,24 +342,26 @@ class ConvResult:
 class _Search:
     """Running lower end (best exact value seen) and proven upper end over sets of points."""
 
-    def __init__(self, sym: GramSymbol, target: float) -> None:
+    def __init__(self, sym: GramSymbol, target: float, budget: Budget) -> None:
         self.sym = sym
         self.target = target
+        self.budget = budget
         self.lower2 = 0.0
         self.upper = 0.0
         self.points = 0
         self.exact_points = 0
+        self.open_trace = 0.0  # max trace P over the points the last settle left open
 
     def exact_at(self, neg: torch.Tensor) -> float:
-        """sigma at one point; raises the lower end, returns an upper end for that point."""
+        """sigma at one point (its g matrices); raises the lower end, returns an upper end there."""
         self.exact_points += 1
-        top = float(top_eigenvalue(neg)[0])
-        self.lower2 = max(self.lower2, top)
-        # eigvalsh is backward stable: error ~ n eps ||P||.
-        return math.sqrt(top * (1 + 64 * neg.shape[-1] * _EPS) + self.sym.p_error)
+        top = float(top_eigenvalue(neg).max())
+        err = svd_error(neg.shape[-1], neg.shape[-1]) * math.sqrt(neg.shape[-1]) * top + self.sym.p_error
+        self.lower2 = max(self.lower2, top - err)
+        return math.sqrt(top + err)
 
     def cap(self) -> float:
-        return math.sqrt(self.lower2) * (1 + self.target)
+        return math.sqrt(max(self.lower2, 0.0)) * (1 + self.target)
 
     def settle(self, w: torch.Tensor, factor: float, final: bool) -> torch.Tensor:
         """Close the points whose sigma / factor is proven at most cap(); return the others' indices.
@@ -247,7 +372,8 @@ class _Search:
         point holds a value above the lower end: it is taken exactly, which raises the lower
         end and usually closes the rest."""
         self.points += len(w)
-        traces = self.sym.trace(w)
+        g = self.sym.g
+        traces = torch.cat([self.sym.trace(w[sl]) for sl in _chunks(len(w), self.sym.batch)])
         order = torch.argsort(traces, descending=True)
         w, traces = w[order], traces[order]
         if float(traces[0]) > self.lower2:
@@ -261,24 +387,26 @@ class _Search:
             self.upper = max(self.upper, cap)
         todo = torch.nonzero(~cheap).flatten()
         opened = []
-        for sl in _chunks(len(todo), self.sym.batch_size()):
+        for sl in _chunks(len(todo), self.sym.batch):
+            self.budget.check()
             idx = todo[sl]
             neg = self.sym.negated(w[idx])
-            still = torch.arange(len(neg))
+            still = torch.arange(len(idx))
             kept: list[int] = []
             tries = 0
             while len(still):
                 cap = self.cap()
                 if factor > 0:
-                    part = neg if len(still) == len(neg) else neg[still]
-                    closed = below(part, (cap * factor) ** 2, self.sym.p_error)
+                    part = neg if len(still) == len(idx) else neg.reshape(len(idx), g, *neg.shape[1:])[still].reshape(
+                        -1, *neg.shape[1:])
+                    closed = below(part, (cap * factor) ** 2, self.sym.p_error, g)
                     if bool(closed.any()):
                         self.upper = max(self.upper, cap)
                         still = still[~closed]
                 if not len(still) or tries >= (_MAX_EXACT if final else 1):
                     break
                 first, still = int(still[0]), still[1:]
-                bound = self.exact_at(neg[first : first + 1]) / factor if factor > 0 else math.inf
+                bound = self.exact_at(neg[first * g : (first + 1) * g]) / factor if factor > 0 else math.inf
                 tries += 1
                 if bound <= self.cap() * (1 + 1e-9):
                     self.upper = max(self.upper, bound)
@@ -288,74 +416,251 @@ class _Search:
                     break  # coarse levels: the exact value only raises the lower end
             still = torch.cat([still, torch.tensor(kept, dtype=torch.long)])
             opened.append(idx[still])
-        return order[torch.cat(opened)] if opened else torch.zeros(0, dtype=torch.long)
+        left = torch.cat(opened) if opened else torch.zeros(0, dtype=torch.long)
+        self.open_trace = float(traces[left].max()) if len(left) else 0.0
+        return order[left]
 
     def interval(self, method: str) -> Interval:
-        lower = math.sqrt(self.lower2)
+        lower = math.sqrt(max(self.lower2, 0.0))
         return Interval(lower, max(self.upper, lower) * (1 + ROUNDING_MARGIN), "freq-grid", method, True)
 
 
-def _matrix(k: torch.Tensor) -> Interval:
-    """A kernel with one tap is a matrix at every frequency; its upper end keeps the rounding margin."""
-    iv = exact_norm(k.reshape(k.shape[0], k.shape[1]))
-    return Interval(iv.lower, iv.upper * (1 + ROUNDING_MARGIN), iv.lower_method, iv.upper_method, True)
+# --- vector symbols by FFT ----------------------------------------------------------------------
+
+
+def _smooth(n: int) -> int:
+    """The smallest 2^a or 3 * 2^a at least n: FFT sizes with the plain error bound."""
+    p = 1 << max(0, (n - 1).bit_length())
+    return min(p, 3 * (p // 4)) if p >= 4 and 3 * (p // 4) >= n else p
+
+
+def _fold(h: torch.Tensor, sizes: Sequence[int], dil: Sequence[int]) -> torch.Tensor:
+    """Kernel taps moved to positions d p mod n (summed where they meet): the circular kernel."""
+    lead = h.shape[: h.ndim - len(sizes)]
+    out = torch.zeros(*lead, *sizes, dtype=h.dtype, device=h.device)
+    idx = [(torch.arange(k) * d) % n for k, d, n in zip(h.shape[len(lead):], dil, sizes, strict=True)]
+    if all(k * d <= n for k, d, n in zip(h.shape[len(lead):], dil, sizes, strict=True)):
+        index: tuple[Any, ...] = (Ellipsis, *torch.meshgrid(*idx, indexing="ij"))
+        out[index] = h
+        return out
+    flat_idx = torch.zeros(1, dtype=torch.long)
+    for i, n in zip(idx, sizes, strict=True):
+        flat_idx = (flat_idx[:, None] * n + i[None, :]).reshape(-1)
+    out.reshape(*lead, -1).index_add_(-1, flat_idx, h.reshape(*lead, -1))
+    return out
+
+
+def _fft_grid(kg: torch.Tensor, sizes: Sequence[int], dil: Sequence[int], budget: Budget) -> tuple[float, float]:
+    """kg (g, m, n, k...): max over groups and the n-point grid of sigma_max(K_j^(2 pi r / n)), bracketed.
+
+    One FFT per channel pair; the error of a float64 FFT of size N is at most log2(N) eta ||y||
+    in 2-norm (Higham, Thm 24.2), so each entry is off by at most log2(N) eta sqrt(N) ||h||, and
+    the matrix at a point by at most that with ||K_j||_F for ||h|| (docs/mathematics.md)."""
+    g, m, n = int(kg.shape[0]), int(kg.shape[1]), int(kg.shape[2])
+    d = len(sizes)
+    total = math.prod(sizes)
+    half = total // sizes[-1] * (sizes[-1] // 2 + 1)
+    per_group = m * n * total * 8 + m * n * half * 16 * 2 + half * n * n * 16 * 2
+    budget.need(per_group, "one group's frequency table")
+    step = max(1, budget.chunk() // per_group)
+    smooth = all(_smooth(x) == x for x in sizes)
+    eta = _FFT_ETA * (1 if smooth else 4)
+    levels = sum(max(1.0, math.log2(x)) for x in sizes) + 2
+    lo = hi = 0.0
+    dims = tuple(range(3, 3 + d))
+    for sl in _chunks(g, step):
+        budget.check()
+        hf = _fold(kg[sl], sizes, dil)
+        spec = torch.fft.rfftn(hf, dim=dims).reshape(hf.shape[0], m, n, -1)
+        fro = torch.linalg.vector_norm(hf.reshape(hf.shape[0], -1), dim=1)  # ||K_j||_F (folded)
+        e_k = (levels * eta * math.sqrt(total) * fro * (1 + 4 * _EPS))[:, None]
+        if n == 1:
+            power = (spec.real**2 + spec.imag**2).sum(dim=(1, 2))  # (g', points)
+            top = power.sqrt()
+            rel = (m + 4) * _EPS
+            up, low = top * (1 + rel), top * (1 - rel)
+        else:
+            mats = spec.permute(0, 3, 1, 2)  # (g', points, m, n)
+            f2 = (mats.real**2 + mats.imag**2).sum(dim=(2, 3))
+            lam = torch.linalg.eigvalsh(mats.mH @ mats)[..., -1].clamp(min=0)
+            e_p = (8 * (m + 4) * _EPS + svd_error(n, n)) * f2
+            up, low = (lam + e_p).sqrt(), (lam - e_p).clamp(min=0).sqrt()
+        lo = max(lo, float((low - e_k).clamp(min=0).max()))
+        hi = max(hi, float((up + e_k).max()))
+    return lo, hi
+
+
+def _vector_grid(kg: torch.Tensor, sizes: Sequence[int], dil: Sequence[int], budget: Budget) -> tuple[float, float]:
+    return _fft_grid(kg, sizes, dil, budget)
+
+
+# --- S(K) ---------------------------------------------------------------------------------------
+
+
+def _matrix(k: torch.Tensor, groups: int = 1) -> Interval:
+    """A kernel with one tap is a (block-diagonal) matrix at every frequency."""
+    kg = k.reshape(groups, k.shape[0] // groups, k.shape[1])
+    ivs = [exact_norm(kg[j]) for j in range(groups)]
+    return Interval(max(i.lower for i in ivs), max(i.upper for i in ivs) * (1 + ROUNDING_MARGIN), "svd", "svd", True)
 
 
 def _prepare(k: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    k = _trim(k)  # trimming zero taps leaves the reshaped norm as it was
+    k = _trim(k)  # trimming zero taps leaves every norm as it was
     active = [i for i, s in enumerate(k.shape[2:]) if s > 1]
     return k.reshape(k.shape[0], k.shape[1], *(k.shape[2 + i] for i in active)), active
 
 
-def conv_bound(k: torch.Tensor, rtol: float, reshape: float | None = None) -> ConvResult:
-    """Certified bracket of S(K) for a float64 kernel (c_out, c_in, k_1, ..., k_d); reshape, when
-    the caller has it, is ||K.reshape(c_out, -1)||_2 (it saves an SVD for the simple bound)."""
-    if not bool(torch.any(k != 0)):
+def _grid_sizes(ks: Sequence[int], target: float) -> list[int]:
+    """N_i with prod_i (1 - t_i^2 / 2) >= 1 / (1 + target), t_i = pi (k_i - 1) / (2 N_i)."""
+    d = len(ks)
+    t = math.sqrt(2 * (1 - (1 + target) ** (-1 / d)))
+    return [_smooth(max(2, math.ceil(math.pi * (s - 1) / 2 / t))) for s in ks]
+
+
+def _grid_factor(ks: Sequence[int], sizes: Sequence[int]) -> float:
+    f = 1.0
+    for s, n in zip(ks, sizes, strict=True):
+        t = math.pi * (s - 1) / 2 / n
+        f *= 1 - t * t / 2 if t < math.sqrt(2) else 0.0
+    return f
+
+
+def _uniform_points(sizes: Sequence[int]) -> torch.Tensor:
+    """Half of the uniform grid (the last axis up to n / 2): sigma(w) = sigma(-w) for real kernels."""
+    axes = [torch.arange(n if i < len(sizes) - 1 else n // 2 + 1, dtype=torch.float64) * (2 * math.pi / n)
+            for i, n in enumerate(sizes)]
+    return torch.cartesian_prod(*axes).reshape(-1, len(sizes))
+
+
+def _loose(lower: float, upper: float, why: str) -> str:
+    ratio = upper / lower if lower > 0 else math.inf
+    at_most = f"at most {ratio:.3g}x the lower end" if math.isfinite(ratio) else "not bracketed from below"
+    return f"{why}: the upper end is loose ({at_most})"
+
+
+def _fallback(k: torch.Tensor, groups: int, lower: float, level: float, reshape: float | None,
+              budget: Budget, why: str) -> Interval:
+    """The taps bound (or the best box bound so far, if smaller): sound, within sqrt(prod k) of S."""
+    kg = k.reshape(groups, k.shape[0] // groups, *k.shape[1:])
+    rows, cols = kg.shape[1], math.prod(kg.shape[2:])
+    if budget.fits(rows * cols * 8 * 4 + min(rows, cols) ** 2 * 8 * 3):
+        if groups == 1 and reshape is not None:
+            taps = taps_bound(k, reshape)
+        else:
+            taps = max(taps_bound(kg[j]) for j in range(groups))
+        method = "sqrt-taps-reshape"
+    else:
+        taps = frobenius_taps_bound(k)
+        method = "sqrt-taps-frobenius"
+    upper = min(taps, level)
+    if level < taps:
+        method = "freq-boxes"
+    upper = max(upper, lower)
+    return Interval(lower, upper, "freq-grid", method, True, loose=_loose(lower, upper, why))
+
+
+def conv_bound(
+    k: torch.Tensor,
+    rtol: float,
+    reshape: float | None = None,
+    *,
+    groups: int = 1,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
+) -> ConvResult:
+    """Certified bracket of max_j S(K_j) over the groups of a float64 kernel (c_out, c_in/groups,
+    k_1, ..., k_d); reshape, when the caller has it and groups == 1, is LAPACK's
+    ||K.reshape(c_out, -1)||_2 (it saves an SVD for the fallback bound)."""
+    budget = Budget(deadline, max_bytes)
+    if k.shape[0] % groups:
+        raise ValueError(f"groups={groups} does not divide {k.shape[0]} output channels")
+    budget.need(k.numel() * 8 * 3, "the kernel")
+    if k.numel() == 0 or not bool(torch.any(k != 0)):
         return ConvResult(exact(0.0, "zero"), 0, 0)
+    ks, e = scaled(k)
+    res = _conv_bound(ks, rtol, None if reshape is None else math.ldexp(reshape, -e), groups, budget)
+    return replace(res, interval=unscale_interval(res.interval, e))
+
+
+def _conv_bound(k: torch.Tensor, rtol: float, reshape: float | None, groups: int, budget: Budget) -> ConvResult:
     k, active = _prepare(k)
     if not active:
-        return ConvResult(_matrix(k), 1, 1)
-    sym = GramSymbol(k)
-    cover = _Cover([(s - 1) / 2 for s in sym.ks])
+        return ConvResult(_matrix(k, groups), 1, 1)
+    kg = _grouped(k, groups)
+    spatial = tuple(int(s) for s in kg.shape[3:])
     target = rtol * _TARGET
+    lower = 0.0
+    try:
+        sizes = _grid_sizes(spatial, target)
+        g, m, n = (int(x) for x in kg.shape[:3])
+        taps = math.prod(spatial)
+        # Vector symbols, and long kernels with few channels: one FFT per channel pair.
+        long = taps > 64 and math.prod(sizes) * m * n <= 2**26
+        if n == 1 or long:
+            points = math.prod(sizes) * g * m * n
+            if budget.fits(m * n * math.prod(sizes) * 48 + math.prod(sizes) * n * n * 32) and points <= 2**31:
+                lo, hi = _vector_grid(kg, sizes, [1] * len(sizes), budget)
+                lower = lo
+                iv = Interval(lo, hi / _grid_factor(spatial, sizes) * (1 + ROUNDING_MARGIN), "freq-grid",
+                              "freq-fft", True)
+                return ConvResult(iv, math.prod(sizes), 0)
+        sym = GramSymbol(kg, budget)
+        search = _Search(sym, target, budget)
+        return _branch_and_bound(k, kg, sym, search, spatial, target, reshape, groups, budget)
+    except _OutOfTime:
+        return ConvResult(_fallback(k, groups, lower, math.inf, reshape, budget, "time budget exhausted"), 0, 0)
+
+
+def _branch_and_bound(k: torch.Tensor, kg: torch.Tensor, sym: GramSymbol, search: _Search,
+                      spatial: tuple[int, ...], target: float, reshape: float | None, groups: int,
+                      budget: Budget) -> ConvResult:
+    cover = _Cover([(s - 1) / 2 for s in spatial])
     # The last level's tau makes 1 / (1 - tau^2 / 2) = 1 + target; the first is 2^levels larger.
     tau_final = math.sqrt(2 * (1 - 1 / (1 + target)))
     levels = max(0, math.floor(math.log2(1.2 / tau_final)))
     b = cover.base(tau_final * 2**levels)
+    # A flat spectrum keeps every cell open to the end: a uniform grid is then cheaper.
+    grid = _grid_sizes(spatial, target)
+    grid_points = math.prod(grid) / 2
     cells = cover.start(b)
-    search = _Search(sym, target)
-    while len(cells):
-        if search.points + len(cells) > MAX_POINTS:
-            return ConvResult(_fallback(k, math.sqrt(search.lower2)), search.points, search.exact_points)
-        tau = cover.tau(b)
-        factor = 1 - tau * tau / 2 if tau < math.sqrt(2) else 0.0
-        opened = search.settle(cover.frequencies(cells), factor, final=factor * (1 + target) >= 1 - 1e-12)
-        cells = cover.split(cells[opened], b)
-        b /= 2
+    level = math.inf
+    try:
+        while len(cells):
+            if budget.deadline is None and search.points + len(cells) > MAX_POINTS:
+                iv = _fallback(k, groups, math.sqrt(max(search.lower2, 0)), level, reshape, budget,
+                               f"search stopped after {search.points} points")
+                return ConvResult(iv, search.points, search.exact_points)
+            if search.points + len(cells) > grid_points and grid_points <= MAX_POINTS:
+                return _uniform(search, grid, spatial, budget)
+            tau = cover.tau(b)
+            factor = 1 - tau * tau / 2 if tau < math.sqrt(2) else 0.0
+            opened = search.settle(cover.frequencies(cells), factor, final=factor * (1 + target) >= 1 - 1e-12)
+            if factor > 0:
+                level = max(search.upper, math.sqrt(search.open_trace + sym.p_error) / factor if len(opened) else 0)
+            cells = cover.split(cells[opened], b)
+            b /= 2
+    except _OutOfTime:
+        iv = _fallback(k, groups, math.sqrt(max(search.lower2, 0)), level, reshape, budget,
+                       "time budget exhausted")
+        return ConvResult(iv, search.points, search.exact_points)
     iv = search.interval("freq-bnb")
-    simple = taps_bound(k, reshape)
-    if simple < iv.upper:
-        iv = Interval(iv.lower, simple, "freq-grid", "sqrt-taps-reshape", True)
+    if groups == 1:
+        simple = taps_bound(k, reshape)
+        if simple < iv.upper:
+            iv = Interval(iv.lower, simple, "freq-grid", "sqrt-taps-reshape", True)
     return ConvResult(iv, search.points, search.exact_points)
 
 
-def grid_bound(k: torch.Tensor, sizes: tuple[int, ...], rtol: float) -> Interval:
-    """max of sigma_max(K^(w)) over w = 2 pi j / n: the exact norm of the circular convolution
-    on an input of that size, bracketed to rtol (certified per point, no interpolation)."""
-    if not bool(torch.any(k != 0)):
-        return exact(0.0, "zero")
-    k, active = _prepare(k)
-    if not active:
-        return _matrix(k)
-    n = [sizes[i] for i in active]
-    axes = [torch.arange(m if i < len(n) - 1 else m // 2 + 1, dtype=torch.float64) * (2 * math.pi / m)
-            for i, m in enumerate(n)]
-    w = torch.cartesian_prod(*axes).reshape(-1, len(n))
-    search = _Search(GramSymbol(k), rtol * _TARGET)
-    for i in search.settle(w, 1.0, final=True).tolist():
-        # outlived the exact tries of its batch: its own exact value bounds it
-        search.upper = max(search.upper, search.exact_at(search.sym.negated(w[i : i + 1])))
-    return search.interval("grid-cholesky")
+def _uniform(search: _Search, sizes: list[int], spatial: tuple[int, ...], budget: Budget) -> ConvResult:
+    """Every point of a uniform grid, with the per-axis certificate."""
+    factor = _grid_factor(spatial, sizes)
+    w = _uniform_points(sizes)
+    step = max(1, search.sym.batch * 16)
+    for sl in _chunks(len(w), step):
+        budget.check()
+        for i in search.settle(w[sl], factor, final=True).tolist():
+            search.upper = max(search.upper, search.exact_at(search.sym.negated(w[sl][i : i + 1])) / factor)
+    return ConvResult(search.interval("freq-uniform"), search.points, search.exact_points)
 
 
 def _trim(k: torch.Tensor) -> torch.Tensor:
@@ -363,36 +668,302 @@ def _trim(k: torch.Tensor) -> torch.Tensor:
     for axis in range(2, k.ndim):
         mass = k.abs().transpose(0, axis).reshape(k.shape[axis], -1).sum(dim=1)
         nz = torch.nonzero(mass).flatten()
-        k = k.narrow(axis, int(nz[0]), int(nz[-1]) - int(nz[0]) + 1)
+        if len(nz):
+            k = k.narrow(axis, int(nz[0]), int(nz[-1]) - int(nz[0]) + 1)
     return k
 
 
-def _fallback(k: torch.Tensor, lower: float) -> Interval:
-    return Interval(lower, taps_bound(k), "freq-grid", "sqrt-taps-reshape", True)
+def row_lower(k: torch.Tensor, rtol: float = 1e-2, budget: Budget | None = None) -> tuple[float, int]:
+    """max over output channels o of a proven lower end of S(K[o:o+1]), and the best o.
+
+    One output channel's operator is a row block of whichever group holds it, so this is a
+    lower end of the norm for every grouping the shape allows."""
+    budget = budget or Budget()
+    if k.numel() == 0 or not bool(torch.any(k != 0)):
+        return 0.0, 0
+    ks, e = scaled(k)
+    ks = _trim(ks)
+    c_out, c_in = ks.shape[0], ks.shape[1]
+    spatial = [int(s) for s in ks.shape[2:]]
+    if not spatial or all(s == 1 for s in spatial):
+        norms = torch.linalg.vector_norm(ks.reshape(c_out, -1), dim=1)
+        best = int(torch.argmax(norms))
+        return unscale_lower(float(norms[best]) * (1 - (c_in + 4) * _EPS), e), best
+    sizes = _grid_sizes(spatial, rtol * _TARGET)
+    # A coarser grid still gives a lower end: keep the table small.
+    while math.prod(sizes) * c_out * c_in > 2**26 and any(n > 2 * s for n, s in zip(sizes, spatial, strict=True)):
+        i = max(range(len(sizes)), key=lambda j: sizes[j] / spatial[j])
+        sizes[i] = _smooth(max(2 * spatial[i], sizes[i] // 2))
+    kg = ks.reshape(c_out, 1, c_in, *spatial).transpose(1, 2)
+    best_lo, best = 0.0, 0
+    for sl in _chunks(c_out, max(1, c_out // 64)):
+        lo, _ = _vector_grid(kg[sl], sizes, [1] * len(sizes), budget)
+        if lo > best_lo:
+            best_lo, best = lo, sl.start + _best_row(kg[sl], sizes)
+    return unscale_lower(best_lo, e), best
 
 
-def conv_interval(k: torch.Tensor, rtol: float, reshape: float | None = None) -> Interval:
-    return conv_bound(k, rtol, reshape).interval
+def _best_row(kg: torch.Tensor, sizes: Sequence[int]) -> int:
+    h = _fold(kg.reshape(kg.shape[0], kg.shape[1], *kg.shape[3:]), sizes, [1] * len(sizes))
+    spec = torch.fft.rfftn(h, dim=tuple(range(2, h.ndim)))
+    power = (spec.real**2 + spec.imag**2).sum(dim=1).reshape(h.shape[0], -1).max(dim=1).values
+    return int(torch.argmax(power))
 
 
-def zero_padded_lower(k: torch.Tensor, sizes: tuple[int, ...], steps: int = 40, seed: int = 0) -> float:
-    """Lanczos on A^T A for the zero-padded ('same', stride 1) convolution A of that input size.
-    The result is ||A x|| for the top Ritz vector x (unit norm): a lower bound of ||A||."""
-    import torch.nn.functional as F
+def conv_interval(
+    k: torch.Tensor,
+    rtol: float,
+    reshape: float | None = None,
+    *,
+    groups: int | None = None,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
+) -> Interval:
+    """The layer's norm for every padding, stride and input size.
 
+    groups known: max over the groups of S(K_j). groups None: the shape (c_out, c_in/g, k...) does
+    not tell g, so the upper end is the ungrouped reading's (valid for every g) and the lower
+    end the best single output channel's (valid for every g); grouping_assumed says so."""
+    if groups is not None:
+        return conv_bound(k, rtol, reshape if groups == 1 else None, groups=groups, deadline=deadline,
+                          max_bytes=max_bytes).interval
+    iv = conv_bound(k, rtol, reshape, groups=1, deadline=deadline, max_bytes=max_bytes).interval
+    if k.shape[0] == 1:
+        return iv
+    budget = Budget(deadline, max_bytes)
+    try:
+        lower, _ = row_lower(k, rtol, budget)
+    except _OutOfTime:
+        lower = 0.0
+    lower = min(lower, iv.upper)
+    loose = iv.loose
+    if loose is not None:
+        loose = _loose(lower, iv.upper, loose.split(":")[0])
+    return Interval(lower, iv.upper, "row-grid", iv.upper_method, iv.certified, loose=loose, grouping_assumed=True)
+
+
+# --- known input size ---------------------------------------------------------------------------
+
+
+def grid_bound(
+    k: torch.Tensor,
+    sizes: tuple[int, ...],
+    rtol: float,
+    *,
+    groups: int | None = None,
+    dilation: int | Sequence[int] = 1,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
+    upper_cap: float | None = None,
+) -> Interval:
+    """The norm of the circular convolution (stride 1) on an input of that size: the max of
+    sigma_max(K^(w)) over w = 2 pi j d / n, bracketed by rounding only. groups None: the upper end
+    of the ungrouped reading and the lower end of the best output channel. upper_cap, a known
+    bound (S(K)), is the fallback when the deadline passes."""
+    budget = Budget(deadline, max_bytes)
+    if k.numel() == 0 or not bool(torch.any(k != 0)):
+        return exact(0.0, "zero")
+    dil = _per_axis(dilation, k.ndim - 2)
+    ks, e = scaled(k)
+    cap = None if upper_cap is None else math.ldexp(upper_cap, -e)
+    try:
+        if groups is None and k.shape[0] > 1 and k.shape[1] > 0:
+            up = _grid_at(ks, sizes, dil, 1, budget, rtol)
+            lo = _grid_at(ks, sizes, dil, ks.shape[0], budget, rtol)  # one group per output channel
+            iv = Interval(min(lo.lower, up.upper), up.upper, "grid-rows", up.upper_method, True,
+                          grouping_assumed=True)
+        else:
+            iv = _grid_at(ks, sizes, dil, groups or 1, budget, rtol)
+    except _OutOfTime:
+        if cap is None:
+            raise ResourceLimitError("the time budget ran out before the grid at the input size was done; "
+                                     "raise the per-layer time budget") from None
+        iv = Interval(0.0, cap, "grid-partial", "operator-bound", True,
+                      loose=_loose(0.0, cap, "time budget exhausted at the input size"))
+    return unscale_interval(iv, e)
+
+
+def _grid_at(k: torch.Tensor, sizes: Sequence[int], dil: list[int], groups: int, budget: Budget,
+             rtol: float) -> Interval:
+    kg = _grouped(k, groups)
+    if kg.shape[2] == 1:
+        lo, hi = _vector_grid(kg, sizes, dil, budget)
+        return Interval(lo, hi * (1 + ROUNDING_MARGIN), "grid-fft", "grid-fft", True)
+    kt, active = _prepare(k)
+    if not active:
+        return _matrix(kt, groups)
+    kgt = _grouped(kt, groups)
+    n = [sizes[i] for i in active]
+    d = [dil[i] for i in active]
+    axes = [((torch.arange(m if i < len(n) - 1 else m // 2 + 1) * di) % m).to(torch.float64) * (2 * math.pi / m)
+            for i, (m, di) in enumerate(zip(n, d, strict=True))]
+    w = torch.cartesian_prod(*axes).reshape(-1, len(n))
+    sym = GramSymbol(kgt, budget)
+    search = _Search(sym, rtol * _TARGET, budget)
+    for sl in _chunks(len(w), max(1, sym.batch * 16)):
+        for i in search.settle(w[sl], 1.0, final=True).tolist():
+            # outlived the exact tries of its batch: its own exact value bounds it
+            search.upper = max(search.upper, search.exact_at(sym.negated(w[sl][i : i + 1])))
+    return search.interval("grid-cholesky")
+
+
+def zero_padded_lower(
+    k: torch.Tensor,
+    sizes: tuple[int, ...],
+    pads: Sequence[tuple[int, int]] | None = None,
+    steps: int = 40,
+    seed: int = 0,
+    *,
+    dilation: int | Sequence[int] = 1,
+    groups: int | None = None,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
+) -> float:
+    """||A x|| / ||x|| (less its rounding) for a Lanczos vector x of the zero-padded, stride-1
+    convolution A with per-axis (left, right) pads (default: torch's 'same'): a lower bound of ||A||.
+
+    groups None: the best single output channel's operator, a row block of every grouping."""
+    budget = Budget(deadline, max_bytes)
     d = k.ndim - 2
+    dil = _per_axis(dilation, d)
+    pads = list(pads) if pads is not None else same_padding(k.shape[2:], dil)
+    if k.numel() == 0 or not bool(torch.any(k != 0)):
+        return 0.0
+    ks, e = scaled(k)
+    if groups is None:
+        if ks.shape[0] > 1:
+            try:
+                _, o = row_lower(ks, 1e-2, budget)
+            except _OutOfTime:
+                o = int(torch.argmax(torch.linalg.vector_norm(ks.reshape(ks.shape[0], -1), dim=1)))
+            ks = ks[o : o + 1]
+        groups = 1
+    c_in = ks.shape[1] * groups
+    shape = (1, c_in, *sizes)
+    n = math.prod(shape)
     conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
-    adjoint = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
-    pad = [s // 2 for s in k.shape[2:]]
-    shape = (1, k.shape[1], *sizes)
-    crop = (slice(None), slice(None), *(slice(0, n) for n in sizes))
+    flat_pads = [p for pair in reversed(pads) for p in pair]
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        return conv(x.reshape(shape), k, padding=pad)
+        return conv(F.pad(x.reshape(shape), flat_pads), ks, dilation=dil, groups=groups)
+
+    out_numel = apply(torch.zeros(shape, dtype=ks.dtype)).numel()
+    if out_numel == 0:
+        return 0.0
+    vec_bytes = 8 * (n + out_numel) * 4
+    steps = max(1, min(steps, int((budget.max_bytes or 2**62) // max(1, 8 * n)) - 4))
+    budget.need(vec_bytes + 8 * n * steps, "the operator's vectors at this input size")
 
     def gram(x: torch.Tensor) -> torch.Tensor:
-        # even kernels: the adjoint comes out one longer per axis; crop back to the input grid
-        return adjoint(apply(x), k, padding=pad)[crop].reshape(-1)
+        budget.check()
+        with torch.enable_grad():
+            v = x.detach().reshape(shape).requires_grad_(True)
+            y = apply(v)
+            (grad,) = torch.autograd.grad(y, v, grad_outputs=y.detach())
+        return grad.reshape(-1)
 
-    x = lanczos_top_vector(gram, math.prod(shape), steps, seed, k.device)
-    return float(torch.linalg.vector_norm(apply(x)))
+    try:
+        x = lanczos_top_vector(gram, n, steps, seed, ks.device)
+    except _OutOfTime:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, generator=g, dtype=torch.float64)
+    return unscale_lower(_rayleigh(apply, ks, x, groups), e)
+
+
+def _rayleigh(apply: Callable[[torch.Tensor], torch.Tensor], k: torch.Tensor, x: torch.Tensor, groups: int) -> float:
+    """||A x|| / ||x|| less the rounding of A x: |fl(Ax) - Ax| <= gamma |A| |x|, and by Schur's
+    test || |A| || <= sqrt(max row sum * max column sum) of |K|."""
+    with torch.no_grad():
+        y = apply(x)
+    xn = float(torch.linalg.vector_norm(x))
+    if xn == 0:
+        return 0.0
+    a = k.abs()
+    per_group = a.reshape(groups, a.shape[0] // groups, -1)
+    row = float(per_group.sum(dim=2).max())
+    col_sums = a.reshape(groups, a.shape[0] // groups, a.shape[1], -1).sum(dim=(1, 3))
+    col = float(col_sums.max())
+    gamma = (a.shape[1] * math.prod(a.shape[2:]) + 8) * _EPS * 2
+    num = float(torch.linalg.vector_norm(y)) * (1 - 4 * _EPS) - gamma * math.sqrt(row * col) * xn
+    return max(0.0, num / (xn * (1 + 4 * _EPS)))
+
+
+def circular_copies(
+    sizes: Sequence[int],
+    ks: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+) -> tuple[int, int]:
+    """(max, min) over input pixels of how many outputs read the circular conv's row at that pixel.
+
+    The circularly padded, strided convolution is A = R C, with C the n-point circular
+    convolution and R picking rows (an output at t reads row (t - left) mod n of C), so
+    A^T A = C^T D C with D the row counts: min D ||C||^2 <= ||A||^2 <= max D ||C||^2."""
+    d = len(sizes)
+    st, dil = _per_axis(stride, d), _per_axis(dilation, d)
+    hi, lo = 1, 1
+    for n, k, (left, right), s, dl in zip(sizes, ks, pads, st, dil, strict=True):
+        length = n + left + right - dl * (int(k) - 1)
+        if length <= 0:
+            return 0, 0
+        t = torch.arange(0, length, s)
+        counts = torch.bincount((t - left) % n, minlength=n)
+        hi *= int(counts.max())
+        lo *= int(counts.min())
+    return hi, lo
+
+
+def circular_interval(
+    k: torch.Tensor,
+    sizes: tuple[int, ...],
+    pads: Sequence[tuple[int, int]] | None = None,
+    *,
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    groups: int | None = None,
+    rtol: float = 1e-6,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
+) -> Interval:
+    """The norm of a circularly padded convolution (any padding, over-padding included, where the
+    output wraps and the norm can exceed S(K)), at a known input size."""
+    dil = _per_axis(dilation, k.ndim - 2)
+    pads = list(pads) if pads is not None else same_padding(k.shape[2:], dil)
+    hi, lo = circular_copies(sizes, k.shape[2:], pads, stride, dil)
+    if hi == 0:
+        return exact(0.0, "empty-output")
+    c_in = k.shape[1] * (groups or 1)
+    if hi != lo and c_in * math.prod(sizes) <= 256 and k.shape[0] * math.prod(sizes) * hi <= 4096:
+        return _circular_dense(k, sizes, pads, _per_axis(stride, len(sizes)), dil, groups)
+    circ = grid_bound(k, sizes, rtol, groups=groups, dilation=dil, deadline=deadline, max_bytes=max_bytes)
+    upper = circ.upper * math.sqrt(hi) * (1 + 4 * _EPS)
+    lower = circ.lower * math.sqrt(lo) * (1 - 4 * _EPS)
+    if hi == lo:
+        method = "grid-circular"
+    else:
+        method = "grid-circular-copies"
+    return Interval(lower, upper, method, method, circ.certified, loose=circ.loose,
+                    grouping_assumed=circ.grouping_assumed)
+
+
+def _circular_dense(k: torch.Tensor, sizes: Sequence[int], pads: Sequence[tuple[int, int]], stride: list[int],
+                    dil: list[int], groups: int | None) -> Interval:
+    """Small inputs: the operator's matrix, from basis vectors pushed through torch's own padding
+    and convolution, and its norm by exact_norm (groups None: upper of the ungrouped reading,
+    lower of the best output channel's rows)."""
+    ks, e = scaled(k)
+    g = groups or 1
+    c_in = ks.shape[1] * g
+    n = c_in * math.prod(sizes)
+    basis = torch.eye(n, dtype=ks.dtype).reshape(n, c_in, *sizes)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(sizes) - 1]
+    flat_pads = [p for pair in reversed(list(pads)) for p in pair]
+    out = conv(F.pad(basis, flat_pads, mode="circular"), ks, stride=stride, dilation=dil, groups=g)
+    a = out.reshape(n, ks.shape[0], -1)  # (input, output channel, output position)
+    full = exact_norm(a.reshape(n, -1).T)
+    if groups is not None or ks.shape[0] == 1:
+        return unscale_interval(replace(full, lower_method="dense", upper_method="dense"), e)
+    rows = max(exact_norm(a[:, o, :].T).lower for o in range(ks.shape[0]))
+    iv = Interval(rows, full.upper, "dense-rows", "dense", True, grouping_assumed=True)
+    return unscale_interval(iv, e)

@@ -6,7 +6,16 @@ import math
 
 import torch
 
-from lipaudit.spectral import ROUNDING_MARGIN, Interval, exact, lanczos_top_vector
+from lipaudit.spectral import (
+    ROUNDING_MARGIN,
+    Interval,
+    exact,
+    lanczos_top_vector,
+    scaled,
+    unscale_interval,
+    unscale_lower,
+    unscale_upper,
+)
 
 _EPS = float(torch.finfo(torch.float64).eps)
 
@@ -18,21 +27,46 @@ EXACT_FLOPS_LIMIT = 2.0**37
 GRAM_EIGH_WIDTH = 512
 
 
+def svd_error(m: int, n: int) -> float:
+    """Relative bound on the error of LAPACK's largest singular value of an m x n float64 matrix.
+
+    LAPACK documents |computed - sigma_1| <= p(m, n) eps sigma_1 with p modestly growing; we take
+    p = (m + n) min(m, n) + 16, the worst-case count of a Householder reduction (docs/mathematics.md)."""
+    return ((m + n) * min(m, n) + 16) * _EPS
+
+
 def svd_norm(w: torch.Tensor) -> float:
-    """LAPACK in float64."""
+    """LAPACK in float64 (no margin: the number to show, not to certify)."""
     if w.numel() == 0:
         return 0.0
-    return float(torch.linalg.svdvals(w)[0])
+    ws, e = scaled(w)
+    return unscale_upper(float(torch.linalg.svdvals(ws)[0]), e) if e else float(torch.linalg.svdvals(ws)[0])
+
+
+def _top_singular(w: torch.Tensor) -> tuple[float, str]:
+    m, n = w.shape
+    if min(m, n) <= GRAM_EIGH_WIDTH:
+        return float(torch.linalg.svdvals(w)[0]), "svd"
+    gram = w.T @ w if n <= m else w @ w.T
+    top = float(torch.linalg.eigvalsh(gram)[-1])
+    return math.sqrt(max(top, 0.0)), "gram-eigh"
 
 
 def exact_norm(w: torch.Tensor) -> Interval:
-    """sigma_max in float64 LAPACK: an SVD, or the symmetric eigensolver on W^T W for wide matrices."""
+    """sigma_max by LAPACK in float64 (an SVD, or the symmetric eigensolver on the smaller Gram
+    matrix for wide matrices), widened by svd_error on both sides so both ends are proven."""
     m, n = w.shape
-    if min(m, n) <= GRAM_EIGH_WIDTH:
-        return exact(svd_norm(w), "svd")
-    gram = w.T @ w if n <= m else w @ w.T
-    top = float(torch.linalg.eigvalsh(gram)[-1])
-    return exact(math.sqrt(max(top, 0.0)), "gram-eigh")
+    if w.numel() == 0:
+        return exact(0.0, "zero")
+    ws, e = scaled(w)
+    if not bool(torch.any(ws != 0)):
+        return exact(0.0, "zero")
+    s, method = _top_singular(ws)
+    err = svd_error(m, n)
+    lower = s * (1 - err) * (1 - _EPS)
+    # + 2^-1000: entries that underflowed to subnormals when scaling down move sigma by far less
+    upper = (s * (1 + err) + 2.0**-1000) * (1 + _EPS)
+    return Interval(unscale_lower(lower, e), unscale_upper(upper, e), method, method, True)
 
 
 def _gamma(k: int) -> float:
@@ -71,11 +105,32 @@ def lanczos_lower(
         return small.T @ (small @ v)
 
     x = lanczos_top_vector(gram, small.shape[1], steps, seed, w.device, start)
-    return float(torch.linalg.vector_norm(small @ x)), x
+    return rayleigh_lower(small, x), x
+
+
+def rayleigh_lower(w: torch.Tensor, x: torch.Tensor) -> float:
+    """||W x|| / ||x|| minus the rounding of the product: never above sigma_max(W).
+
+    |fl(W x) - W x| <= gamma_n |W| |x| entrywise, and || |W| |x| || <= ||W||_F ||x||."""
+    n = w.shape[1]
+    xn = float(torch.linalg.vector_norm(x))
+    if xn == 0.0:
+        return 0.0
+    wx = float(torch.linalg.vector_norm(w @ x))
+    fro = float(torch.linalg.vector_norm(w))
+    num = wx * (1 - 4 * _EPS) - _gamma(n + 4) * fro * xn * (1 + 4 * _EPS)
+    return max(0.0, num / (xn * (1 + 4 * _EPS)))
 
 
 def certified_bracket(w: torch.Tensor, rtol: float, seed: int) -> Interval:
     """Lanczos lower end, Cholesky-certified upper end within about rtol of it."""
+    if w.numel() == 0 or not bool(torch.any(w != 0)):
+        return exact(0.0, "zero")
+    ws, e = scaled(w)
+    return unscale_interval(_bracket(ws, rtol, seed), e)
+
+
+def _bracket(w: torch.Tensor, rtol: float, seed: int) -> Interval:
     lower, x = lanczos_lower(w, 32, seed)
     gap = rtol
     for steps in (64, 128, 256):
@@ -89,10 +144,12 @@ def certified_bracket(w: torch.Tensor, rtol: float, seed: int) -> Interval:
 
 
 def dense_interval(w: torch.Tensor, method: str, rtol: float, seed: int) -> Interval:
-    """w is a float64 matrix; method is exact, fast or auto."""
+    """w is a float64 matrix; method is exact, fast or auto. The matrix is scaled by a power of two
+    first, so no Gram product or factorisation can overflow or underflow."""
     if w.numel() == 0 or not bool(torch.any(w != 0)):
         return exact(0.0, "zero")
     m, n = w.shape
     if method == "exact" or (method == "auto" and m * n * min(m, n) <= EXACT_FLOPS_LIMIT):
         return exact_norm(w)
-    return certified_bracket(w, rtol, seed)
+    ws, e = scaled(w)
+    return unscale_interval(_bracket(ws, rtol, seed), e)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ def conv_matrix(
     size: tuple[int, ...],
     *,
     stride: int = 1,
-    padding: int = 0,
+    padding: int | str = 0,
     dilation: int = 1,
     groups: int = 1,
     circular: bool = False,
@@ -32,10 +34,13 @@ def conv_matrix(
     if transposed:
         out = _CONV_T[d](basis, k, stride=stride, padding=padding, dilation=dilation, groups=groups)
     elif circular:
+        assert isinstance(padding, int)
         pad = [padding] * (2 * d)
         out = _CONV[d](F.pad(basis, pad, mode="circular"), k, stride=stride, dilation=dilation, groups=groups)
     else:
-        out = _CONV[d](basis, k, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        with warnings.catch_warnings():  # torch notes that even 'same' kernels copy the input
+            warnings.simplefilter("ignore", UserWarning)
+            out = _CONV[d](basis, k, stride=stride, padding=padding, dilation=dilation, groups=groups)
     return out.reshape(n, -1).T
 
 
@@ -50,3 +55,17 @@ def symbol_max_1d(h: torch.Tensor, points: int = 200_000) -> float:
     p = torch.arange(len(h), dtype=torch.float64)
     vals = (h.double()[None, :] * torch.exp(-1j * w[:, None] * p[None, :])).sum(1)
     return float(vals.abs().max())
+
+
+def module_matrix(module: torch.nn.Module, c_in: int, size: tuple[int, ...]) -> torch.Tensor:
+    """The operator of a real torch module (bias removed) as a float64 matrix."""
+    m = module.double()
+    n = c_in
+    for s in size:
+        n *= s
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, c_in, *size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        bias = getattr(m, "bias", None)
+        out = m(basis) - (m(torch.zeros(1, c_in, *size, dtype=torch.float64)) if bias is not None else 0)
+    return out.reshape(n, -1).T

@@ -31,7 +31,7 @@ def _tight(iv, truth: float, rtol: float = RTOL) -> None:  # type: ignore[no-unt
 @pytest.mark.parametrize("shape", [(1, 1, 3, 3), (1, 1, 5), (1, 1, 3, 3, 3), (1, 1, 2, 7), (1, 1, 512)])
 def test_all_ones_kernel_has_norm_taps(shape: tuple[int, ...]) -> None:
     k = torch.ones(*shape, dtype=torch.float64)
-    _tight(conv_interval(k, RTOL), float(math.prod(shape[2:])))
+    _tight(conv_interval(k, RTOL, groups=1), float(math.prod(shape[2:])))
 
 
 @pytest.mark.parametrize("width", [1, 16, 256])
@@ -41,7 +41,7 @@ def test_all_ones_channels(width: int, spatial: tuple[int, ...]) -> None:
     if width == 256 and len(spatial) == 3:
         width = 64
     k = torch.ones(width, width, *spatial, dtype=torch.float64)
-    _tight(conv_interval(k, RTOL), float(width * math.prod(spatial)))
+    _tight(conv_interval(k, RTOL, groups=1), float(width * math.prod(spatial)))
 
 
 @pytest.mark.parametrize("spatial", [(3,), (3, 3), (3, 3, 3), (4, 4)])
@@ -51,7 +51,7 @@ def test_delta_kernels_are_orthogonal_maps(spatial: tuple[int, ...], width: int)
     q, _ = torch.linalg.qr(torch.randn(width, width, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     k = torch.zeros(width, width, *spatial, dtype=torch.float64)
     k[(slice(None), slice(None), *(s // 2 for s in spatial))] = q
-    _tight(conv_interval(k, RTOL), 1.0)
+    _tight(conv_interval(k, RTOL, groups=1), 1.0)
 
 
 @pytest.mark.parametrize("h", [[1.0, -1.0], [1.0, 2.0, 1.0], [0.5, -0.3, 0.8, 0.1, -0.6]])
@@ -61,7 +61,7 @@ def test_separable_kernel_closed_form(h: list[float], width: tuple[int, int]) ->
     a = _kernel(width, seed=1)
     ht = torch.tensor(h, dtype=torch.float64)
     k = a[:, :, None] * ht[None, None, :]
-    _tight(conv_interval(k, RTOL), true_norm(a) * symbol_max_1d(ht))
+    _tight(conv_interval(k, RTOL, groups=1), true_norm(a) * symbol_max_1d(ht))
 
 
 def test_separable_2d_and_3d_closed_form() -> None:
@@ -70,9 +70,9 @@ def test_separable_2d_and_3d_closed_form() -> None:
     g = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     h = torch.tensor([0.3, 1.0, 0.2, -0.4], dtype=torch.float64)
     k2 = a[:, :, None, None] * g[None, None, :, None] * h[None, None, None, :]
-    _tight(conv_interval(k2, RTOL), true_norm(a) * symbol_max_1d(g) * symbol_max_1d(h))
+    _tight(conv_interval(k2, RTOL, groups=1), true_norm(a) * symbol_max_1d(g) * symbol_max_1d(h))
     k3 = k2[..., None] * g[None, None, None, None, :]
-    _tight(conv_interval(k3, RTOL), true_norm(a) * symbol_max_1d(g) ** 2 * symbol_max_1d(h))
+    _tight(conv_interval(k3, RTOL, groups=1), true_norm(a) * symbol_max_1d(g) ** 2 * symbol_max_1d(h))
 
 
 def test_long_1d_kernel() -> None:
@@ -81,14 +81,14 @@ def test_long_1d_kernel() -> None:
     h = torch.hann_window(512, dtype=torch.float64) * torch.cos(torch.arange(512, dtype=torch.float64) * 0.3)
     k = a[:, :, None] * h[None, None, :]
     truth = true_norm(a) * float(torch.fft.rfft(h, n=2**20).abs().max())
-    _tight(conv_interval(k, RTOL), truth)
+    _tight(conv_interval(k, RTOL, groups=1), truth)
 
 
 @pytest.mark.parametrize("rtol", [1e-1, 1e-2, 1e-3])
 def test_random_kernels_within_rtol_of_a_fine_grid(rtol: float) -> None:
     """Random kernels have the flattest frequency response: the hardest case for the search."""
     k = _kernel((12, 9, 3, 3), seed=4)
-    iv = conv_interval(k, rtol)
+    iv = conv_interval(k, rtol, groups=1)
     spec = torch.fft.rfftn(k, s=(256, 256), dim=(2, 3)).permute(2, 3, 0, 1)
     fine = float(torch.linalg.matrix_norm(spec, ord=2).max())  # a lower bound of S
     assert iv.lower <= fine * (1 + 1e-4)  # S is within ~3e-4 of the 256-grid maximum
@@ -101,7 +101,7 @@ def test_random_kernels_within_rtol_of_a_fine_grid(rtol: float) -> None:
 @pytest.mark.parametrize("padding", [0, 1, 2])
 def test_conv2d_upper_above_every_dense_matrix(size: int, stride: int, padding: int) -> None:
     k = _kernel((3, 2, 3, 3), seed=size * 10 + stride)
-    iv = conv_interval(k, RTOL)
+    iv = conv_interval(k, RTOL, groups=1)
     zero = op_norm(conv_matrix(k, (size, size), stride=stride, padding=padding))
     circ = op_norm(conv_matrix(k, (size, size), stride=stride, padding=1, circular=True))
     assert iv.upper >= zero
@@ -111,34 +111,34 @@ def test_conv2d_upper_above_every_dense_matrix(size: int, stride: int, padding: 
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_conv1d_and_dilation(dilation: int) -> None:
     k = _kernel((4, 3, 5), seed=3)
-    iv = conv_interval(k, RTOL)
+    iv = conv_interval(k, RTOL, groups=1)
     for n in (5, 12, 30):
         assert iv.upper >= op_norm(conv_matrix(k, (n,), padding=4, dilation=dilation))
 
 
 def test_conv3d() -> None:
     k = _kernel((2, 2, 3, 2, 3), seed=4)
-    iv = conv_interval(k, RTOL)
+    iv = conv_interval(k, RTOL, groups=1)
     assert iv.upper >= op_norm(conv_matrix(k, (4, 5, 4), padding=1))
 
 
 def test_conv_transpose_same_bound_as_adjoint() -> None:
     k = _kernel((3, 5, 3, 3), seed=5)  # ConvTranspose2d(3, 5, 3) layout: (in, out, kh, kw)
-    iv = conv_interval(k, RTOL)
+    iv = conv_interval(k, RTOL, groups=1)
     for stride in (1, 2):
         assert iv.upper >= op_norm(conv_matrix(k, (5, 5), stride=stride, transposed=True))
 
 
 def test_grouped_kernel_read_as_ungrouped_is_an_upper_bound() -> None:
     k = _kernel((6, 1, 3, 3), seed=6)  # depthwise, groups = 6
-    iv = conv_interval(k, RTOL)
+    iv = conv_interval(k, RTOL, groups=1)
     assert iv.upper >= op_norm(conv_matrix(k, (6, 6), padding=1, groups=6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_kernels(dtype: torch.dtype) -> None:
     k = _kernel((4, 3, 3, 3), seed=7).to(dtype).double()
-    iv = conv_interval(k, RTOL)
+    iv = conv_interval(k, RTOL, groups=1)
     assert iv.upper >= op_norm(conv_matrix(k, (6, 6), padding=1))
 
 
@@ -155,8 +155,8 @@ def test_circular_norm_at_an_input_size_is_exact(size: tuple[int, int]) -> None:
                                              ((3, 3, 2, 2), (5, 5))])
 def test_zero_padding_bracket_at_an_input_size(shape: tuple[int, ...], size: tuple[int, ...]) -> None:
     k = _kernel(shape, seed=10)
-    truth = op_norm(conv_matrix(k, size, padding=shape[2] // 2))
-    lower = zero_padded_lower(k, size)
+    truth = op_norm(conv_matrix(k, size, padding="same"))
+    lower = zero_padded_lower(k, size, groups=1)
     upper = grid_bound(k, tuple(n + s - 1 for n, s in zip(size, shape[2:], strict=True)), 1e-6).upper
     assert lower <= truth * (1 + 1e-9) <= upper * (1 + 1e-9)
     assert lower >= 0.98 * truth
@@ -174,13 +174,13 @@ def test_zero_borders_are_trimmed() -> None:
 
 
 def test_all_zero_kernel() -> None:
-    iv = conv_interval(torch.zeros(3, 3, 3, 3, dtype=torch.float64), RTOL)
+    iv = conv_interval(torch.zeros(3, 3, 3, 3, dtype=torch.float64), RTOL, groups=1)
     assert (iv.lower, iv.upper) == (0.0, 0.0)
 
 
 def test_one_by_one_conv_is_a_matrix() -> None:
     k = _kernel((7, 5, 1, 1), seed=8)
-    iv = conv_interval(k, RTOL)
+    iv = conv_interval(k, RTOL, groups=1)
     assert math.isclose(iv.upper, true_norm(k), rel_tol=1e-9)
     assert math.isclose(iv.lower, true_norm(k), rel_tol=1e-9)
     assert math.isclose(reshape_sigma(k), true_norm(k), rel_tol=1e-12)
@@ -203,6 +203,6 @@ def test_upper_never_below_any_zero_padded_conv(
     k = _kernel((c_out, c_in, kh, kw), seed)
     if size + 2 * padding < max(kh, kw):
         return
-    iv = conv_interval(k, RTOL)
+    iv = conv_interval(k, RTOL, groups=1)
     assert iv.lower <= iv.upper
     assert iv.upper >= op_norm(conv_matrix(k, (size, size), stride=stride, padding=padding))

@@ -450,7 +450,8 @@ def _fold(h: torch.Tensor, sizes: Sequence[int], dil: Sequence[int]) -> torch.Te
     return out
 
 
-def _fft_grid(kg: torch.Tensor, sizes: Sequence[int], dil: Sequence[int], budget: Budget) -> tuple[float, float]:
+def _fft_grid(kg: torch.Tensor, sizes: Sequence[int], dil: Sequence[int], budget: Budget,
+              lows: list[torch.Tensor] | None = None) -> tuple[float, float]:
     """kg (g, m, n, k...): max over groups and the n-point grid of sigma_max(K_j^(2 pi r / n)), bracketed.
 
     One FFT per channel pair; the error of a float64 FFT of size N is at most log2(N) eta ||y||
@@ -485,7 +486,10 @@ def _fft_grid(kg: torch.Tensor, sizes: Sequence[int], dil: Sequence[int], budget
             lam = torch.linalg.eigvalsh(mats.mH @ mats)[..., -1].clamp(min=0)
             e_p = (8 * (m + 4) * _EPS + svd_error(n, n)) * f2
             up, low = (lam + e_p).sqrt(), (lam - e_p).clamp(min=0).sqrt()
-        lo = max(lo, float((low - e_k).clamp(min=0).max()))
+        group_low = (low - e_k).clamp(min=0).max(dim=1).values
+        if lows is not None:
+            lows.append(group_low)
+        lo = max(lo, float(group_low.max()))
         hi = max(hi, float((up + e_k).max()))
     return lo, hi
 
@@ -695,19 +699,9 @@ def row_lower(k: torch.Tensor, rtol: float = 1e-2, budget: Budget | None = None)
         i = max(range(len(sizes)), key=lambda j: sizes[j] / spatial[j])
         sizes[i] = _smooth(max(2 * spatial[i], sizes[i] // 2))
     kg = ks.reshape(c_out, 1, c_in, *spatial).transpose(1, 2)
-    best_lo, best = 0.0, 0
-    for sl in _chunks(c_out, max(1, c_out // 64)):
-        lo, _ = _vector_grid(kg[sl], sizes, [1] * len(sizes), budget)
-        if lo > best_lo:
-            best_lo, best = lo, sl.start + _best_row(kg[sl], sizes)
-    return unscale_lower(best_lo, e), best
-
-
-def _best_row(kg: torch.Tensor, sizes: Sequence[int]) -> int:
-    h = _fold(kg.reshape(kg.shape[0], kg.shape[1], *kg.shape[3:]), sizes, [1] * len(sizes))
-    spec = torch.fft.rfftn(h, dim=tuple(range(2, h.ndim)))
-    power = (spec.real**2 + spec.imag**2).sum(dim=1).reshape(h.shape[0], -1).max(dim=1).values
-    return int(torch.argmax(power))
+    lows: list[torch.Tensor] = []
+    lo, _ = _fft_grid(kg, sizes, [1] * len(sizes), budget, lows)
+    return unscale_lower(lo, e), int(torch.argmax(torch.cat(lows)))
 
 
 def conv_interval(

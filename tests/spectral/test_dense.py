@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 
 from lipaudit.spectral.dense import (
     GRAM_EIGH_WIDTH,
-    svd_error,
     certified_bracket,
     cholesky_certifies,
     dense_interval,
     exact_norm,
     lanczos_lower,
+    svd_error,
 )
 from tests.conftest import true_norm
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.pt2 import Pt2Archive, open_pt2
 from lipaudit.errors import MalformedInputError
 from lipaudit.graph.bound import INPUT, Result, bound_graph
-from lipaudit.graph.interpret import Evaluator, Measured, measure
+from lipaudit.graph.interpret import Evaluator, Measured, check_shapes, measure
 from lipaudit.graph.model import Graph, parse_graph
 from lipaudit.text import visible
 
@@ -143,7 +144,10 @@ class Loaded:
 
 def load_archive(path: str, limits: Limits | None = None) -> Loaded:
     arch = open_pt2(path, limits)
-    graph = parse_graph(arch.program, arch.shown, (limits or Limits()).nodes)
+    try:
+        graph = parse_graph(arch.program, arch.shown, (limits or Limits()).nodes)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+        raise MalformedInputError(f"{arch.shown}: malformed graph JSON ({type(e).__name__})", arch.shown) from None
     for fqn in graph.params.values():
         if fqn not in arch.weights:
             raise MalformedInputError(f"{arch.shown}: the graph uses {visible(fqn, 80)!r}, which the weights config "
@@ -197,9 +201,35 @@ def summarise(res: Result, lower: Measured | None, assumptions: tuple[str, ...] 
     )
 
 
+def verify_shapes(loaded: Loaded) -> list[str]:
+    """Names of nodes whose declared output shapes could not be checked; a declared shape that the
+    ops do not produce makes the archive malformed."""
+    arch, graph = loaded.archive, loaded.graph
+
+    def meta(name: str) -> torch.Tensor:
+        p = arch.weights[graph.params[name]] if name in graph.params else arch.constants[graph.constants[name]]
+        return torch.empty(p.shape, dtype=torch.float64 if p.dtype.is_floating_point else p.dtype, device="meta")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mismatched, unverified = check_shapes(graph, meta)
+    if mismatched:
+        raise MalformedInputError(
+            f"{arch.shown}: the graph declares shapes its ops do not produce (first: {visible(mismatched[0], 80)!r})",
+            arch.shown,
+        )
+    return unverified
+
+
 def _bound(loaded: Loaded, settings: GraphSettings) -> GraphBound:
+    unverified = verify_shapes(loaded)
     ev = loaded.evaluator()
     res = bound_graph(loaded.graph, ev, settings.rtol, settings.conv_rtol, settings.seed)
+    covered = {n for n, _ in res.uncovered}
+    for name in unverified:
+        if name not in covered:
+            res.uncovered.append((name, "its declared output shape could not be checked by running the op"))
+            covered.add(name)
     lower: Measured | None = None
     if settings.measure:
         samples, _why = loaded.archive.sample_inputs()

@@ -400,6 +400,9 @@ class Bounder:
                 self.visit(node, outs)
             except Uncovered as e:
                 self.uncover(node, outs, e.reason)
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+                # arguments of a shape no rule expects: left out, never guessed
+                self.uncover(node, outs, f"arguments could not be analysed ({type(e).__name__})")
 
     def uncover(self, node: Node, outs: list[str], reason: str) -> None:
         self.uncovered.append((node.name, reason))

@@ -160,6 +160,43 @@ class Evaluator:
         return self.env.get(name)
 
 
+def check_shapes(graph: Graph, meta: Callable[[str], torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Run the graph on meta tensors (shapes only, no data) and compare every tensor's shape with the
+    one the archive declares: the size-aware rules trust those. Returns (mismatched, unverified) names."""
+    env: dict[str, torch.Tensor] = {}
+    for name in list(graph.params) + list(graph.constants):
+        env[name] = meta(name)
+    for name in graph.inputs:
+        shape = graph.shapes.get(name) or graph.hints.get(name)
+        if shape is None:
+            continue
+        try:
+            env[name] = torch.empty(shape, dtype=_dtype(graph.dtypes.get(name, 7)), device="meta")
+        except CannotRun:
+            continue
+    mismatched: list[str] = []
+    unverified: list[str] = []
+    for node in graph.nodes:
+        outs = [o for o in node.outputs if o is not None]
+        if not outs:
+            continue
+        try:
+            run_node(node, env)
+        except CannotRun:
+            unverified.append(node.name)
+            continue
+        for o in outs:
+            if o not in graph.consumers and o not in graph.outputs:
+                continue  # unused outputs (batch norm's saved statistics) are declared loosely
+            declared = graph.shapes.get(o) or graph.hints.get(o)
+            got = env.get(o)
+            if got is None:
+                continue
+            if declared is not None and tuple(got.shape) != declared:
+                mismatched.append(o)
+    return mismatched, unverified
+
+
 @dataclass(frozen=True)
 class Measured:
     lower: float | None  # largest ||J(x) v|| / ||v|| found
@@ -255,8 +292,8 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
                 if rnd == ascent or time.perf_counter() > deadline:
                     break
                 x = _ascend(f, x, v, gen)
-    except (CannotRun, RuntimeError, NotImplementedError) as e:
-        note = f"stopped early: {type(e).__name__}: {str(e)[:120]}"
+    except Exception as e:  # the measurement is optional; a graph it cannot run only stops it
+        note = f"stopped early: {type(e).__name__}: {clean_message(e, 120)}"
     start_from = "sample inputs" if use_samples else "random"
     return Measured(best, time.perf_counter() - t0, done_starts, done_steps, start_from, note)
 

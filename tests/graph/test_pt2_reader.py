@@ -203,3 +203,71 @@ def test_not_a_file_and_not_an_archive(tmp_path: Path) -> None:
     assert not is_pt2(plain)
     with pytest.raises(MalformedInputError, match="archive_format"):
         open_pt2(plain)
+
+
+_VALUES: list[Any] = [None, 0, -1, 1.5, "x", [], {}, [1, 2], {"as_int": -5}, {"as_tensor": {"name": "nope"}}, True,
+                      10**12, "torch.ops.aten.relu.default"]
+
+
+def _mutate(o: Any, rng: Any) -> None:
+    if isinstance(o, dict) and o:
+        k = rng.choice(list(o))
+        r = rng.random()
+        if r < 0.2:
+            del o[k]
+        elif r < 0.5:
+            o[k] = json.loads(json.dumps(rng.choice(_VALUES)))
+        else:
+            _mutate(o[k], rng)
+    elif isinstance(o, list) and o:
+        i = rng.randrange(len(o))
+        r = rng.random()
+        if r < 0.2:
+            del o[i]
+        elif r < 0.4:
+            o[i] = json.loads(json.dumps(rng.choice(_VALUES)))
+        else:
+            _mutate(o[i], rng)
+
+
+@pytest.mark.parametrize("name", ["unet_core", "resnet_small"])
+def test_mutated_json_never_crashes(tmp_path: Path, name: str) -> None:
+    """Random edits of the graph and config JSON: a result or one of lipaudit's errors, never another exception."""
+    import random
+
+    from lipaudit.errors import LipauditError
+
+    rng = random.Random(12345)
+    members = _members(FIXTURES / f"{name}.pt2")
+    jsons = [n for n, _ in members if n.endswith(".json")]
+    outcomes = set()
+    for _ in range(40):
+        target = rng.choice(jsons)
+        out = []
+        for n, d in members:
+            if n == target:
+                doc = json.loads(d)
+                for _ in range(rng.randint(1, 3)):
+                    _mutate(doc, rng)
+                d = json.dumps(doc).encode()
+            out.append((n, d))
+        path = _write(tmp_path / "m.pt2", out)
+        try:
+            r = inspect_archive(str(path), GraphSettings(measure=False))
+            outcomes.add("certified" if r.certified else "uncertified")
+        except LipauditError as e:
+            assert e.exit_code in (2, 3, 4, 5)
+            outcomes.add(type(e).__name__)
+    assert "MalformedInputError" in outcomes
+
+
+def test_declared_shapes_must_match_the_ops(tmp_path: Path) -> None:
+    """The pooling and upsampling bounds use the declared sizes: a graph lying about them is malformed."""
+
+    def edit(doc: dict[str, Any]) -> None:
+        values = doc["graph_module"]["graph"]["tensor_values"]
+        values["avg_pool2d"]["sizes"] = [{"as_int": 1}, {"as_int": 1}, {"as_int": 1}, {"as_int": 1}]
+
+    bad = _edit_json(FIXTURES / "unet.pt2", "models/model.json", tmp_path / "bad.pt2", edit)
+    with pytest.raises(MalformedInputError, match="declares shapes"):
+        inspect_archive(str(bad), FAST)

@@ -373,7 +373,11 @@ class _Search:
         end and usually closes the rest."""
         self.points += len(w)
         g = self.sym.g
-        traces = torch.cat([self.sym.trace(w[sl]) for sl in _chunks(len(w), self.sym.batch)])
+        parts = []
+        for sl in _chunks(len(w), self.sym.batch):
+            self.budget.check()
+            parts.append(self.sym.trace(w[sl]))
+        traces = torch.cat(parts)
         order = torch.argsort(traces, descending=True)
         w, traces = w[order], traces[order]
         if float(traces[0]) > self.lower2:
@@ -763,7 +767,8 @@ def grid_bound(
     try:
         if groups is None and k.shape[0] > 1 and k.shape[1] > 0:
             up = _grid_at(ks, sizes, dil, 1, budget, rtol)
-            lo = _grid_at(ks, sizes, dil, ks.shape[0], budget, rtol)  # one group per output channel
+            _, o = row_lower(ks, 1e-2, budget)  # the best output channel: a row block of every grouping
+            lo = _grid_at(ks[o : o + 1], sizes, dil, 1, budget, rtol)
             iv = Interval(min(lo.lower, up.upper), up.upper, "grid-rows", up.upper_method, True,
                           grouping_assumed=True)
         else:
@@ -844,9 +849,9 @@ def zero_padded_lower(
     out_numel = apply(torch.zeros(shape, dtype=ks.dtype)).numel()
     if out_numel == 0:
         return 0.0
-    vec_bytes = 8 * (n + out_numel) * 4
-    steps = max(1, min(steps, int((budget.max_bytes or 2**62) // max(1, 8 * n)) - 4))
-    budget.need(vec_bytes + 8 * n * steps, "the operator's vectors at this input size")
+    budget.need(8 * (n + out_numel) * 6, "the operator's vectors at this input size")
+    basis_cap = _BATCH_BYTES if budget.max_bytes is None else budget.max_bytes // 2
+    lanczos = 8 * n * (steps + 1) <= basis_cap
 
     def gram(x: torch.Tensor) -> torch.Tensor:
         budget.check()
@@ -856,11 +861,20 @@ def zero_padded_lower(
             (grad,) = torch.autograd.grad(y, v, grad_outputs=y.detach())
         return grad.reshape(-1)
 
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen, dtype=torch.float64).to(ks.device)
     try:
-        x = lanczos_top_vector(gram, n, steps, seed, ks.device)
+        if lanczos:
+            x = lanczos_top_vector(gram, n, steps, seed, ks.device)
+        else:  # large inputs: power iteration keeps only the current vector, and keeps it on timeout
+            for _ in range(steps):
+                z = gram(x)
+                zn = float(torch.linalg.vector_norm(z))
+                if zn == 0.0:
+                    break
+                x = z / zn
     except _OutOfTime:
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, generator=g, dtype=torch.float64)
+        pass
     return unscale_lower(_rayleigh(apply, ks, x, groups), e)
 
 

@@ -323,3 +323,12 @@ def test_zero_padded_lower_under_a_deadline_is_still_a_lower_end() -> None:
 def test_conv_bound_counts_points() -> None:
     res = conv_bound(_kernel((4, 4, 3, 3), seed=20), RTOL)
     assert res.points > 0 and res.interval.loose is None
+
+
+def test_zero_padded_lower_with_little_memory_uses_power_iteration() -> None:
+    k = _kernel((2, 2, 3, 3), seed=21)
+    truth = op_norm(conv_matrix(k, (16, 16), padding="same"))
+    lo = zero_padded_lower(k, (16, 16), groups=1, max_bytes=100_000)
+    assert truth * 0.9 <= lo <= truth * (1 + 1e-12)
+    with pytest.raises(ResourceLimitError):
+        zero_padded_lower(k, (16, 16), groups=1, max_bytes=10_000)

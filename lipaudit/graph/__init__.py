@@ -168,7 +168,8 @@ def load_archive(path: str, limits: Limits | None = None) -> Loaded:
 def summarise(res: Result, lower: Measured | None, assumptions: tuple[str, ...] = ASSUMPTIONS) -> GraphBound:
     reaches = [k for k in res.outputs if k != INPUT and res.outputs[k] != -math.inf]
     upper = res.outputs.get(INPUT, -math.inf)
-    log10_upper: float | None = None if reaches else upper
+    # any uncovered node leaves the network uncertified, even one whose output the bound never met
+    log10_upper: float | None = None if reaches or res.uncovered else upper
     if log10_upper is not None and math.isfinite(log10_upper):
         log10_upper += math.log10(1 + 1e-9)  # the rounding of the log-space sums and products
     certified = log10_upper is not None and res.certified_norms
@@ -221,15 +222,23 @@ def verify_shapes(loaded: Loaded) -> list[str]:
     return unverified
 
 
-def _bound(loaded: Loaded, settings: GraphSettings) -> GraphBound:
+def bound_loaded(loaded: Loaded, settings: GraphSettings, factors: dict[str, float] | None = None,
+                 norms: dict[tuple[Any, ...], Any] | None = None) -> Result:
+    """The graph bound after the shape check; nodes whose shapes could not be checked are uncovered."""
     unverified = verify_shapes(loaded)
-    ev = loaded.evaluator()
-    res = bound_graph(loaded.graph, ev, settings.rtol, settings.conv_rtol, settings.seed)
+    res = bound_graph(loaded.graph, loaded.evaluator(), settings.rtol, settings.conv_rtol, settings.seed,
+                      factors, norms)
     covered = {n for n, _ in res.uncovered}
     for name in unverified:
         if name not in covered:
             res.uncovered.append((name, "its declared output shape could not be checked by running the op"))
             covered.add(name)
+    return res
+
+
+def _bound(loaded: Loaded, settings: GraphSettings) -> GraphBound:
+    res = bound_loaded(loaded, settings)
+    ev = loaded.evaluator()
     lower: Measured | None = None
     if settings.measure:
         samples, _why = loaded.archive.sample_inputs()

@@ -12,7 +12,7 @@ import torch
 from lipaudit.checkpoint import writer
 from lipaudit.checkpoint.pt2 import open_pt2, patched_archive, weight_edits, write_to
 from lipaudit.errors import OutputError, UsageError
-from lipaudit.graph import GraphBound, GraphSettings, Loaded, load_archive, summarise
+from lipaudit.graph import GraphBound, GraphSettings, Loaded, bound_loaded, load_archive, summarise
 from lipaudit.graph.bound import INPUT, Result, bound_graph
 from lipaudit.spectral import Interval
 from lipaudit.text import visible
@@ -137,7 +137,7 @@ def normalize_archive(path: str, output: str | None, target: float = 1.0, mode: 
         raise UsageError("targets must be positive and finite")
     loaded = load_archive(path, settings.limits)
     norms: dict[tuple[Any, ...], Interval] = {}
-    res = bound_graph(loaded.graph, loaded.evaluator(), settings.rtol, settings.conv_rtol, settings.seed, None, norms)
+    res = bound_loaded(loaded, settings, None, norms)
     before = summarise(res, None)
     if network_target is not None:
         factors = plan_network(res, loaded, settings, network_target, norms)
@@ -210,7 +210,7 @@ def _verify(path: Path, shown: str, loaded: Loaded, values: dict[str, torch.Tens
         if not torch.equal(new.weight(f), v):
             raise fail(f"weight {visible(f, 80)}")
     reread = load_archive(str(path), settings.limits)
-    res = bound_graph(reread.graph, reread.evaluator(), settings.rtol, settings.conv_rtol, settings.seed)
+    res = bound_loaded(reread, settings)
     after = summarise(res, None)
     if network_target is not None and (after.log10_upper is None
                                        or after.log10_upper > math.log10(network_target)):

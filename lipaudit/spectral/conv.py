@@ -725,9 +725,21 @@ def conv_interval(
     if groups is not None:
         return conv_bound(k, rtol, reshape if groups == 1 else None, groups=groups, deadline=deadline,
                           max_bytes=max_bytes).interval
+    return grouping_pair(k, rtol, reshape, deadline=deadline, max_bytes=max_bytes)[0]
+
+
+def grouping_pair(
+    k: torch.Tensor,
+    rtol: float,
+    reshape: float | None = None,
+    *,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
+) -> tuple[Interval, Interval]:
+    """(the interval for an unknown grouping, the ungrouped reading's interval), sharing one search."""
     iv = conv_bound(k, rtol, reshape, groups=1, deadline=deadline, max_bytes=max_bytes).interval
     if k.shape[0] == 1:
-        return iv
+        return iv, iv
     budget = Budget(deadline, max_bytes)
     try:
         lower, _ = row_lower(k, rtol, budget)
@@ -737,7 +749,9 @@ def conv_interval(
     loose = iv.loose
     if loose is not None:
         loose = _loose(lower, iv.upper, loose.split(":")[0])
-    return Interval(lower, iv.upper, "row-grid", iv.upper_method, iv.certified, loose=loose, grouping_assumed=True)
+    unknown = Interval(lower, iv.upper, "row-grid", iv.upper_method, iv.certified, loose=loose,
+                       grouping_assumed=True)
+    return unknown, iv
 
 
 # --- known input size ---------------------------------------------------------------------------

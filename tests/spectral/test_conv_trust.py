@@ -17,6 +17,7 @@ from lipaudit.spectral.conv import (
     conv_bound,
     conv_interval,
     grid_bound,
+    grouping_pair,
     row_lower,
     same_padding,
     zero_padded_lower,
@@ -332,3 +333,10 @@ def test_zero_padded_lower_with_little_memory_uses_power_iteration() -> None:
     assert truth * 0.9 <= lo <= truth * (1 + 1e-12)
     with pytest.raises(ResourceLimitError):
         zero_padded_lower(k, (16, 16), groups=1, max_bytes=10_000)
+
+
+def test_grouping_pair_shares_one_search() -> None:
+    w = _kernel((6, 2, 3, 3), seed=22)
+    unknown, ungrouped = grouping_pair(w, RTOL)
+    assert unknown == conv_interval(w, RTOL) and ungrouped == conv_interval(w, RTOL, groups=1)
+    assert unknown.grouping_assumed and unknown.lower <= ungrouped.lower

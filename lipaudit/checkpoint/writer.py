@@ -188,7 +188,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (NaN payloads included)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return byte_view(a) == byte_view(b)
+    return byte_view(a).tobytes() == byte_view(b).tobytes()
 
 
 def writer_of(data: bytes) -> Callable[[IO[bytes]], None]:

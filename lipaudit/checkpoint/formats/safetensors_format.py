@@ -81,7 +81,7 @@ def _same_as(fd: int, start: int, data: memoryview) -> bool:
     while done < length:
         n = min(_CHUNK, length - done)
         got = os.pread(fd, n, start + done)
-        if len(got) != n or data[done : done + n] != got:
+        if len(got) != n or data[done : done + n].tobytes() != got:  # bytes against bytes: a memcmp
             return False
         done += n
     return True

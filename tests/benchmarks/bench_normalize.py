@@ -131,9 +131,9 @@ def bench(name: str, repeat: int, folder: Path) -> None:
     out.unlink(missing_ok=True)
     py = sys.executable
     commands = {
-        "inspect": [py, "-m", "lipaudit", "inspect", str(src), "--format", "json"],
+        "inspect": [py, "-m", "lipaudit", "inspect", str(src)],
         "plain read+write": [py, "-c", _PLAIN, str(src), str(out)],
-        "normalize": [py, "-m", "lipaudit", "normalize", str(src), "-o", str(out), "--format", "json", "-q"],
+        "normalize": [py, "-m", "lipaudit", "normalize", str(src), "-o", str(out), "-q"],
         "write only": [py, "-c", _WRITE_ONLY, str(src), str(out)],
     }
     times: dict[str, list[float]] = {k: [] for k in commands}

@@ -351,14 +351,48 @@ class _Search:
         self.points = 0
         self.exact_points = 0
         self.open_trace = 0.0  # max trace P over the points the last settle left open
+        self.best_w: torch.Tensor | None = None  # where the lower end was found
 
-    def exact_at(self, neg: torch.Tensor) -> float:
+    def exact_at(self, neg: torch.Tensor, w: torch.Tensor | None = None) -> float:
         """sigma at one point (its g matrices); raises the lower end, returns an upper end there."""
         self.exact_points += 1
         top = float(top_eigenvalue(neg).max())
         err = svd_error(neg.shape[-1], neg.shape[-1]) * math.sqrt(neg.shape[-1]) * top + self.sym.p_error
-        self.lower2 = max(self.lower2, top - err)
+        if top - err > self.lower2:
+            self.lower2 = top - err
+            self.best_w = w
         return math.sqrt(top + err)
+
+    def probe(self, w: torch.Tensor) -> None:
+        """Exact values at a spread sample of points; the best may sit in a higher basin."""
+        if not len(w):
+            return
+        self.budget.check()
+        tops = top_eigenvalue(self.sym.negated(w)).reshape(len(w), self.sym.g).max(dim=1).values
+        i = int(torch.argmax(tops))
+        self.exact_at(self.sym.negated(w[i : i + 1]), w[i])
+
+    def ascend(self, iters: int = 48) -> None:
+        """Raise the lower end by a pattern search for a local maximum of sigma from the best point:
+        a high lower end early lets the coarse levels close far more boxes."""
+        if self.best_w is None:
+            return
+        w = self.best_w.clone()
+        d, g = len(w), self.sym.g
+        dirs = torch.cat([torch.eye(d, dtype=torch.float64), -torch.eye(d, dtype=torch.float64)])
+        cur, h = -math.inf, 0.5 / max(1.0, max(self.sym.ks) / 2)
+        for _ in range(iters):
+            if h < 1e-5:
+                break
+            self.budget.check()
+            pts = w[None, :] + h * dirs
+            tops = top_eigenvalue(self.sym.negated(pts)).reshape(len(pts), g).max(dim=1).values
+            i = int(torch.argmax(tops))
+            if float(tops[i]) > cur:
+                w, cur = pts[i], float(tops[i])
+            else:
+                h /= 2
+        self.exact_at(self.sym.negated(w[None, :]), w)
 
     def cap(self) -> float:
         return math.sqrt(max(self.lower2, 0.0)) * (1 + self.target)
@@ -381,7 +415,7 @@ class _Search:
         order = torch.argsort(traces, descending=True)
         w, traces = w[order], traces[order]
         if float(traces[0]) > self.lower2:
-            self.exact_at(self.sym.negated(w[:1]))
+            self.exact_at(self.sym.negated(w[:1]), w[0])
         cap = self.cap()
         if factor > 0:
             cheap = traces + self.sym.p_error <= (cap * factor) ** 2
@@ -410,7 +444,8 @@ class _Search:
                 if not len(still) or tries >= (_MAX_EXACT if final else 1):
                     break
                 first, still = int(still[0]), still[1:]
-                bound = self.exact_at(neg[first * g : (first + 1) * g]) / factor if factor > 0 else math.inf
+                bound = (self.exact_at(neg[first * g : (first + 1) * g], w[idx[first]]) / factor
+                         if factor > 0 else math.inf)
                 tries += 1
                 if bound <= self.cap() * (1 + 1e-9):
                     self.upper = max(self.upper, bound)
@@ -518,11 +553,13 @@ def _prepare(k: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return k.reshape(k.shape[0], k.shape[1], *(k.shape[2 + i] for i in active)), active
 
 
-def _grid_sizes(ks: Sequence[int], target: float) -> list[int]:
-    """N_i with prod_i (1 - t_i^2 / 2) >= 1 / (1 + target), t_i = pi (k_i - 1) / (2 N_i)."""
+def _grid_sizes(ks: Sequence[int], target: float, fft: bool = True) -> list[int]:
+    """N_i with prod_i (1 - t_i^2 / 2) >= 1 / (1 + target), t_i = pi (k_i - 1) / (2 N_i); FFT-friendly
+    sizes when fft (the Gram route evaluates any grid directly)."""
     d = len(ks)
     t = math.sqrt(2 * (1 - (1 + target) ** (-1 / d)))
-    return [_smooth(max(2, math.ceil(math.pi * (s - 1) / 2 / t))) for s in ks]
+    sizes = [max(2, math.ceil(math.pi * (s - 1) / 2 / t)) for s in ks]
+    return [_smooth(n) for n in sizes] if fft else sizes
 
 
 def _grid_factor(ks: Sequence[int], sizes: Sequence[int]) -> float:
@@ -628,10 +665,11 @@ def _branch_and_bound(k: torch.Tensor, kg: torch.Tensor, sym: GramSymbol, search
     levels = max(0, math.floor(math.log2(1.2 / tau_final)))
     b = cover.base(tau_final * 2**levels)
     # A flat spectrum keeps every cell open to the end: a uniform grid is then cheaper.
-    grid = _grid_sizes(spatial, target)
+    grid = _grid_sizes(spatial, target, fft=False)
     grid_points = math.prod(grid) / 2
     cells = cover.start(b)
     level = math.inf
+    ascended: torch.Tensor | None = None
     try:
         while len(cells):
             if budget.deadline is None and search.points + len(cells) > MAX_POINTS:
@@ -643,6 +681,12 @@ def _branch_and_bound(k: torch.Tensor, kg: torch.Tensor, sym: GramSymbol, search
             tau = cover.tau(b)
             factor = 1 - tau * tau / 2 if tau < math.sqrt(2) else 0.0
             opened = search.settle(cover.frequencies(cells), factor, final=factor * (1 + target) >= 1 - 1e-12)
+            if factor * (1 + target) < 1 - 1e-12 and len(opened):
+                pick = torch.linspace(0, len(opened) - 1, min(len(opened), 64)).round().long()
+                search.probe(cover.frequencies(cells[opened[pick]]))
+            if factor * (1 + target) < 1 - 1e-12 and search.best_w is not ascended:
+                search.ascend()  # from each level's best point: a new peak may have shown up
+                ascended = search.best_w
             if factor > 0:
                 level = max(search.upper, math.sqrt(search.open_trace + sym.p_error) / factor if len(opened) else 0)
             cells = cover.split(cells[opened], b)

@@ -875,7 +875,8 @@ class Bounder:
         out = _per_axis(_ints(node.arg("output_size", 1), []), d, "output_size")
         count = 1
         for i in range(d):
-            count *= int(rules.adaptive_matrix(sizes[i], out[i], False).sum(dim=0).max())
+            cols = rules.adaptive_matrix(sizes[i], out[i], False).indices()[1]
+            count *= int(torch.bincount(cols, minlength=1).max())
         self.unary(node, x, 0.5 * _lg(count), out=outs[0])
 
     op_adaptive_max_pool1d = op_adaptive_max_pool3d = op_adaptive_max_pool2d

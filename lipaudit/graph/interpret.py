@@ -186,6 +186,8 @@ def check_shapes(graph: Graph, meta: Callable[[str], torch.Tensor]) -> tuple[lis
             unverified.append(node.name)
             continue
         for o in outs:
+            if o in env and not env[o].is_meta:  # factories make cpu tensors; keep everything shapes-only
+                env[o] = env[o].to("meta")
             if o not in graph.consumers and o not in graph.outputs:
                 continue  # unused outputs (batch norm's saved statistics) are declared loosely
             declared = graph.shapes.get(o) or graph.hints.get(o)

@@ -22,8 +22,8 @@ SELU = 1.75810  # scale * alpha = 1.7580993...
 HARDSWISH = 1.5  # slope of x (x + 3) / 6 at x = 3
 HARDSWISH_PRODUCT = 9.0  # x * clamp(x + 3, 0, 6) before the division by 6 (core-aten spelling)
 
-# 1-D operators wider than this are bounded by sqrt(||A||_1 ||A||_inf) instead of an SVD.
-_SVD_WIDTH = 2048
+# 1-D operators with more entries than this are bounded by sqrt(||A||_1 ||A||_inf) instead of an SVD.
+_DENSE_ENTRIES = 2**22
 
 
 def _float(x: object, default: float) -> float:
@@ -65,15 +65,27 @@ def activation_gain(op: str, scalars: dict[str, object]) -> float | None:
 # -- exact norms of small matrices ---------------------------------------------------------
 
 
+def _coo(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    idx = torch.stack([rows.reshape(-1).long(), cols.reshape(-1).long()])
+    return torch.sparse_coo_tensor(idx, vals.reshape(-1).to(torch.float64), shape, check_invariants=True).coalesce()
+
+
 def matrix_upper(a: torch.Tensor) -> float:
-    """A certified upper end of ||A||_2 for a small float64 matrix."""
-    if a.numel() == 0:
+    """A certified upper end of ||A||_2 for a 1-D operator (sparse or dense float64): an SVD when
+    small, else sqrt(||A||_1 ||A||_inf)."""
+    m, n = a.shape
+    if m == 0 or n == 0:
         return 0.0
-    if min(a.shape) <= _SVD_WIDTH:
-        return float(torch.linalg.svdvals(a)[0]) * (1 + ROUNDING_MARGIN)
-    col = float(a.abs().sum(dim=0).max())
-    row = float(a.abs().sum(dim=1).max())
-    return math.sqrt(col * row) * (1 + ROUNDING_MARGIN)
+    if m * n <= _DENSE_ENTRIES:
+        d = a.to_dense() if a.is_sparse else a
+        return float(torch.linalg.svdvals(d)[0]) * (1 + ROUNDING_MARGIN)
+    if not a.is_sparse:
+        a = a.to_sparse()
+    a = a.coalesce()
+    idx, vals = a.indices(), a.values().abs()
+    col = torch.zeros(n, dtype=torch.float64).index_add_(0, idx[1], vals)
+    row = torch.zeros(m, dtype=torch.float64).index_add_(0, idx[0], vals)
+    return math.sqrt(float(col.max()) * float(row.max())) * (1 + ROUNDING_MARGIN)
 
 
 def pool_output(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
@@ -87,28 +99,32 @@ def pool_output(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
 
 def avg_pool_matrix(n: int, k: int, s: int, p: int, ceil_mode: bool, include_pad: bool,
                     override: bool) -> torch.Tensor:
-    """One axis of aten avg_pool: entry 1/divisor (1 with a divisor override, divided afterwards)."""
+    """One axis of aten avg_pool, sparse: entry 1/divisor (1 with a divisor override, divided afterwards)."""
     out = pool_output(n, k, s, p, 1, ceil_mode)
-    a = torch.zeros(out, n, dtype=torch.float64)
-    for j in range(out):
-        start = j * s - p
-        end = min(start + k, n + p)
-        size = end - start
-        lo, hi = max(start, 0), min(end, n)
-        if hi <= lo:
-            continue
-        div = 1.0 if override else float(size if include_pad else hi - lo)
-        a[j, lo:hi] = 1.0 / div
-    return a
+    j = torch.arange(max(out, 0))
+    start = j * s - p
+    end = torch.clamp(start + k, max=n + p)
+    lo, hi = start.clamp(min=0), end.clamp(max=n)
+    div = torch.ones(len(j), dtype=torch.float64) if override else (
+        (end - start) if include_pad else (hi - lo)).clamp(min=1).to(torch.float64)
+    cols = start[:, None] + torch.arange(k)[None, :]
+    valid = (cols >= lo[:, None]) & (cols < hi[:, None])
+    rows = j[:, None].expand_as(cols)
+    vals = (1.0 / div)[:, None].expand(cols.shape)
+    return _coo(rows[valid], cols[valid], vals[valid], (len(j), n))
 
 
 def adaptive_matrix(n: int, out: int, average: bool) -> torch.Tensor:
-    a = torch.zeros(out, n, dtype=torch.float64)
-    for j in range(out):
-        lo = (j * n) // out
-        hi = -((-(j + 1) * n) // out)
-        a[j, lo:hi] = 1.0 / (hi - lo) if average else 1.0
-    return a
+    j = torch.arange(out)
+    lo = (j * n) // out
+    hi = -((-(j + 1) * n) // out)
+    width = int((hi - lo).max()) if out else 0
+    cols = lo[:, None] + torch.arange(width)[None, :]
+    valid = cols < hi[:, None]
+    vals = (1.0 / (hi - lo).to(torch.float64))[:, None].expand(cols.shape) if average else torch.ones(
+        cols.shape, dtype=torch.float64)
+    rows = j[:, None].expand_as(cols)
+    return _coo(rows[valid], cols[valid], vals[valid], (out, n))
 
 
 def max_pool_count(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
@@ -128,9 +144,7 @@ def nearest_matrix(n: int, out: int, scale: float | None, exact: bool) -> torch.
     dst = torch.arange(out, dtype=torch.float64)
     src = torch.floor((dst + 0.5) * ratio) if exact else torch.floor(dst * ratio)
     src = src.clamp(max=n - 1).long()
-    a = torch.zeros(out, n, dtype=torch.float64)
-    a[torch.arange(out), src] = 1.0
-    return a
+    return _coo(torch.arange(out), src, torch.ones(out, dtype=torch.float64), (out, n))
 
 
 def linear_matrix(n: int, out: int, align_corners: bool, scale: float | None) -> torch.Tensor:
@@ -144,24 +158,17 @@ def linear_matrix(n: int, out: int, align_corners: bool, scale: float | None) ->
     i0 = src.floor().long().clamp(max=n - 1)
     i1 = torch.where(i0 < n - 1, i0 + 1, i0)
     l1 = (src - i0.to(torch.float64)).clamp(0.0, 1.0)
-    a = torch.zeros(out, n, dtype=torch.float64)
     rows = torch.arange(out)
-    a.index_put_((rows, i0), 1.0 - l1, accumulate=True)
-    a.index_put_((rows, i1), l1, accumulate=True)
-    return a
+    return _coo(torch.cat([rows, rows]), torch.cat([i0, i1]), torch.cat([1.0 - l1, l1]), (out, n))
 
 
 def pad_matrix(n: int, left: int, right: int, mode: str) -> torch.Tensor | None:
     """F.pad along one axis; None when torch would refuse the sizes."""
-    out = n + left + right
-    if out <= 0:
-        return torch.zeros(0, n, dtype=torch.float64)
+    out = max(n + left + right, 0)
     j = torch.arange(out) - left
     if mode == "constant":
         keep = (j >= 0) & (j < n)
-        a = torch.zeros(out, n, dtype=torch.float64)
-        a[torch.arange(out)[keep], j[keep]] = 1.0
-        return a
+        return _coo(torch.arange(out)[keep], j[keep], torch.ones(int(keep.sum()), dtype=torch.float64), (out, n))
     if mode == "reflect":
         if max(left, right) >= n:
             return None
@@ -176,9 +183,7 @@ def pad_matrix(n: int, left: int, right: int, mode: str) -> torch.Tensor | None:
         src = j.remainder(n)
     else:
         return None
-    a = torch.zeros(out, n, dtype=torch.float64)
-    a[torch.arange(out), src] = 1.0
-    return a
+    return _coo(torch.arange(out), src, torch.ones(out, dtype=torch.float64), (out, n))
 
 
 # -- convolutions --------------------------------------------------------------------------

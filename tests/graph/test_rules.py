@@ -74,7 +74,7 @@ def test_avg_pool_axis_matches_torch(n: int, k: int, s: int, p: int, ceil: bool,
 
     assume(p <= k // 2 and rules.pool_output(n, k, s, p, 1, ceil) >= 1)
     ref = _dense(lambda t: F.avg_pool1d(t.unsqueeze(1), k, s, p, ceil, include).squeeze(1), (n,))
-    ours = rules.avg_pool_matrix(n, k, s, p, ceil, include, False).numpy()
+    ours = rules.avg_pool_matrix(n, k, s, p, ceil, include, False).to_dense().numpy()
     assert np.allclose(ours, ref, atol=1e-12)
 
 
@@ -120,18 +120,18 @@ def test_upsampling_axis_matches_torch(mode: str, n: int, out: int) -> None:
         ac = mode == "linear-ac"
         ref = _dense(lambda t: F.interpolate(t.unsqueeze(1), size=out, mode="linear", align_corners=ac).squeeze(1),
                      (n,))
-        ours = rules.linear_matrix(n, out, ac, None).numpy()
+        ours = rules.linear_matrix(n, out, ac, None).to_dense().numpy()
     else:
         ref = _dense(lambda t: F.interpolate(t.unsqueeze(1), size=out, mode=mode).squeeze(1), (n,))
-        ours = rules.nearest_matrix(n, out, None, mode == "nearest-exact").numpy()
+        ours = rules.nearest_matrix(n, out, None, mode == "nearest-exact").to_dense().numpy()
     assert np.allclose(ours, ref, atol=1e-12)
 
 
 def test_upsampling_with_scale_factor_matches_torch() -> None:
     ref = _dense(lambda t: F.interpolate(t.unsqueeze(1), scale_factor=2.5, mode="linear").squeeze(1), (4,))
-    assert np.allclose(rules.linear_matrix(4, 10, False, 2.5).numpy(), ref, atol=1e-12)
+    assert np.allclose(rules.linear_matrix(4, 10, False, 2.5).to_dense().numpy(), ref, atol=1e-12)
     ref = _dense(lambda t: F.interpolate(t.unsqueeze(1), scale_factor=1.7, mode="nearest").squeeze(1), (5,))
-    assert np.allclose(rules.nearest_matrix(5, 8, 1.7, False).numpy(), ref, atol=1e-12)
+    assert np.allclose(rules.nearest_matrix(5, 8, 1.7, False).to_dense().numpy(), ref, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["constant", "reflect", "replicate", "circular"])
@@ -143,7 +143,7 @@ def test_padding_axis_matches_torch(mode: str, n: int, left: int, right: int) ->
         pytest.skip("negative non-constant padding")
     ref = _dense(lambda t: F.pad(t.unsqueeze(1), (left, right), mode=mode).squeeze(1), (n,))
     ours = rules.pad_matrix(n, left, right, mode)
-    assert ours is not None and np.allclose(ours.numpy(), ref, atol=1e-12)
+    assert ours is not None and np.allclose(ours.to_dense().numpy(), ref, atol=1e-12)
 
 
 def _strided_conv_norm(k: torch.Tensor, n: int, stride: int, dilation: int, groups: int, pad: int) -> float:
@@ -182,3 +182,18 @@ def test_large_input_strided_conv_is_close_to_the_bound() -> None:
     iv = rules.conv_norm(kernel, (2, 2), (1, 1), 1, 1e-3)
     true = _strided_conv_norm(kernel, 16, 2, 1, 1, 1)
     assert true <= iv.upper <= true * 1.15
+
+
+def test_long_axes_use_a_sparse_certified_bound() -> None:
+    """A million-sample axis: no dense matrix, and the Schur bound still holds (here it is exact)."""
+    n = 1_000_000
+    a = rules.avg_pool_matrix(n, 4, 4, 0, False, True, False)
+    assert a.is_sparse and rules.matrix_upper(a) == pytest.approx(0.5, rel=1e-9)
+    up = rules.nearest_matrix(n, 2 * n, 2.0, False)
+    assert rules.matrix_upper(up) == pytest.approx(math.sqrt(2), rel=1e-9)
+    small = rules.avg_pool_matrix(50, 3, 2, 1, True, False, False)
+    dense = float(np.linalg.svd(small.to_dense().numpy(), compute_uv=False)[0])
+    sch = small.coalesce()
+    col = np.bincount(sch.indices()[1].numpy(), weights=sch.values().numpy())
+    row = np.bincount(sch.indices()[0].numpy(), weights=sch.values().numpy())
+    assert dense <= math.sqrt(col.max() * row.max()) + 1e-12

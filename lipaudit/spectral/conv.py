@@ -59,7 +59,7 @@ _MAX_SHIFTS = 20_000
 
 
 class _OutOfTime(Exception):
-    pass
+    lower = 0.0  # a lower end proven before time ran out, where the raiser knows one
 
 
 @dataclass(frozen=True)
@@ -822,21 +822,28 @@ def grid_bound(
     dil = _per_axis(dilation, k.ndim - 2)
     ks, e = scaled(k)
     cap = None if upper_cap is None else math.ldexp(upper_cap, -e)
+    known = 0.0  # a lower end valid for the grouping asked about, found so far
     try:
         if groups is None and k.shape[0] > 1 and k.shape[1] > 0:
-            up = _grid_at(ks, sizes, dil, 1, budget, rtol)
             _, o = row_lower(ks, 1e-2, budget)  # the best output channel: a row block of every grouping
             lo = _grid_at(ks[o : o + 1], sizes, dil, 1, budget, rtol)
+            known = lo.lower
+            try:
+                up = _grid_at(ks, sizes, dil, 1, budget, rtol)
+            except _OutOfTime:
+                raise _OutOfTime from None  # its lower end holds for the ungrouped reading only
             iv = Interval(min(lo.lower, up.upper), up.upper, "grid-rows", up.upper_method, True,
                           grouping_assumed=True)
         else:
             iv = _grid_at(ks, sizes, dil, groups or 1, budget, rtol)
-    except _OutOfTime:
+    except _OutOfTime as exc:
+        known = max(known, exc.lower)
         if cap is None:
             raise ResourceLimitError("the time budget ran out before the grid at the input size was done; "
                                      "raise the per-layer time budget") from None
-        iv = Interval(0.0, cap, "grid-partial", "operator-bound", True,
-                      loose=_loose(0.0, cap, "time budget exhausted at the input size"))
+        iv = Interval(min(known, cap), cap, "grid-partial", "operator-bound", True,
+                      loose=_loose(known, cap, "time budget exhausted at the input size"),
+                      grouping_assumed=groups is None and k.shape[0] > 1)
     return unscale_interval(iv, e)
 
 
@@ -857,10 +864,14 @@ def _grid_at(k: torch.Tensor, sizes: Sequence[int], dil: list[int], groups: int,
     w = torch.cartesian_prod(*axes).reshape(-1, len(n))
     sym = GramSymbol(kgt, budget)
     search = _Search(sym, rtol * _TARGET, budget)
-    for sl in _chunks(len(w), max(1, sym.batch * 16)):
-        for i in search.settle(w[sl], 1.0, final=True).tolist():
-            # outlived the exact tries of its batch: its own exact value bounds it
-            search.upper = max(search.upper, search.exact_at(sym.negated(w[sl][i : i + 1])))
+    try:
+        for sl in _chunks(len(w), max(1, sym.batch * 16)):
+            for i in search.settle(w[sl], 1.0, final=True).tolist():
+                # outlived the exact tries of its batch: its own exact value bounds it
+                search.upper = max(search.upper, search.exact_at(sym.negated(w[sl][i : i + 1])))
+    except _OutOfTime as exc:
+        exc.lower = math.sqrt(max(search.lower2, 0.0))
+        raise
     return search.interval("grid-cholesky")
 
 
@@ -911,12 +922,18 @@ def zero_padded_lower(
     basis_cap = _BATCH_BYTES if budget.max_bytes is None else budget.max_bytes // 2
     lanczos = 8 * n * (steps + 1) <= basis_cap
 
+    last = [0.0]  # seconds the previous step took: stop before a step that would pass the deadline
+
     def gram(x: torch.Tensor) -> torch.Tensor:
         budget.check()
+        if budget.deadline is not None and time.monotonic() + 2 * last[0] > budget.deadline:
+            raise _OutOfTime
+        t0 = time.monotonic()
         with torch.enable_grad():
             v = x.detach().reshape(shape).requires_grad_(True)
             y = apply(v)
             (grad,) = torch.autograd.grad(y, v, grad_outputs=y.detach())
+        last[0] = time.monotonic() - t0
         return grad.reshape(-1)
 
     gen = torch.Generator().manual_seed(seed)

@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from lipaudit.checkpoint.formats import FORMATS, Format, detect
-from lipaudit.checkpoint.formats.base import natural_key, sha256_of
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import Checkpoint, Ignored, StorageId, TensorInfo
-from lipaudit.checkpoint.writer import Edits
 from lipaudit.errors import ResourceLimitError
 from lipaudit.text import visible
+
+if TYPE_CHECKING:
+    from lipaudit.checkpoint.formats import FORMATS, Format
+    from lipaudit.checkpoint.formats.base import natural_key, sha256_of
+    from lipaudit.checkpoint.writer import Edits
 
 __all__ = [
     "FORMATS", "Checkpoint", "Edits", "Format", "Ignored", "Limits", "StorageId", "TensorInfo", "natural_key",
     "open_checkpoint", "sha256_of",
 ]
+
+# Imported on first use: the package itself must not import torch (the CLI starts without it).
+_LAZY = {
+    "FORMATS": "lipaudit.checkpoint.formats",
+    "Format": "lipaudit.checkpoint.formats.base",
+    "natural_key": "lipaudit.checkpoint.formats.base",
+    "sha256_of": "lipaudit.checkpoint.formats.base",
+    "Edits": "lipaudit.checkpoint.writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_checkpoint(
@@ -25,6 +44,8 @@ def open_checkpoint(
 
     for_writing is kept for callers; every format can now be rewritten from the same opening.
     """
+    from lipaudit.checkpoint.formats import detect
+
     limits = limits or Limits()
     shown = visible(path, 200)
     p = Path(path)

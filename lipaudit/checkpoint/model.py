@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from lipaudit.checkpoint.formats.base import Format
     from lipaudit.checkpoint.writer import Edits
 

@@ -401,3 +401,9 @@ def test_sharded_write_is_atomic_under_sigkill_at_every_step(tmp_path: Path, mod
             open_checkpoint(str(snap)).write(Edits(), snap)
             assert sorted(p.name for p in snap.iterdir()) == names, snap.name
     assert states[0] == "old" and states[-1] == "new" and "new" in states[:-1]
+
+
+def test_the_package_starts_without_torch() -> None:
+    code = "import sys, lipaudit.checkpoint.limits, lipaudit.checkpoint.model; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

@@ -15,7 +15,7 @@ from lipaudit.checkpoint.formats.torch_format import TorchLegacy, TorchZip
 from lipaudit.errors import MalformedInputError
 
 from lipaudit.checkpoint.folder import Folder, ShardedTorch  # isort: skip  (needs base above)
-from lipaudit.checkpoint.pt2 import Pt2  # isort: skip  (needs base above)
+from lipaudit.checkpoint.formats.pt2_format import Pt2  # isort: skip  (needs base above)
 
 FORMATS: tuple[type[Format], ...] = (
     Folder, ShardedTorch, Pt2, TorchZip, TorchLegacy, Safetensors, ShardedSafetensors,

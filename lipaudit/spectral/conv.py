@@ -468,9 +468,16 @@ class _Search:
 
 
 def _smooth(n: int) -> int:
-    """The smallest 2^a or 3 * 2^a at least n: FFT sizes with the plain error bound."""
-    p = 1 << max(0, (n - 1).bit_length())
-    return min(p, 3 * (p // 4)) if p >= 4 and 3 * (p // 4) >= n else p
+    """The smallest 2^a 3^b 5^c 7^d at least n: FFT sizes of the fast radices."""
+    m = max(1, n)
+    while True:
+        r = m
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
 
 
 def _fold(h: torch.Tensor, sizes: Sequence[int], dil: Sequence[int]) -> torch.Tensor:
@@ -503,8 +510,8 @@ def _fft_grid(kg: torch.Tensor, sizes: Sequence[int], dil: Sequence[int], budget
     per_group = m * n * total * 8 + m * n * half * 16 * 2 + half * n * n * 16 * 2
     budget.need(per_group, "one group's frequency table")
     step = max(1, budget.chunk() // per_group)
-    smooth = all(_smooth(x) == x for x in sizes)
-    eta = _FFT_ETA * (1 if smooth else 4)
+    pow2 = all(x & (x - 1) == 0 for x in sizes)
+    eta = _FFT_ETA * (1 if pow2 else 4)  # other radices and Bluestein's algorithm: a larger constant
     levels = sum(max(1.0, math.log2(x)) for x in sizes) + 2
     lo = hi = 0.0
     dims = tuple(range(3, 3 + d))
@@ -734,7 +741,7 @@ def row_lower(k: torch.Tensor, rtol: float = 1e-2, budget: Budget | None = None)
     if k.numel() == 0 or not bool(torch.any(k != 0)):
         return 0.0, 0
     ks, e = scaled(k)
-    ks = _trim(ks)
+    ks, _ = _prepare(ks)  # the same trimmed, active axes as conv_bound: the same grid
     c_out, c_in = ks.shape[0], ks.shape[1]
     spatial = [int(s) for s in ks.shape[2:]]
     if not spatial or all(s == 1 for s in spatial):

@@ -111,6 +111,7 @@ def _old_worker(path: str, k: torch.Tensor, rtol: float, queue: Any) -> None:
     spec = importlib.util.spec_from_file_location("old_conv", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["old_conv"] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     torch.set_num_threads(1)
     t = time.perf_counter()
@@ -128,6 +129,8 @@ def _old(path: str, k: torch.Tensor, rtol: float, cap: float) -> str:
         proc.kill()
         proc.join()
         return f"> {cap:.0f} s (stopped)"
+    if queue.empty():
+        return "failed (see its traceback above)"
     t, lo, up = queue.get()
     return f"{t:8.2f} s  upper/lower {up / lo:.4f}"
 

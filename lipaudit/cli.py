@@ -1,21 +1,36 @@
-"""Command line: parse, call, render, map outcomes to exit codes (DESIGN §4)."""
+"""Command line: parse, call, render, map outcomes to exit codes. Thin; torch is imported only
+inside command bodies, so `lipaudit --help` starts at once."""
 
 from __future__ import annotations
 
+import glob
 import math
 import os
-import shutil
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from lipaudit import __version__
 from lipaudit.errors import INTERNAL_EXIT_CODE, LipauditError, OutputError, UsageError
-from lipaudit.formats import FORMAT_NAMES, RenderOptions, fmt_bound
-from lipaudit.text import visible
+from lipaudit.formats import FORMAT_NAMES, FORMATS, NORMALIZE_FORMAT_NAMES, RenderOptions
+from lipaudit.text import defang, visible
+from lipaudit.types import ConvNorm, Method, Mode, Severity
+
+if TYPE_CHECKING:
+    from lipaudit.report import Report
+    from lipaudit.settings import NormalizeSettings, Settings
+
+# Files a folder given to inspect is searched for, when it is not itself a checkpoint.
+CHECKPOINT_GLOBS = ("*.pt", "*.pth", "*.bin", "*.ckpt", "*.safetensors", "*.pt2", "*.tar")
+# A plain progress line on stderr this often when stderr is not a terminal (CI logs).
+PLAIN_PROGRESS_S = 10.0
 
 
 class PositiveFloat(click.ParamType):  # type: ignore[type-arg]
@@ -34,49 +49,6 @@ class PositiveFloat(click.ParamType):  # type: ignore[type-arg]
         return x
 
 
-def _stderr_console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, markup=False, emoji=False)
-
-
-def _fail(err: LipauditError, fmt: str) -> NoReturn:
-    from lipaudit.formats.json_format import dumps
-    from lipaudit.report import error_document
-
-    if fmt == "json":
-        sys.stdout.write(dumps(error_document(__version__, err.code, err.exit_code, err.message, err.path)))
-        sys.stdout.flush()
-    elif fmt == "github":
-        from lipaudit.formats.github import escape_data
-
-        click.echo(f"::error title=lipaudit::{escape_data(err.message)}")
-    click.echo(f"lipaudit: error: {err.message}", err=True)
-    sys.exit(err.exit_code)
-
-
-def write_report(path: Path, text: str) -> None:
-    """Atomically: a temporary file beside path, fsynced, renamed over it."""
-    from lipaudit.checkpoint.writer import stage, writer_of
-
-    staged = stage(path, writer_of(text.encode("utf-8")))
-    try:
-        staged.commit()
-    except OSError as e:
-        staged.discard()
-        raise OutputError(f"{visible(str(path))}: cannot write the report ({e.strerror or e})") from None
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("auditing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[layer]}"),
-        console=_stderr_console(), transient=True, disable=not enabled,
-    )
-
-
 class ByteSize(click.ParamType):  # type: ignore[type-arg]
     name = "size"
 
@@ -92,34 +64,6 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]
         if n <= 0:
             self.fail(f"{value!r} must be above 0", param, ctx)
         return n
-
-
-def limit_options(f: Any) -> Any:
-    """--jobs and the budgets checked before allocating: --max-tensors, --max-tensor-bytes, --max-total-bytes."""
-    f = click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
-                     help="Layers measured at once [default: the number of CPUs, at most 8].")(f)
-    f = click.option("--max-total-bytes", type=ByteSize(), default=None,
-                     help="Budget for all tensors' logical sizes [default: 256G].")(f)
-    f = click.option("--max-tensor-bytes", type=ByteSize(), default=None,
-                     help="Budget for one tensor's logical size, numel x itemsize [default: 16G].")(f)
-    f = click.option("--max-tensors", type=click.IntRange(min=1), default=None,
-                     help="Most tensors a checkpoint may hold [default: 1000000].")(f)
-    return f
-
-
-def _limits(max_tensors: int | None, max_tensor_bytes: int | None, max_total_bytes: int | None) -> Any:
-    from dataclasses import replace as with_
-
-    from lipaudit.checkpoint.limits import Limits
-
-    limits = Limits()
-    if max_tensors is not None:
-        limits = with_(limits, tensors=max_tensors)
-    if max_tensor_bytes is not None:
-        limits = with_(limits, tensor_bytes=max_tensor_bytes)
-    if max_total_bytes is not None:
-        limits = with_(limits, total_bytes=max_total_bytes)
-    return limits
 
 
 class InputSize(click.ParamType):  # type: ignore[type-arg]
@@ -142,130 +86,60 @@ class InputSize(click.ParamType):  # type: ignore[type-arg]
         return (name or "*", dims)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "-V", "--version", prog_name="lipaudit")
-def cli() -> None:
-    """Audit the Lipschitz constant of PyTorch checkpoints, with proven bounds."""
+class Groups(click.ParamType):  # type: ignore[type-arg]
+    """NAME=N: the layer's groups (NAME may be * for every convolution)."""
+
+    name = "NAME=N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value
+        name, sep, n = str(value).rpartition("=")
+        if not sep or not name or not n.isdigit() or int(n) < 1:
+            self.fail(f"{value!r}: expected NAME=N with N >= 1 (NAME may be *)", param, ctx)
+        return (name, int(n))
 
 
-@cli.command()
-@click.argument("path")
-@click.option("--method", type=click.Choice(["auto", "exact", "fast"]), default="auto", show_default=True,
-              help="Dense layers: exact SVD, or a certified power/Cholesky bracket to --rtol.")
-@click.option("--rtol", type=PositiveFloat(), default=None,
-              help="Relative width of the brackets [default: 1e-4 dense, 1e-2 convolutions].")
-@click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="table", show_default=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Write the report to FILE (after the audit succeeded) instead of stdout.")
-@click.option("--fail-above", type=PositiveFloat(allow_zero=True), default=None,
-              help="Exit 1 if the network's Lipschitz upper bound exceeds X.")
-@click.option("--fail-layer-above", type=PositiveFloat(allow_zero=True), default=None,
-              help="Exit 1 if any layer's norm upper bound exceeds X.")
-@click.option("--key", default=None, help="Entry holding the state dict (e.g. model, ema; '/' for all).")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the power iteration starts.")
-@click.option("--bn-eps", type=PositiveFloat(), default=1e-5, show_default=True, help="BatchNorm eps.")
-@click.option("--input-size", "input_sizes", type=InputSize(), multiple=True,
-              help="Input size of the convolutions (32x32, or layer=32x32; repeatable): adds their exact "
-                   "circular-padding norm and a zero-padding bracket at that size.")
-@limit_options
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary on stderr.")
-@click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
-def inspect(
-    path: str, method: str, rtol: float | None, fmt: str, output: Path | None,
-    fail_above: float | None, fail_layer_above: float | None, key: str | None, device: str,
-    seed: int, bn_eps: float, input_sizes: tuple[tuple[str, tuple[int, ...]], ...],
-    max_tensors: int | None, max_tensor_bytes: int | None, max_total_bytes: int | None, jobs: int | None,
-    quiet: bool, debug: bool,
-) -> None:
-    """Report every layer's operator norm as a proven interval and bound the network."""
+class Codes(click.ParamType):  # type: ignore[type-arg]
+    """LIP003,LIP011: finding codes."""
 
-    def run() -> int:
-        settings = _settings(method, rtol, device, seed, key, bn_eps, fail_above, fail_layer_above, input_sizes,
-                             _limits(max_tensors, max_tensor_bytes, max_total_bytes), jobs)
-        return _inspect(path, settings, fmt, output, quiet)
+    name = "CODES"
 
-    _guarded(run, path, fmt, debug)
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        from lipaudit.findings import RULES
+
+        if isinstance(value, tuple):
+            return value
+        codes = tuple(c.strip().upper() for c in str(value).split(",") if c.strip())
+        unknown = [c for c in codes if c not in RULES]
+        if unknown:
+            self.fail(f"unknown finding code {', '.join(map(visible, unknown))}", param, ctx)
+        return codes
 
 
-def _inspect(path: str, settings: Any, fmt: str, output: Path | None, quiet: bool) -> int:
-    from lipaudit.audit import audit
-    from lipaudit.checkpoint import open_checkpoint
-    from lipaudit.formats import render
+def _stderr_console() -> Any:
+    from rich.console import Console
 
-    ckpt = open_checkpoint(path, settings.key, limits=settings.limits)
-    show_progress = not quiet and sys.stderr.isatty()
-    with _progress(show_progress) as bar:
-        task = bar.add_task("audit", total=None, layer="")
+    return Console(stderr=True, highlight=False, markup=False, emoji=False)
 
-        def tick(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, layer=visible(name, 60))
 
-        report = audit(ckpt, settings, tick)
-    to_tty = output is None and sys.stdout.isatty()
-    width = shutil.get_terminal_size((120, 24)).columns if to_tty else 120
-    text = render(report, fmt, RenderOptions(width=max(width, 80), color=to_tty))
-    if output is not None:
-        write_report(output, text)
-    else:
-        sys.stdout.write(text)
+def _fail(err: LipauditError, fmt: str) -> NoReturn:
+    message = visible(err.message, 1000)
+    if fmt in ("json", "sarif"):
+        from lipaudit.formats.json_format import dumps
+        from lipaudit.report import error_document
+
+        sys.stdout.write(dumps(error_document(__version__, err.code, err.exit_code, message, err.path)))
         sys.stdout.flush()
-    if not quiet:
-        net = report.network
-        errors = sum(f.severity == "error" for f in report.findings)
-        click.echo(
-            f"lipaudit: {report.checkpoint.path}: {len(report.layers)} layers, network L <= {fmt_bound(report)} "
-            f"({'certified' if net.certified else 'not certified'}), {len(report.findings)} findings "
-            f"({errors} errors): {'passed' if report.passed else 'FAILED'}",
-            err=True,
-        )
-    return report.exit_code
+    elif fmt == "github":
+        from lipaudit.formats.github import escape_data
+
+        click.echo(f"::error title=lipaudit::{escape_data(message)}")
+    click.echo(f"lipaudit: error: {message}", err=True)
+    sys.exit(err.exit_code)
 
 
-@cli.command()
-@click.argument("path")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Where to write the rescaled checkpoint (a folder for sharded input).")
-@click.option("--target", type=PositiveFloat(), default=1.0, show_default=True,
-              help="Largest allowed certified norm per covered layer.")
-@click.option("--mode", type=click.Choice(["divide", "clip"]), default="divide", show_default=True,
-              help="divide: every covered layer to the target; clip: only layers above it.")
-@click.option("--conv-norm", type=click.Choice(["operator", "reshape"]), default="operator", show_default=True,
-              help="operator: the certified bound; reshape: what torch's spectral_norm divides by (not certified).")
-@click.option("--include", multiple=True, help="Only layers whose name or key matches this glob (repeatable).")
-@click.option("--exclude", multiple=True, help="Leave layers whose name or key matches this glob (repeatable).")
-@click.option("--bake", is_flag=True, help="Replace spectral-norm parametrized layers by plain weights.")
-@click.option("--in-place", is_flag=True, help="Overwrite the input (atomically).")
-@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
-@click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="table", show_default=True)
-@click.option("--key", default=None, help="Entry holding the state dict.")
-@click.option("--rtol", type=PositiveFloat(), default=None, help="As for inspect.")
-@click.option("--bn-eps", type=PositiveFloat(), default=1e-5, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
-@limit_options
-@click.option("-q", "--quiet", is_flag=True)
-@click.option("--debug", is_flag=True)
-def normalize(
-    path: str, output: Path | None, target: float, mode: str, conv_norm: str, include: tuple[str, ...],
-    exclude: tuple[str, ...], bake: bool, in_place: bool, dry_run: bool, fmt: str, key: str | None,
-    rtol: float | None, bn_eps: float, device: str, max_tensors: int | None, max_tensor_bytes: int | None,
-    max_total_bytes: int | None, jobs: int | None, quiet: bool, debug: bool,
-) -> None:
-    """Rescale the covered layers so that each certified norm is at most --target."""
-    from lipaudit.normalize import NormalizeSettings
-
-    def run() -> int:
-        limits = _limits(max_tensors, max_tensor_bytes, max_total_bytes)
-        settings = NormalizeSettings(
-            target=target, mode=mode, conv_norm=conv_norm, include=include, exclude=exclude, bake=bake,
-            audit=_settings("exact", rtol, device, 0, key, bn_eps, None, None, (), limits, jobs),
-        )
-        return _normalize(path, output, in_place, dry_run, settings, fmt, quiet)
-
-    _guarded(run, path, fmt, debug)
-
-
-def _guarded(run: Any, path: str, fmt: str, debug: bool) -> NoReturn:
+def _guarded(run: Callable[[], int], path: str | None, fmt: str, debug: bool) -> NoReturn:
     """Map every outcome to its exit code; a bug is one line and 70 unless --debug."""
     try:
         code = run()
@@ -277,82 +151,427 @@ def _guarded(run: Any, path: str, fmt: str, debug: bool) -> NoReturn:
     except Exception as e:
         if debug:
             raise
-        err = LipauditError(f"internal error: {type(e).__name__}: {visible(str(e), 200)} (rerun with --debug)", path)
-        err.exit_code = INTERNAL_EXIT_CODE
-        _fail(err, fmt)
+        _fail(_internal(e, path), fmt)
     sys.exit(code)
 
 
-def _output_path(path: str, output: Path | None, in_place: bool, dry_run: bool) -> Path | None:
-    """Where the result goes; writing over the input needs --in-place."""
+def _internal(e: BaseException, path: str | None) -> LipauditError:
+    if isinstance(e, MemoryError):
+        from lipaudit.errors import ResourceLimitError
+
+        return ResourceLimitError("out of memory", path)
+    err = LipauditError(f"internal error: {type(e).__name__}: {visible(str(e), 200)} (rerun with --debug)", path)
+    err.exit_code = INTERNAL_EXIT_CODE
+    return err
+
+
+def write_report(path: Path, text: str) -> None:
+    """Atomically: a temporary file beside path, fsynced, renamed over it."""
+    from lipaudit.checkpoint.writer import stage, writer_of
+
+    staged = stage(path, writer_of(text.encode("utf-8")))
+    try:
+        staged.commit()
+    except OSError as e:
+        staged.discard()
+        raise OutputError(f"{visible(str(path))}: cannot write the report ({e.strerror or e})") from None
+
+
+def _emit(text: str, fmt: str, output: Path | None) -> None:
+    # A line starting with :: is a workflow command to GitHub runners: names must not make one.
+    if fmt != "github":
+        text = defang(text)
+    if output is not None:
+        write_report(output, text)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _options(output: Path | None) -> RenderOptions:
+    import shutil
+
+    to_tty = output is None and sys.stdout.isatty()
+    width = shutil.get_terminal_size((120, 24)).columns if to_tty else 120
+    return RenderOptions(width=max(width, 80), color=to_tty)
+
+
+@contextmanager
+def _progress(enabled: bool, what: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A transient bar on a terminal; a plain line every 10 s otherwise (CI logs); nothing with -q."""
+    if not enabled:
+        yield lambda done, total, name: None
+        return
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TextColumn("{task.fields[layer]}"), console=_stderr_console(), transient=True)
+        with bar:
+            task = bar.add_task(what, total=None, layer="")
+            yield lambda done, total, name: bar.update(task, completed=done, total=total, layer=visible(name, 60))
+        return
+    state = {"done": 0, "total": 0, "name": ""}
+    stop = threading.Event()
+    t0 = time.monotonic()
+
+    def ticker() -> None:
+        while not stop.wait(PLAIN_PROGRESS_S):
+            click.echo(f"lipaudit: {what}: {state['done']}/{state['total']} layers, {time.monotonic() - t0:.0f} s"
+                       f"{', at ' + visible(str(state['name']), 60) if state['name'] else ''}", err=True)
+
+    thread = threading.Thread(target=ticker, daemon=True)
+    thread.start()
+    try:
+        yield lambda done, total, name: state.update(done=done, total=total, name=name)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return device
+
+
+def _limits(max_tensors: int | None, max_tensor_bytes: int | None, max_total_bytes: int | None) -> Any:
+    from lipaudit.checkpoint.limits import Limits
+
+    limits = Limits()
+    if max_tensors is not None:
+        limits = replace(limits, tensors=max_tensors)
+    if max_tensor_bytes is not None:
+        limits = replace(limits, tensor_bytes=max_tensor_bytes)
+    if max_total_bytes is not None:
+        limits = replace(limits, total_bytes=max_total_bytes)
+    return limits
+
+
+def common_options(f: Any) -> Any:
+    """Options both commands share: budgets, jobs, device, key, eps, quiet, debug."""
+    for opt in reversed((
+        click.option("--key", default=None, help="Entry holding the state dict (e.g. model, ema; '/' for all; "
+                     "a name prefix for safetensors)."),
+        click.option("--rtol", type=PositiveFloat(), default=None,
+                     help="Relative width of the brackets [default: 1e-4 dense, 1e-2 convolutions]."),
+        click.option("--bn-eps", type=PositiveFloat(), default=1e-5, show_default=True, help="BatchNorm eps."),
+        click.option("--groups", "groups", type=Groups(), multiple=True,
+                     help="A convolution's groups, NAME=N (NAME may be * for all; repeatable). The shape does not "
+                          "tell it; without it lower ends hold for every grouping."),
+        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+                     help="Where the float64 linear algebra runs."),
+        click.option("--layer-time-budget", type=PositiveFloat(), default=120.0, show_default=True,
+                     help="Seconds one layer's search may take; past it a looser, still certified bound stands "
+                          "(finding LIP015)."),
+        click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
+                     help="Layers (or files) measured at once [default: the number of CPUs, at most 8]."),
+        click.option("--max-tensors", type=click.IntRange(min=1), default=None,
+                     help="Most tensors a checkpoint may hold [default: 1000000]."),
+        click.option("--max-tensor-bytes", type=ByteSize(), default=None,
+                     help="Budget for one tensor's logical size, numel x itemsize [default: 16G]."),
+        click.option("--max-total-bytes", type=ByteSize(), default=None,
+                     help="Budget for all tensors' logical sizes [default: 256G]."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr."),
+        click.option("--debug", is_flag=True, help="Show tracebacks of internal errors."),
+    )):
+        f = opt(f)
+    return f
+
+
+def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
+    from lipaudit.settings import CONV_RTOL, DENSE_RTOL, Settings, default_jobs
+
+    rtol = p["rtol"]
+    return Settings(
+        method=Method(method), rtol=rtol if rtol is not None else DENSE_RTOL,
+        conv_rtol=rtol if rtol is not None else CONV_RTOL, seed=p.get("seed", 0), device=_device(p["device"]),
+        key=p["key"], bn_eps=p["bn_eps"], input_sizes=tuple(p.get("input_sizes", ())), groups=tuple(p["groups"]),
+        limits=_limits(p["max_tensors"], p["max_tensor_bytes"], p["max_total_bytes"]),
+        jobs=p["jobs"] if p["jobs"] is not None else default_jobs(), layer_time_s=p["layer_time_budget"], **gates,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="lipaudit")
+def cli() -> None:
+    """Audit the Lipschitz constant of PyTorch checkpoints, with proven bounds."""
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--method", type=click.Choice([m.value for m in Method]), default="auto", show_default=True,
+              help="Dense layers: exact SVD, or a certified Lanczos/Cholesky bracket to --rtol; auto picks by size.")
+@click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="table", show_default=True,
+              help="Report format (stdout, or -o).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Write the report to FILE (after the audit succeeded) instead of stdout.")
+@click.option("--fail-above", type=PositiveFloat(allow_zero=True), default=None,
+              help="Exit 1 if the network's Lipschitz upper bound exceeds X (or is not certified).")
+@click.option("--fail-layer-above", type=PositiveFloat(allow_zero=True), default=None,
+              help="Exit 1 if any layer's norm upper bound exceeds X (or is not certified).")
+@click.option("--allow-uncertified", is_flag=True,
+              help="Let the gates pass on bounds that are not proofs (estimates, uncovered layers, non-chains).")
+@click.option("--ignore", type=Codes(), multiple=True, help="Leave out findings with these codes (LIP003,LIP011).")
+@click.option("--fail-on", type=click.Choice([s.value for s in (Severity.ERROR, Severity.WARNING)]),
+              default="error", show_default=True, help="Lowest finding severity that fails the run (exit 1).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Lanczos starts.")
+@click.option("--input-size", "input_sizes", type=InputSize(), multiple=True,
+              help="Input size of the convolutions (32x32, or layer=32x32; repeatable): adds their exact "
+                   "circular-padding norm and a zero-padding bracket at that size.")
+@common_options
+def inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None, fail_above: float | None,
+            fail_layer_above: float | None, allow_uncertified: bool, ignore: tuple[tuple[str, ...], ...],
+            fail_on: str, debug: bool, quiet: bool, **p: Any) -> None:
+    """Report every layer's operator norm as a proven interval and bound the network.
+
+    PATHS are checkpoint files, sharded folders, folders of checkpoints or globs."""
+
+    def run() -> int:
+        settings = _settings(
+            p, method, fail_above=fail_above, fail_layer_above=fail_layer_above,
+            allow_uncertified=allow_uncertified, ignore=tuple(c for group in ignore for c in group),
+            fail_on=Severity(fail_on),
+        )
+        files = expand_paths(paths)
+        _refuse_input_as_output(files, output)
+        if len(files) == 1:
+            return _inspect_one(files[0], settings, fmt, output, quiet)
+        return _inspect_many(files, settings, fmt, output, quiet)
+
+    _guarded(run, paths[0] if len(paths) == 1 else None, fmt, debug)
+
+
+def expand_paths(paths: tuple[str, ...]) -> list[str]:
+    """Paths as given, globs expanded, plain folders replaced by the checkpoints inside them."""
+    out: list[str] = []
+    for raw in paths:
+        matches = sorted(glob.glob(raw)) if glob.has_magic(raw) and not os.path.exists(raw) else [raw]
+        if not matches:
+            raise UsageError(f"{visible(raw)}: no file matches")
+        for path in matches:
+            if os.path.isdir(path) and not _is_checkpoint_folder(Path(path)):
+                inside = sorted({str(f) for g in CHECKPOINT_GLOBS for f in Path(path).glob(g) if f.is_file()})
+                if not inside:
+                    raise UsageError(
+                        f"{visible(path)}: a folder with no checkpoint: lipaudit looks for a safetensors index "
+                        "(*.safetensors.index.json, pytorch_model.bin.index.json), one pytorch_model.bin or "
+                        f"model.safetensors, or files named {', '.join(CHECKPOINT_GLOBS)}"
+                    )
+                out.extend(inside)
+            else:
+                out.append(path)
+    return list(dict.fromkeys(out))
+
+
+def _is_checkpoint_folder(folder: Path) -> bool:
+    """A sharded checkpoint (an index) or a model folder with its one weights file."""
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    return any(n.endswith(".index.json") for n in names) or bool(
+        names & {"pytorch_model.bin", "model.safetensors"})
+
+
+def _refuse_input_as_output(files: list[str], output: Path | None) -> None:
+    if output is None:
+        return
+    for f in files:
+        if os.path.realpath(output) == os.path.realpath(f) or (output.exists() and _same_file(output, Path(f))):
+            raise UsageError(f"{visible(str(output))}: is a checkpoint being audited; -o would overwrite it")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _audit_path(path: str, settings: Settings, progress: Callable[[int, int, str], None] | None) -> Report:
+    from lipaudit.audit import audit
+    from lipaudit.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(path, settings.key, limits=settings.limits)
+    return audit(ckpt, settings, progress)
+
+
+def _summary(report: Report) -> str:
+    from lipaudit.formats import fmt_bound
+
+    net = report.network
+    errors = sum(f.severity == "error" for f in report.findings)
+    return (f"lipaudit: {visible(report.checkpoint.path)}: {len(report.layers)} layers, network L <= "
+            f"{fmt_bound(report)} ({'certified' if net.certified else 'not certified'}), {len(report.findings)} "
+            f"findings ({errors} errors): {'passed' if report.passed else 'FAILED'}")
+
+
+def _inspect_one(path: str, settings: Settings, fmt: str, output: Path | None, quiet: bool) -> int:
+    from lipaudit.formats import render
+
+    with _progress(not quiet, "auditing") as tick:
+        report = _audit_path(path, settings, tick)
+    _emit(render(report, fmt, _options(output)), fmt, output)
+    if not quiet:
+        click.echo(_summary(report), err=True)
+    return report.exit_code
+
+
+def _inspect_many(files: list[str], settings: Settings, fmt: str, output: Path | None, quiet: bool) -> int:
+    """Files in parallel (each with one job); one document, or one output per file; the worst exit code."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lipaudit.formats import render
+    from lipaudit.report import error_document
+
+    one = replace(settings, jobs=1)
+
+    def job(path: str) -> Report | LipauditError:
+        try:
+            return _audit_path(path, one, None)
+        except LipauditError as e:
+            return e
+        except Exception as e:
+            return _internal(e, path)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(settings.jobs, len(files)))) as pool:
+        results = list(pool.map(job, files))
+    codes = []
+    parts: list[str] = []
+    docs: list[dict[str, Any]] = []
+    for path, r in zip(files, results, strict=True):
+        if isinstance(r, LipauditError):
+            codes.append(r.exit_code)
+            msg = visible(r.message, 1000)
+            docs.append(error_document(__version__, r.code, r.exit_code, msg, path))
+            parts.append(_error_text(fmt, msg, path))
+            if not quiet:
+                click.echo(f"lipaudit: error: {msg}", err=True)
+            continue
+        codes.append(r.exit_code)
+        docs.append(r.to_dict())
+        parts.append(render(r, fmt, _options(output)))
+        if not quiet:
+            click.echo(_summary(r), err=True)
+    f = FORMATS[fmt]
+    _emit(f.render_documents(docs) if f.one_document else "".join(parts), fmt, output)
+    return max(codes)
+
+
+def _error_text(fmt: str, message: str, path: str) -> str:
+    if fmt == "github":
+        from lipaudit.formats.github import escape_data
+
+        return f"::error title=lipaudit::{escape_data(message)}\n"
+    if fmt == "markdown":
+        from lipaudit.formats.markdown import md
+
+        return f"### lipaudit: {md(path)}\n\n**error**: {md(message)}\n\n"
+    return f"lipaudit: {visible(path)}: error: {message}\n"
+
+
+@cli.command()
+@click.argument("path")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Where to write the rescaled checkpoint (a folder for sharded input).")
+@click.option("--target", type=PositiveFloat(), default=1.0, show_default=True,
+              help="Largest allowed certified norm per covered layer.")
+@click.option("--mode", type=click.Choice([m.value for m in Mode]), default="divide", show_default=True,
+              help="divide: every covered layer to the target (layers below it are raised); clip: only layers "
+                   "above it.")
+@click.option("--conv-norm", type=click.Choice([c.value for c in ConvNorm]), default="operator", show_default=True,
+              help="operator: the certified bound; reshape: what torch's spectral_norm divides by (not certified).")
+@click.option("--include", multiple=True, help="Only layers whose name or key matches this glob (repeatable).")
+@click.option("--exclude", multiple=True, help="Leave layers whose name or key matches this glob (repeatable).")
+@click.option("--bake", is_flag=True, help="Replace spectral-norm parametrized layers by plain weights.")
+@click.option("--in-place", is_flag=True, help="Overwrite the input (atomically).")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--partial", is_flag=True,
+              help="Write even when a covered layer cannot be brought to the target (it is reported, exit 1).")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--format", "fmt", type=click.Choice(NORMALIZE_FORMAT_NAMES), default="table", show_default=True,
+              help="Report format.")
+@common_options
+def normalize(path: str, output: Path | None, target: float, mode: str, conv_norm: str, include: tuple[str, ...],
+              exclude: tuple[str, ...], bake: bool, in_place: bool, force: bool, partial: bool, dry_run: bool,
+              fmt: str, debug: bool, quiet: bool, **p: Any) -> None:
+    """Rescale the covered layers so that each certified norm is at most --target."""
+
+    def run() -> int:
+        from lipaudit.settings import NormalizeSettings
+
+        settings = NormalizeSettings(
+            target=target, mode=Mode(mode), conv_norm=ConvNorm(conv_norm), include=include, exclude=exclude,
+            bake=bake, partial=partial, audit=_settings(p, "exact"),
+        )
+        return _normalize(path, _output_path(path, output, in_place, dry_run, force), settings, fmt, quiet)
+
+    _guarded(run, path, fmt, debug)
+
+
+def _output_path(path: str, output: Path | None, in_place: bool, dry_run: bool, force: bool) -> Path | None:
+    """Where the result goes; writing over the input needs --in-place, over another file --force."""
     src = Path(path)
     if in_place:
         if output is not None and os.path.realpath(output) != os.path.realpath(src):
             raise UsageError("--in-place and -o name different files")
-        return src if not src.name.endswith(".index.json") else src.parent
+        return None if dry_run else (src if not src.name.endswith(".index.json") else src.parent)
     if output is None:
         if dry_run:
             return None
         raise UsageError("normalize needs -o OUT (or --in-place, or --dry-run)")
-    same = os.path.realpath(output) == os.path.realpath(src)
-    if not same and output.exists() and src.exists():
-        try:
-            same = os.path.samefile(output, src)
-        except OSError:
-            same = False
+    same = os.path.realpath(output) == os.path.realpath(src) or (output.exists() and _same_file(output, src))
     if same or (src.name.endswith(".index.json") and os.path.realpath(output) == os.path.realpath(src.parent)):
         raise UsageError(f"{visible(str(output))}: is the input; pass --in-place to overwrite it")
-    return output
+    if output.is_file() and not force:
+        raise UsageError(f"{visible(str(output))}: exists; pass --force to replace it")
+    return None if dry_run else output
 
 
-def _normalize(
-    path: str, output: Path | None, in_place: bool, dry_run: bool, settings: Any, fmt: str, quiet: bool
-) -> int:
+def _normalize(path: str, output: Path | None, settings: NormalizeSettings, fmt: str, quiet: bool) -> int:
     from lipaudit.checkpoint import open_checkpoint
     from lipaudit.formats import render
-    from lipaudit.normalize import normalize as plan
-    from lipaudit.normalize import write_output
+    from lipaudit.normalize import normalize as run
 
-    target = _output_path(path, output, in_place, dry_run)
     ckpt = open_checkpoint(path, settings.audit.key, for_writing=True, limits=settings.audit.limits)
-    report, edits = plan(ckpt, settings)
-    written = False
-    if target is not None and not dry_run:
-        write_output(ckpt, edits, target)
-        written = True
-    report = replace(report, output=None if target is None else str(target), written=written)
-    to_tty = sys.stdout.isatty()
-    width = shutil.get_terminal_size((120, 24)).columns if to_tty else 120
-    sys.stdout.write(render(report, fmt, RenderOptions(width=max(width, 80), color=to_tty)))
-    sys.stdout.flush()
+    with _progress(not quiet, "normalizing") as tick:
+        report = run(ckpt, settings, output, tick)
+    _emit(render(report, fmt, _options(None)), fmt, None)
     if not quiet:
         scaled = sum(c.action == "scaled" for c in report.changes)
-        where = f"wrote {visible(str(target))}" if written else "dry run, nothing written"
-        click.echo(f"lipaudit: {report.checkpoint.path}: {scaled} layers rescaled, {where}: "
+        raised = sum(c.raised for c in report.changes)
+        where = f"wrote {visible(str(output))}" if report.written else "nothing written"
+        up = f" ({raised} raised up to the target)" if raised else ""
+        click.echo(f"lipaudit: {visible(report.checkpoint.path)}: {scaled} layers rescaled{up}, {where}: "
                    f"{'passed' if report.passed else 'FAILED'}", err=True)
     return report.exit_code
 
 
-def _settings(
-    method: str, rtol: float | None, device: str, seed: int, key: str | None, bn_eps: float,
-    fail_above: float | None, fail_layer_above: float | None, input_sizes: tuple[tuple[str, tuple[int, ...]], ...],
-    limits: Any, jobs: int | None,
-) -> Any:
-    import torch
-
-    from lipaudit.report import Settings
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    return Settings(
-        method=method, rtol=rtol if rtol is not None else 1e-4, conv_rtol=rtol if rtol is not None else 1e-2,
-        seed=seed, device=device, key=key, bn_eps=bn_eps, fail_above=fail_above,
-        fail_layer_above=fail_layer_above, input_sizes=input_sizes, limits=limits,
-        jobs=jobs if jobs is not None else max(1, min(8, os.cpu_count() or 1)),
-    )
+def _format_in(argv: list[str]) -> str:
+    """The --format a command line asked for, read without click (for its own usage errors)."""
+    for i, a in enumerate(argv):
+        if a == "--format" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--format="):
+            return a.split("=", 1)[1]
+    return "table"
 
 
 def main() -> None:
-    cli(prog_name="lipaudit")
+    argv = sys.argv[1:]
+    try:
+        cli.main(args=argv, prog_name="lipaudit", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("lipaudit: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        fmt = _format_in(argv)
+        if fmt in ("json", "sarif", "github"):
+            _fail(UsageError(e.format_message()), fmt)
+        e.show()
+        sys.exit(UsageError.exit_code)
+    sys.exit(0)

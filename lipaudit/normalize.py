@@ -2,54 +2,33 @@
 
 The guarantee is about what is written: each new tensor is computed in float64, cast to the
 tensor's own dtype, measured again as cast, and shrunk further while rounding leaves it above
-the target.
+the target. Layers are measured once, by the audit; each kind says how it is rescaled.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from lipaudit import __version__
-from lipaudit.audit import Progress, audit
+from lipaudit.audit import Progress, run_audit
+from lipaudit.bound import log10_product
 from lipaudit.checkpoint import Checkpoint
 from lipaudit.checkpoint.writer import Edits
-from lipaudit.findings import RULES
-from lipaudit.layers import LayerSpec, effective_weight, plan_layers, sn_matrix
-from lipaudit.report import CheckpointInfo, Finding, Gated, Layer, Report, Settings
-from lipaudit.spectral import to_float64
-from lipaudit.spectral.conv import conv_bound
-from lipaudit.spectral.dense import exact_norm, svd_norm
+from lipaudit.findings import finding
+from lipaudit.kinds.base import Context, LayerSpec, RescaleOptions, Rescaling
+from lipaudit.report import CheckpointInfo, Finding, Gated, Layer, finite
+from lipaudit.settings import NormalizeSettings
+from lipaudit.types import ConvNorm, Mode
+
+__all__ = ["Change", "NormalizeReport", "NormalizeSettings", "normalize"]
 
 # Each retry shrinks by a little more than the rounding excess; bf16 needs a few.
 _SHRINK_TRIES = 12
-
-
-@dataclass(frozen=True)
-class NormalizeSettings:
-    target: float = 1.0
-    mode: str = "divide"  # divide: every covered layer to target; clip: only those above it
-    conv_norm: str = "operator"  # operator: certified S(K); reshape: what torch's spectral_norm uses
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    bake: bool = False
-    audit: Settings = field(default_factory=Settings)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "target": self.target,
-            "mode": self.mode,
-            "conv_norm": self.conv_norm,
-            "include": list(self.include),
-            "exclude": list(self.exclude),
-            "bake": self.bake,
-            "audit": self.audit.to_dict(),
-        }
 
 
 @dataclass(frozen=True)
@@ -67,9 +46,12 @@ class Change:
     certified: bool
     written: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict[str, object]:
-        from lipaudit.report import finite
+    @property
+    def raised(self) -> bool:
+        """Divide mode raised this layer up to the target."""
+        return self.action == "scaled" and self.scale is not None and self.scale > 1
 
+    def to_dict(self) -> dict[str, object]:
         return {
             "tensor": self.tensor,
             "name": self.name,
@@ -96,6 +78,7 @@ class NormalizeReport(Gated):
     log10_after: float | None
     certified: bool
     findings: tuple[Finding, ...]
+    fail_on: str = "error"
 
     def to_dict(self) -> dict[str, object]:
         from lipaudit.report import SCHEMA_VERSION, bound_dict
@@ -119,358 +102,164 @@ class NormalizeReport(Gated):
         }
 
 
-def _scaled(
-    base: Change, reason: str, after: float, scale: float | None, certified: bool, written: tuple[str, ...]
-) -> Change:
-    return replace(base, action="scaled", reason=reason, after=after, scale=scale, certified=certified, written=written)
-
-
-def _finding(code: str, tensor: str | None, message: str, severity: str | None = None) -> Finding:
-    return Finding(code, severity or RULES[code].severity, tensor, message)
-
-
-def _tolerance(spec: LayerSpec, conv_rtol: float, conv_norm: str) -> float:
+def _tolerance(spec: LayerSpec, settings: NormalizeSettings) -> float:
     """How far below the target a layer may sit and still count as normalised (idempotence)."""
     dtype = getattr(torch, spec.dtype, torch.float32)
     eps = float(torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-6
-    base = conv_rtol if spec.math == "conv" and conv_norm == "operator" else 1e-6
-    return base + 4 * eps
+    conv = spec.kind.kind.startswith("conv") and settings.conv_norm == ConvNorm.OPERATOR
+    return (settings.audit.conv_rtol if conv else 1e-6) + 4 * eps
 
 
 def _matches(spec: LayerSpec, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (spec.name, spec.tensor, spec.module))
 
 
-class _Layer:
-    """Rescales one layer's stored tensors and measures the result as stored."""
+@dataclass(frozen=True)
+class _Outcome:
+    change: Change
+    values: dict[str, torch.Tensor]
+    baked: tuple[torch.Tensor, tuple[str, ...], str] | None = None  # (tensor, old keys, new key)
 
-    def __init__(self, spec: LayerSpec, layer: Layer, ckpt: Checkpoint, settings: NormalizeSettings) -> None:
-        self.spec, self.layer, self.ckpt, self.s = spec, layer, ckpt, settings
-        self.device = settings.audit.device
-        self.baked_from: dict[str, str] = {}
 
-    def load(self, key: str) -> torch.Tensor:
-        return to_float64(self.ckpt.load(key), self.device)
+def _shrink(
+    r: Rescaling, scale: float, target: float, dtype_of: Callable[[str], torch.dtype]
+) -> tuple[dict[str, torch.Tensor], float, float, bool]:
+    """Cast build(scale) to the stored dtypes, measure it, and shrink while it is above the target."""
+    for attempt in range(_SHRINK_TRIES):
+        stored = {k: v.to(dtype_of(k)) for k, v in r.build(scale).items()}
+        after, certified = r.measure({k: v.to(torch.float64) for k, v in stored.items()})
+        if after <= target:
+            return stored, after, scale, certified and r.certified
+        scale *= target / after * (1 - 1e-7 * 4**attempt)
+    raise ArithmeticError("rounding keeps the layer above the target")
 
-    def measure_weight(self, w: torch.Tensor) -> tuple[float, bool]:
-        """Upper end of the norm that is being normalised, and whether it is certified."""
-        if self.spec.math == "conv":
-            if self.s.conv_norm == "reshape":
-                return svd_norm(w.reshape(w.shape[0], -1)), False
-            return conv_bound(w, self.s.audit.conv_rtol).interval.upper, True
-        return exact_norm(w.reshape(w.shape[0], -1)).upper, True
 
-    def before(self) -> float | None:
-        if self.spec.math == "conv" and self.s.conv_norm == "reshape":
-            return self.layer.reshape_sigma
-        return self.layer.sigma.upper
+def _rescale(spec: LayerSpec, layer: Layer, ctx: Context, settings: NormalizeSettings,
+             dtypes: dict[str, str]) -> _Outcome:
+    reshape = settings.conv_norm == ConvNorm.RESHAPE and spec.kind.kind.startswith("conv")
+    before = layer.reshape_sigma if reshape else layer.sigma.upper
+    base = Change(spec.tensor, spec.name, str(spec.kind.kind), "unchanged", "", before, before, None,
+                  layer.sigma.certified)
 
-    def shrink(
-        self,
-        build: Callable[[float], dict[str, torch.Tensor]],
-        measure: Callable[[dict[str, torch.Tensor]], tuple[float, bool]],
-        scale: float,
-    ) -> tuple[dict[str, torch.Tensor], float, float, bool]:
-        """Cast build(scale) to the stored dtypes, measure it, and shrink while it is above the target."""
-        target = self.s.target
-        for attempt in range(_SHRINK_TRIES):
-            values = build(scale)
-            stored = {k: v.to(self.ckpt_dtype(k)) for k, v in values.items()}
-            after, certified = measure({k: v.to(torch.float64) for k, v in stored.items()})
-            if after <= target:
-                return stored, after, scale, certified
-            scale *= target / after * (1 - 1e-7 * 4**attempt)
-        raise ArithmeticError(f"{self.spec.tensor}: rounding keeps the layer above the target")
+    def unchanged(reason: str) -> _Outcome:
+        return _Outcome(replace(base, reason=reason), {})
 
-    def ckpt_dtype(self, key: str) -> torch.dtype:
-        """The dtype a key is stored in; a baked weight takes the dtype of what it replaces."""
-        key = self.baked_from.get(key, key)
-        for info in self.ckpt.infos:
-            if info.key == key:
-                return getattr(torch, info.dtype)  # type: ignore[no-any-return]
-        return torch.float32
+    def skipped(reason: str) -> _Outcome:
+        return _Outcome(replace(base, action="skipped", reason=reason), {})
 
-    def run(self) -> tuple[Change, dict[str, torch.Tensor], tuple[torch.Tensor, tuple[str, ...], str] | None]:
-        """The change, new values by key, and a baked replacement (tensor, old keys, new key)."""
-        spec, s = self.spec, self.s
-        before = self.before()
-        base = Change(
-            spec.tensor, spec.name, spec.kind, "unchanged", "", before, before, None, self.layer.sigma.certified
-        )
+    if not spec.covered:
+        return unchanged(f"not covered by the network bound ({spec.kind.kind})")
+    if settings.include and not _matches(spec, settings.include):
+        return unchanged("not matched by --include")
+    if _matches(spec, settings.exclude):
+        return unchanged("matched by --exclude")
+    opts = RescaleOptions(settings.target, settings.bake, settings.conv_norm == ConvNorm.RESHAPE)
+    r = spec.kind.rescale(spec, layer.sigma, ctx, opts)
+    if isinstance(r, str):
+        # The kinds that refuse for a reason that is not a failure (PReLU at or under the target).
+        fine = before is not None and before <= settings.target
+        return unchanged(r) if fine and spec.kind.per_channel else skipped(r)
+    if before is None:
+        return skipped("norm unknown (non-finite weights or unformable parametrization)")
+    if before == 0.0:
+        return unchanged("all-zero weight")
+    target = settings.target
+    if r.start is None and before <= target and (
+        settings.mode == Mode.CLIP or before >= target * (1 - _tolerance(spec, settings))
+    ):
+        return unchanged("already at or under the target" if settings.mode == Mode.CLIP else "already at the target")
+    if r.start is not None and settings.mode == Mode.CLIP and before <= target:
+        return unchanged("already at or under the target")
 
-        def unchanged(reason: str) -> tuple[Change, dict[str, torch.Tensor], None]:
-            return replace(base, reason=reason), {}, None
+    def dtype_of(key: str) -> torch.dtype:
+        return getattr(torch, r.dtype_of.get(key) or dtypes.get(key, "float32"))  # type: ignore[no-any-return]
 
-        def skipped(reason: str) -> tuple[Change, dict[str, torch.Tensor], None]:
-            return replace(base, action="skipped", reason=reason, after=before), {}, None
-
-        if not self.layer.in_network_bound:
-            return unchanged(f"not covered by the network bound ({spec.kind})")
-        if s.include and not _matches(spec, s.include):
-            return unchanged("not matched by --include")
-        if _matches(spec, s.exclude):
-            return unchanged("matched by --exclude")
-        if spec.math == "prelu":
-            if before is not None and before > self.s.target:
-                return skipped("PReLU slopes above the target are an activation, not a weight to rescale")
-            return unchanged("PReLU slopes are an activation, not a weight to rescale")
-        if before is None:
-            return skipped("norm unknown (non-finite weights or unformable parametrization)")
-        if before == 0.0:
-            return unchanged("all-zero weight")
-        target = s.target
-        if before <= target and (
-            s.mode == "clip" or before >= target * (1 - _tolerance(spec, s.audit.conv_rtol, s.conv_norm))
-        ):
-            return unchanged("already at or under the target" if s.mode == "clip" else "already at the target")
-        scale = target / before
-        p = spec.parametrization
-        if p is not None and p.type == "spectral_norm":
-            return self.spectral_norm(base, scale)
-        if spec.math == "diag":
-            return self.batchnorm(base, scale)
-        if p is not None and p.type == "weight_norm":
-            assert p.g is not None
-            g, v = self.load(p.g), self.load(p.original)
-
-            def build_g(c: float) -> dict[str, torch.Tensor]:
-                return {p.g: g * c}  # type: ignore[dict-item]
-
-            def measure_g(vals: dict[str, torch.Tensor]) -> tuple[float, bool]:
-                eff = effective_weight(
-                    spec, lambda k: vals[k] if k in vals else (v if k == p.original else self.load(k))
-                )
-                assert eff.weight is not None
-                return self.measure_weight(eff.weight)
-
-            stored, after, scale, cert = self.shrink(build_g, measure_g, scale)
-            return (
-                _scaled(
-                    base,
-                    "g scaled",
-                    after,
-                    scale,
-                    cert,
-                    tuple(stored),
-                ),
-                stored,
-                None,
-            )
-        w = self.load(spec.tensor)
-        stored, after, scale, cert = self.shrink(
-            lambda c: {spec.tensor: w * c}, lambda vals: self.measure_weight(vals[spec.tensor]), scale
-        )
-        return (
-            _scaled(
-                base,
-                "weight scaled",
-                after,
-                scale,
-                cert,
-                (spec.tensor,),
-            ),
-            stored,
-            None,
-        )
-
-    def batchnorm(self, base: Change, scale: float) -> tuple[Change, dict[str, torch.Tensor], None]:
-        spec = self.spec
-        if spec.running_var is None or spec.tensor == spec.running_var:
-            return (
-                replace(base, action="skipped", reason="BatchNorm without an affine weight: nothing to scale"),
-                {},
-                None,
-            )
-        gamma, var = self.load(spec.tensor), self.load(spec.running_var)
-        denom = (var + self.s.audit.bn_eps).sqrt()
-
-        def measure(vals: dict[str, torch.Tensor]) -> tuple[float, bool]:
-            return float((vals[spec.tensor].abs() / denom).max()), True
-
-        stored, after, scale, cert = self.shrink(lambda c: {spec.tensor: gamma * c}, measure, scale)
-        return (
-            _scaled(
-                base,
-                "gamma scaled",
-                after,
-                scale,
-                cert,
-                (spec.tensor,),
-            ),
-            stored,
-            None,
-        )
-
-    def spectral_norm(
-        self, base: Change, scale: float
-    ) -> tuple[Change, dict[str, torch.Tensor], tuple[torch.Tensor, tuple[str, ...], str] | None]:
-        spec, p = self.spec, self.spec.parametrization
-        assert p is not None and p.u is not None
-        eff = effective_weight(spec, self.load)
-        assert eff.weight is not None and eff.sn_dim is not None
-        if self.s.bake:
-            w = eff.weight
-            new_key = f"{spec.module}.weight" if spec.module else "weight"
-            self.baked_from[new_key] = p.original
-            stored, after, scale, cert = self.shrink(
-                lambda c: {new_key: w * c}, lambda vals: self.measure_weight(vals[new_key]), scale
-            )
-            value = stored[new_key]
-            return (
-                _scaled(
-                    base,
-                    f"baked into a plain {new_key}",
-                    after,
-                    scale,
-                    cert,
-                    (new_key,),
-                ),
-                {},
-                (value, spec.uses, new_key),
-            )
-        if spec.math == "conv" and self.s.conv_norm == "operator":
-            return (
-                replace(
-                    base,
-                    action="skipped",
-                    reason=(
-                        "spectral_norm normalises the reshaped kernel, so the operator norm of this "
-                        "convolution cannot be set through u, v; use --bake to write a plain weight"
-                    ),
-                ),
-                {},
-                None,
-            )
-        if abs(self.s.target - 1.0) > 1e-12:
-            return (
-                replace(
-                    base, action="skipped", reason=("spectral_norm fixes the norm at 1; use --bake for another target")
-                ),
-                {},
-                None,
-            )
-        # Set u, v to the top singular pair: the effective matrix then has norm exactly 1.
-        u_key, v_key = p.u, p.v
-        orig = self.load(p.original)
-        mat = sn_matrix(orig, eff.sn_dim)
-        uu, _, vh = torch.linalg.svd(mat, full_matrices=False)
-        u0, v0 = uu[:, 0], vh[0]
-
-        def build(c: float) -> dict[str, torch.Tensor]:
-            # u grows by 1/c: u^T W v grows, the effective weight shrinks below 1 when rounding needs it
-            out = {u_key: u0 / c}
-            if v_key is not None:
-                out[v_key] = v0
-            return out
-
-        def measure(vals: dict[str, torch.Tensor]) -> tuple[float, bool]:
-            e = effective_weight(spec, lambda k: vals[k] if k in vals else self.load(k))
-            assert e.weight is not None
-            if spec.math == "conv":
-                return svd_norm(sn_matrix(e.weight, eff.sn_dim or 0)), False
-            return self.measure_weight(e.weight)
-
-        stored, after, _, cert = self.shrink(build, measure, 1.0)
-        return (
-            _scaled(
-                base,
-                "u, v set to the top singular vectors",
-                after,
-                after / base.before if base.before else None,
-                cert,
-                tuple(stored),
-            ),
-            stored,
-            None,
-        )
+    try:
+        stored, after, scale, cert = _shrink(r, r.start if r.start is not None else target / before, target, dtype_of)
+    except ArithmeticError as e:
+        return skipped(str(e))
+    change = replace(base, action="scaled", reason=r.reason, after=after, certified=cert,
+                     scale=scale if r.start is None else (after / before if before else None),
+                     written=tuple(stored))
+    if r.baked is not None:
+        new_key, olds = r.baked
+        return _Outcome(change, {}, (stored[new_key], olds, new_key))
+    return _Outcome(change, stored)
 
 
 def normalize(
-    ckpt: Checkpoint, settings: NormalizeSettings, progress: Progress | None = None
-) -> tuple[NormalizeReport, Edits]:
-    """Plan and compute the rescaled tensors; writing is the caller's (see checkpoint.writer)."""
-    report: Report = audit(ckpt, settings.audit, progress)
-    specs = plan_layers(ckpt.infos, settings.audit.bn_eps)
+    ckpt: Checkpoint, settings: NormalizeSettings, output: Path | None = None, progress: Progress | None = None
+) -> NormalizeReport:
+    """Audit once, rescale what the settings ask, and write to output (None: a dry run).
+
+    Nothing is written when a covered layer could not be brought to the target, unless
+    settings.partial; what was written is part of the returned report."""
+    result = run_audit(ckpt, settings.audit, progress)
+    report = result.report
+    ctx = Context(ckpt.load, settings.audit)
+    dtypes = {i.key: i.dtype for i in ckpt.infos}
     edits = Edits(metadata={"lipaudit": _metadata(settings)})
     changes: list[Change] = []
     findings: list[Finding] = []
-    written_storage: dict[tuple[int, int], str] = {}
-    for spec, layer in zip(specs.layers, report.layers, strict=True):
-        try:
-            change, values, baked = _Layer(spec, layer, ckpt, settings).run()
-        except ArithmeticError as e:
-            b = layer.sigma.upper
-            change, values, baked = (
-                Change(spec.tensor, spec.name, spec.kind, "skipped", str(e), b, b, None, False),
-                {},
-                None,
-            )
-        for key, value in values.items():
-            ident = _storage(ckpt, key)
+    written_storage: dict[object, str] = {}
+    for spec, layer in zip(result.plan.layers, report.layers, strict=True):
+        out = _rescale(spec, layer, ctx, settings, dtypes)
+        for key, value in out.values.items():
+            ident = ckpt.storage_identity(key)
             if ident is not None and ident in written_storage:
-                findings.append(
-                    _finding("LIP014", key, f"{key} shares its storage with {written_storage[ident]}: scaled once")
-                )
+                findings.append(finding("LIP014", key, f"{key} shares its storage with {written_storage[ident]}: "
+                                        "scaled once"))
                 continue
             if ident is not None:
                 written_storage[ident] = key
             edits.values[key] = value
-        if baked is not None:
-            value, olds, new_key = baked
+        if out.baked is not None:
+            value, olds, new_key = out.baked
             edits.replaced[new_key] = (value, olds)
-        if change.action == "skipped" and layer.in_network_bound:
-            findings.append(_finding("LIP012", change.tensor, f"{change.name}: not normalised: {change.reason}"))
-        changes.append(change)
-    if settings.conv_norm == "reshape" and any(c.action == "scaled" and c.kind.startswith("conv") for c in changes):
-        findings.append(
-            _finding(
-                "LIP013",
-                None,
-                "convolutions were scaled by their reshaped-kernel norm, as "
-                "torch.nn.utils.spectral_norm does: their operator norms stay above the target "
-                "and the result is not certified",
-            )
-        )
-    covered = [c for c, x in zip(changes, report.layers, strict=True) if x.in_network_bound]
-
-    def log10(values: list[float | None]) -> float | None:
-        if any(v is None for v in values):
-            return None
-        if any(v == 0 for v in values):
-            return -math.inf
-        return math.fsum(math.log10(v) for v in values if v is not None)
-
+        if out.change.action == "skipped" and layer.in_network_bound:
+            findings.append(finding("LIP012", out.change.tensor, f"{out.change.name}: not normalised: "
+                                    f"{out.change.reason}"))
+        changes.append(out.change)
+    reshape = settings.conv_norm == ConvNorm.RESHAPE
+    if reshape and any(c.action == "scaled" and c.kind.startswith("conv") for c in changes):
+        findings.append(finding(
+            "LIP013", None,
+            "convolutions were scaled by their reshaped-kernel norm, as torch.nn.utils.spectral_norm does: their "
+            "operator norms stay above the target and the result is not certified",
+        ))
+    raised = [c for c in changes if c.raised]
+    if raised:
+        findings.append(finding(
+            "LIP020", None,
+            f"divide mode raised {len(raised)} layers up to the target (largest factor "
+            f"{max(c.scale or 1 for c in raised):.4g}); --mode clip only scales layers down",
+        ))
     after_values: list[float | None] = []
     for c, x in zip(changes, report.layers, strict=True):
         if not x.in_network_bound:
             continue
-        if c.action == "scaled" and not (x.kind.startswith("conv") and settings.conv_norm == "reshape"):
+        if c.action == "scaled" and not (x.kind.startswith("conv") and reshape):
             after_values.append(c.after)
-        elif c.action == "scaled":  # reshape-normalised conv: its operator bound scales with the weight
+        elif c.action == "scaled":  # a reshape-normalised conv: its operator bound scales with the weight
             after_values.append(None if x.sigma.upper is None or c.scale is None else x.sigma.upper * c.scale)
         else:
             after_values.append(x.sigma.upper)
-    certified = report.network.certified and settings.conv_norm == "operator" and all(c.certified for c in covered)
+    covered = [c for c, x in zip(changes, report.layers, strict=True) if x.in_network_bound]
+    certified = report.network.certified and not reshape and all(c.certified for c in covered)
+    failed = any(f.code == "LIP012" for f in findings)
+    written = False
+    if output is not None and failed and not settings.partial:
+        findings.append(finding("LIP012", None, "nothing was written: a covered layer could not be brought to the "
+                                "target (pass --partial to write the other layers anyway)"))
+    elif output is not None:
+        write_output(ckpt, edits, output)
+        written = True
+    findings = [f for f in findings if f.code not in settings.audit.ignore]
     return NormalizeReport(
-        __version__,
-        report.checkpoint,
-        None,
-        False,
-        settings,
-        tuple(changes),
-        report.network.log10_upper,
-        log10(after_values),
-        certified,
-        tuple(findings),
-    ), edits
-
-
-def _storage(ckpt: Checkpoint, key: str) -> tuple[int, int] | None:
-    if ckpt.root is None or key not in ckpt.slots:
-        return None
-    container, ck = ckpt.slots[key]
-    t = container[ck]
-    return (t.untyped_storage().data_ptr(), t.storage_offset())
+        __version__, report.checkpoint, None if output is None else str(output), written, settings,
+        tuple(changes), report.network.log10_upper, log10_product(after_values), certified,
+        tuple(findings), fail_on=str(settings.audit.fail_on),
+    )
 
 
 def _metadata(settings: NormalizeSettings) -> str:
@@ -490,24 +279,4 @@ def _metadata(settings: NormalizeSettings) -> str:
 
 def write_output(ckpt: Checkpoint, edits: Edits, target: Path) -> None:
     """Stage, read back and check, then move into place; on any failure nothing changes."""
-    from lipaudit.checkpoint.sniff import SHARDED
-    from lipaudit.checkpoint.writer import commit_all, transaction, verify, write_checkpoint
-    from lipaudit.errors import OutputError
-    from lipaudit.text import visible
-
-    made = False
-    if ckpt.format == SHARDED and not target.exists():  # a sharded checkpoint goes into a folder
-        try:
-            target.mkdir()
-            made = True
-        except OSError as e:
-            raise OutputError(f"{visible(str(target))}: cannot create the folder ({e.strerror})") from None
-    try:
-        with transaction() as staged:
-            staged.extend(write_checkpoint(ckpt, edits, target))
-            verify(ckpt, edits, staged)
-            commit_all(staged)
-    except BaseException:
-        if made:
-            target.rmdir()
-        raise
+    ckpt.write(edits, target)

@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lipaudit.checkpoint.limits import Limits
+from lipaudit.settings import Settings
+
+__all__ = ["Settings"]  # re-exported: callers build a Report's settings from here too
 
 SCHEMA_VERSION = 1
 
@@ -67,6 +69,8 @@ class Layer:
     parametrization: str | None
     time_s: float
     at_input_size: dict[str, Any] | None = None
+    label: str = ""  # kind plus markers, for tables: "conv2d (sn)"
+    grouping: dict[str, Any] | None = None  # convolutions: groups, whether known
 
     @property
     def reshape_ratio(self) -> tuple[float | None, float | None] | None:
@@ -90,6 +94,7 @@ class Layer:
             "in_network_bound": self.in_network_bound,
             "parametrization": self.parametrization,
             "at_input_size": self.at_input_size,
+            "grouping": self.grouping,
             "uses": list(self.uses),
             "notes": list(self.notes),
             "time_s": round(self.time_s, 6),
@@ -112,6 +117,11 @@ class Network:
     layers_counted: int
     layers_not_covered: int
     assumptions: tuple[str, ...]
+    method: str = "chain"  # the bound strategy: chain or graph
+    lipschitz_lower: float | None = None  # a measured lower end (graph strategies)
+    not_certified_because: tuple[str, ...] = ()
+    uncovered: tuple[tuple[str, str], ...] = ()  # (node or tensor, why) left out of the bound
+    details: dict[str, Any] | None = None  # strategy-specific: contributions, dominant path, ...
 
     @property
     def upper(self) -> float | None:
@@ -124,6 +134,11 @@ class Network:
             "layers_counted": self.layers_counted,
             "layers_not_covered": self.layers_not_covered,
             "assumptions": list(self.assumptions),
+            "method": self.method,
+            "lipschitz_lower": finite(self.lipschitz_lower),
+            "not_certified_because": list(self.not_certified_because),
+            "uncovered": [{"name": n, "reason": r} for n, r in self.uncovered],
+            "details": self.details,
         }
 
 
@@ -160,57 +175,18 @@ class CheckpointInfo:
         }
 
 
-@dataclass(frozen=True)
-class Settings:
-    method: str = "auto"
-    rtol: float = 1e-4
-    conv_rtol: float = 1e-2
-    seed: int = 0
-    device: str = "cpu"
-    key: str | None = None
-    bn_eps: float = 1e-5
-    fail_above: float | None = None
-    fail_layer_above: float | None = None
-    # (layer name or tensor key, or "*" for every conv of that dimension) -> spatial size
-    input_sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    limits: Limits = field(default_factory=Limits)
-    jobs: int = 1  # layers measured at once
-
-    def input_size_for(self, names: tuple[str, ...], dims: int) -> tuple[int, ...] | None:
-        for key, size in self.input_sizes:
-            if key in names and len(size) == dims:
-                return size
-        for key, size in self.input_sizes:
-            if key == "*" and len(size) == dims:
-                return size
-        return None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "rtol": self.rtol,
-            "conv_rtol": self.conv_rtol,
-            "seed": self.seed,
-            "device": self.device,
-            "key": self.key,
-            "bn_eps": self.bn_eps,
-            "fail_above": self.fail_above,
-            "fail_layer_above": self.fail_layer_above,
-            "input_sizes": {k: list(v) for k, v in self.input_sizes},
-            "limits": self.limits.to_dict(),
-            "jobs": self.jobs,
-        }
-
-
 class Gated:
-    """The exit-code policy of every command, in one place (DESIGN §4.2): an error finding (a
-    failed gate, non-finite weights, a layer normalize could not bring to its target) is 1."""
+    """The exit-code policy of every command, in one place: an error finding (a failed gate,
+    non-finite weights, a layer normalize could not bring to its target) is exit 1; with
+    fail_on = warning, warnings are too."""
 
     findings: tuple[Finding, ...]
+    fail_on: str = "error"
 
     @property
     def passed(self) -> bool:
-        return not any(f.severity == "error" for f in self.findings)
+        failing = ("error",) if self.fail_on == "error" else ("error", "warning")
+        return not any(f.severity in failing for f in self.findings)
 
     @property
     def exit_code(self) -> int:
@@ -228,6 +204,7 @@ class Report(Gated):
     findings: tuple[Finding, ...] = field(default=())
     time_s: float = 0.0  # the audit, from opened checkpoint to report
     peak_rss_bytes: int | None = None  # of the process, at the end of the audit
+    fail_on: str = "error"
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -28,3 +28,14 @@ def clean_message(err: object, limit: int = 160) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     lines = [ln for ln in lines if "weights_only" not in ln and "pytorch.org" not in ln]
     return visible(lines[0], limit) if lines else ""
+
+
+def defang(text: str) -> str:
+    """No line may start with '::': GitHub runners read such lines of any output as workflow
+    commands, and a checkpoint's names must not be able to issue one (::add-mask::, ::stop-commands::)."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        stripped = line.lstrip()
+        if stripped.startswith("::"):
+            lines[i] = line[: len(line) - len(stripped)] + "\\:" + stripped[1:]
+    return "\n".join(lines)

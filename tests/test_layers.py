@@ -57,11 +57,14 @@ def test_spectral_norm_audits_the_eval_weight(tmp_path: Path, api: str, make, x:
     assert entry["name"] == "layer"
     assert len(entry["uses"]) == 3
     if used.ndim == 2:
-        assert entry["sigma"]["upper"] == pytest.approx(true_norm(used), rel=1e-6)
+        assert entry["sigma"]["upper"] == pytest.approx(true_norm(used), rel=1e-5)
     else:
         transposed = isinstance(m, nn.ConvTranspose2d)
         mat = used.transpose(0, 1) if transposed else used
-        assert entry["reshape_sigma"] == pytest.approx(true_norm(mat), rel=1e-6)
+        if any("layout ambiguous" in n for n in entry["notes"]):  # square: u, v do not tell the layout
+            assert entry["reshape_sigma"] >= true_norm(mat) * (1 - 1e-6)
+        else:
+            assert entry["reshape_sigma"] == pytest.approx(true_norm(mat), rel=1e-6)
 
 
 def test_ambiguous_spectral_norm_layout_is_conservative(tmp_path: Path) -> None:

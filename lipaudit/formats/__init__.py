@@ -1,15 +1,19 @@
-"""Report -> text. Pure functions: they return a string and never print."""
+"""Report -> text. Pure functions: they return a string and never print.
+
+FORMATS is the registry: one entry per output format, naming the module that renders it. Modules
+are imported when used, so that `lipaudit --help` does not pay for them (or for torch).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
-
-from lipaudit.report import Report
 
 if TYPE_CHECKING:
     from lipaudit.normalize import NormalizeReport
+    from lipaudit.report import Layer, Network, Report
 
 
 @dataclass(frozen=True)
@@ -21,25 +25,63 @@ class RenderOptions:
 Renderer = Callable[[Any, RenderOptions], str]
 
 
-def _registry(kind: str) -> dict[str, Renderer]:
-    from lipaudit.formats import github, json_format, markdown, table
+@dataclass(frozen=True)
+class Format:
+    """An output format: `module.render(report, options)`, and `module.render_normalize` if it has one."""
 
-    if kind == "normalize":
-        return {
-            "table": table.render_normalize,
-            "json": json_format.render,
-            "markdown": markdown.render_normalize,
-            "github": github.render_normalize,
+    name: str
+    module: str
+    normalize: bool = True
+    # The renderer reads the JSON document (report.to_dict()) rather than the Report.
+    reads_document: bool = False
+    # Several reports make one document (json, sarif) rather than one output per report.
+    one_document: bool = False
+
+    def renderer(self, command: str) -> Renderer:
+        mod = import_module(self.module)
+        fn: Renderer = getattr(mod, "render" if command == "inspect" else "render_normalize")
+        if self.reads_document:
+            return lambda report, options: fn(report.to_dict())  # type: ignore[call-arg]
+        return fn
+
+    def render_documents(self, docs: list[dict[str, Any]]) -> str:
+        """Several inspect reports (or error documents) as one document."""
+        from lipaudit import __version__
+        from lipaudit.report import SCHEMA_VERSION
+
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "lipaudit", "version": __version__},
+            "reports": docs,
+            "passed": all(d.get("passed") is True for d in docs),
         }
-    return {"table": table.render, "json": json_format.render, "markdown": markdown.render, "github": github.render}
+        if self.reads_document:
+            fn = import_module(self.module).render
+            return fn(doc)  # type: ignore[no-any-return]
+        from lipaudit.formats.json_format import dumps
+
+        return dumps(doc)
 
 
-FORMAT_NAMES = ("table", "json", "markdown", "github")
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("table", "lipaudit.formats.table"),
+        Format("json", "lipaudit.formats.json_format", one_document=True),
+        Format("markdown", "lipaudit.formats.markdown"),
+        Format("github", "lipaudit.formats.github"),
+        Format("sarif", "lipaudit.formats.sarif", normalize=False, reads_document=True, one_document=True),
+    )
+}
+FORMAT_NAMES = tuple(FORMATS)
+NORMALIZE_FORMAT_NAMES = tuple(n for n, f in FORMATS.items() if f.normalize)
 
 
 def render(report: Report | NormalizeReport, fmt: str, options: RenderOptions | None = None) -> str:
-    kind = "inspect" if isinstance(report, Report) else "normalize"
-    return _registry(kind)[fmt](report, options or RenderOptions())
+    from lipaudit.report import Report
+
+    command = "inspect" if isinstance(report, Report) else "normalize"
+    return FORMATS[fmt].renderer(command)(report, options or RenderOptions())
 
 
 def fmt_log10(log10: float | None) -> str:
@@ -59,3 +101,29 @@ def fmt_num(x: float | None, digits: int = 5) -> str:
 
 def fmt_bound(report: Report) -> str:
     return fmt_log10(report.network.log10_upper)
+
+
+def certified_text(net: Network) -> str:
+    """'certified', or 'not certified' with the first reason: the wording never contradicts a finding."""
+    if net.certified:
+        return "certified"
+    why = net.not_certified_because
+    return "not certified" + (f": {why[0]}" if why else "")
+
+
+def ratio_text(layer: Layer) -> str:
+    """The operator norm over the reshaped-kernel norm, as a bracket."""
+    r = layer.reshape_ratio
+    if r is None or r[0] is None or r[1] is None:
+        return "-"
+    if abs(r[1] - r[0]) <= 0.005 * r[1]:
+        return f"{r[1]:.2f}x"
+    return f"{r[0]:.2f}-{r[1]:.2f}x"
+
+
+def middle(text: str, width: int) -> str:
+    """Long names shortened in the middle, where they differ least (prefixes and leaf names matter)."""
+    if len(text) <= width:
+        return text
+    keep = width - 1
+    return text[: (keep + 1) // 2] + "…" + text[len(text) - keep // 2:]

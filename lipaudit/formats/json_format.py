@@ -18,3 +18,6 @@ def dumps(doc: dict[str, Any]) -> str:
 
 def render(report: Report | NormalizeReport, options: RenderOptions) -> str:
     return dumps(report.to_dict())
+
+
+render_normalize = render

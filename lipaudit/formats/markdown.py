@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from lipaudit.formats import RenderOptions, fmt_bound, fmt_log10, fmt_num
+from lipaudit.formats import RenderOptions, certified_text, fmt_bound, fmt_log10, fmt_num, ratio_text
 from lipaudit.report import Finding, Report
 
 if TYPE_CHECKING:
@@ -17,8 +17,9 @@ _SPECIAL = re.compile(r"([\\`*_{}\[\]<>|~&$])")
 
 
 def md(text: str, limit: int = 300) -> str:
-    """Untrusted text as inert Markdown: control characters visible, syntax escaped."""
-    return _SPECIAL.sub(r"\\\1", visible(text, limit))
+    """Untrusted text as inert Markdown: control characters visible, syntax escaped, and no
+    @mention or #reference that GitHub would act on (notify a team, link an issue)."""
+    return _SPECIAL.sub(r"\\\1", visible(text, limit)).replace("@", "&#64;").replace("#", "&#35;")
 
 
 def render(report: Report, options: RenderOptions) -> str:
@@ -27,7 +28,7 @@ def render(report: Report, options: RenderOptions) -> str:
         f"## lipaudit: {md(ck.path)}",
         "",
         f"**Network Lipschitz bound:** L <= {fmt_bound(report)} "
-        f"({'certified' if net.certified else 'not certified'}; product of {net.layers_counted} "
+        f"({certified_text(net)}; product of {net.layers_counted} "
         + ("layer" if net.layers_counted == 1 else "layers")
         + (f", {net.layers_not_covered} not covered" if net.layers_not_covered else "")
         + f") - **{'passed' if report.passed else 'failed'}**",
@@ -35,14 +36,14 @@ def render(report: Report, options: RenderOptions) -> str:
         f"{ck.format}, {ck.tensors} tensors, {ck.parameters} parameters, sha256 `{ck.sha256[:12]}`"
         + (f", key {md(ck.key)}" if ck.key else ""),
         "",
-        "| layer | kind | shape | sigma lower | sigma upper | certified | reshape sigma | in L |",
-        "|---|---|---|---:|---:|---|---:|---|",
+        "| layer | kind | shape | sigma lower | sigma upper | certified | reshape sigma | ratio | in L |",
+        "|---|---|---|---:|---:|---|---:|---:|---|",
     ]
     for x in report.layers:
         cert = "-" if x.sigma.upper is None else ("yes" if x.sigma.certified else "estimate")
         out.append(
-            f"| {md(x.name)} | {x.kind} | {'x'.join(map(str, x.shape))} | {fmt_num(x.sigma.lower)} | "
-            f"{fmt_num(x.sigma.upper)} | {cert} | {fmt_num(x.reshape_sigma)} | "
+            f"| {md(x.name)} | {md(x.label or x.kind)} | {'x'.join(map(str, x.shape))} | {fmt_num(x.sigma.lower)} | "
+            f"{fmt_num(x.sigma.upper)} | {cert} | {fmt_num(x.reshape_sigma)} | {ratio_text(x)} | "
             f"{'yes' if x.in_network_bound else 'no'} |"
         )
     out += _findings(report.findings)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lipaudit.formats import RenderOptions, fmt_bound, fmt_log10, fmt_num
+from lipaudit.formats import RenderOptions, certified_text, fmt_bound, fmt_log10, fmt_num, middle, ratio_text
 from lipaudit.report import Finding, Layer, Report
 
 if TYPE_CHECKING:
@@ -18,15 +18,6 @@ if TYPE_CHECKING:
 from lipaudit.text import visible
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-
-
-def _ratio(layer: Layer) -> str:
-    r = layer.reshape_ratio
-    if r is None or r[0] is None or r[1] is None:
-        return "-"
-    if abs(r[1] - r[0]) <= 0.005 * r[1]:
-        return f"{r[1]:.2f}x"
-    return f"{r[0]:.2f}-{r[1]:.2f}x"
 
 
 def _certified(layer: Layer) -> Text:
@@ -91,7 +82,8 @@ def render_normalize(report: NormalizeReport, options: RenderOptions) -> str:
                          ("after", "right"), ("scale", "right"), ("why", "left")):
         t.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for c in report.changes:
-        t.add_row(Text(visible(c.name)), Text(c.kind), Text(c.action), Text(fmt_num(c.before)),
+        action = "raised" if c.raised else c.action
+        t.add_row(Text(middle(visible(c.name), 40)), Text(c.kind), Text(action), Text(fmt_num(c.before)),
                   Text(fmt_num(c.after)), Text(fmt_num(c.scale)), Text(visible(c.reason)))
     console.print(t)
     line = Text("Network Lipschitz bound: ", style="bold")
@@ -113,22 +105,23 @@ def render(report: Report, options: RenderOptions) -> str:
     details = f"{ck.format}, {ck.tensors} tensors, {ck.parameters:,} parameters, sha256 {ck.sha256[:12]}"
     console.print(Text(details + (f", key {visible(ck.key)}" if ck.key else "")))
 
+    name_width = max(16, options.width - 100)
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for col, justify in (
         ("layer", "left"), ("kind", "left"), ("shape", "left"), ("sigma lower", "right"),
         ("sigma upper", "right"), ("cert", "left"), ("reshape", "right"), ("ratio", "right"), ("in L", "left"),
     ):
-        t.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+        t.add_column(col, justify=justify, overflow="fold", no_wrap=col == "layer")  # type: ignore[arg-type]
     for x in report.layers:
         t.add_row(
-            Text(visible(x.name)),
-            Text(x.kind + (" (sn)" if x.parametrization == "spectral_norm" else "")),
+            Text(middle(visible(x.name), name_width)),
+            Text(x.label or x.kind),
             Text("x".join(map(str, x.shape))),
             Text(fmt_num(x.sigma.lower)),
             Text(fmt_num(x.sigma.upper)),
             _certified(x),
             Text(fmt_num(x.reshape_sigma)),
-            Text(_ratio(x)),
+            Text(ratio_text(x)),
             Text("yes" if x.in_network_bound else "no"),
         )
     console.print(t)
@@ -137,7 +130,7 @@ def render(report: Report, options: RenderOptions) -> str:
     line = Text("Network Lipschitz bound: ", style="bold")
     line.append(f"L <= {fmt_bound(report)}", style="bold")
     line.append(
-        f"  ({'certified' if net.certified else 'not certified'}; product of {_plural(net.layers_counted, 'layer')}"
+        f"  ({certified_text(net)}; product of {_plural(net.layers_counted, 'layer')}"
         + (f", {net.layers_not_covered} not covered" if net.layers_not_covered else "")
         + ")"
     )

@@ -1,0 +1,98 @@
+"""Rescalings shared by the weight kinds: plain weights, weight_norm's g, spectral_norm's u and v."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lipaudit.kinds.base import Context, LayerSpec, RescaleOptions, Rescaling
+from lipaudit.kinds.parametrize import Formed, SpectralNorm, WeightNorm, sn_matrix
+from lipaudit.kinds.weights import widen
+from lipaudit.spectral import exact
+
+Norm = Callable[[Formed], tuple[float, bool]]
+
+
+def _overlay(vals: dict[str, torch.Tensor], ctx: Context) -> Callable[[str], torch.Tensor]:
+    return lambda k: vals[k] if k in vals else ctx.load(k)
+
+
+def _formed_upper(p: SpectralNorm | WeightNorm, spec: LayerSpec, load: Callable[[str], torch.Tensor],
+                  norm: Norm, frob_factor: float) -> tuple[float, bool]:
+    """The largest certified upper end over the forms the new values give, rounding included."""
+    forms = p.form(load, spec.dtype)
+    if isinstance(forms, str):
+        raise ArithmeticError(forms)
+    worst, certified = 0.0, True
+    for f in forms:
+        up, cert = norm(f)
+        worst = max(worst, widen(exact(up, "x"), f, frob_factor).upper)
+        certified = certified and cert
+    return worst, certified
+
+
+def plain_rescaling(spec: LayerSpec, ctx: Context, norm: Norm, certified: bool = True) -> Rescaling:
+    w = ctx.load(spec.tensor)
+    return Rescaling(
+        "weight scaled",
+        build=lambda c: {spec.tensor: w * c},
+        measure=lambda vals: norm(Formed(vals[spec.tensor], 0, 0.0, 0.0, "")),
+        certified=certified,
+    )
+
+
+def weight_norm_rescaling(spec: LayerSpec, ctx: Context, norm: Norm, frob_factor: float = 1.0) -> Rescaling:
+    p = spec.parametrization
+    assert isinstance(p, WeightNorm)
+    g = ctx.load(p.g)
+    return Rescaling(
+        "g scaled",
+        build=lambda c: {p.g: g * c},
+        measure=lambda vals: _formed_upper(p, spec, _overlay(vals, ctx), norm, frob_factor),
+    )
+
+
+def spectral_norm_rescaling(
+    spec: LayerSpec, ctx: Context, opts: RescaleOptions, norm: Norm, frob_factor: float = 1.0
+) -> Rescaling | str:
+    """--bake: a plain weight in place of the parametrization; otherwise u, v set to the top
+    singular pair of the matrix spectral_norm normalises, so the weight it forms has that norm 1."""
+    p = spec.parametrization
+    assert isinstance(p, SpectralNorm)
+    forms = p.form(ctx.load, spec.dtype)
+    if isinstance(forms, str):
+        return forms
+    if len(forms) > 1:
+        return ("the spectral_norm layout (Conv or ConvTranspose) cannot be told from the shapes, so the "
+                "weight the model uses is not known exactly")
+    f = forms[0]
+    if opts.bake:
+        w = f.weight
+        new_key = f"{spec.module}.weight" if spec.module else "weight"
+        return Rescaling(
+            f"baked into a plain {new_key}",
+            build=lambda c: {new_key: w * c},
+            measure=lambda vals: norm(Formed(vals[new_key], 0, 0.0, 0.0, "")),
+            baked=(new_key, spec.uses),
+            dtype_of={new_key: spec.dtype},
+        )
+    if abs(opts.target - 1.0) > 1e-12:
+        return "spectral_norm fixes the norm at 1; use --bake for another target"
+    mat = sn_matrix(ctx.load(p.original), f.dim)
+    uu, _, vh = torch.linalg.svd(mat, full_matrices=False)
+    u0, v0 = uu[:, 0], vh[0]
+
+    def build(c: float) -> dict[str, torch.Tensor]:
+        # u grows by 1/c, so u^T W v does and the formed weight's norm becomes c
+        out = {p.u: u0 / c}
+        if p.v is not None:
+            out[p.v] = v0
+        return out
+
+    return Rescaling(
+        "u, v set to the top singular vectors",
+        build=build,
+        measure=lambda vals: _formed_upper(p, spec, _overlay(vals, ctx), norm, frob_factor),
+        start=opts.target,
+    )

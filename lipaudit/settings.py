@@ -1,0 +1,105 @@
+"""Typed settings of every command, with their defaults in this one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from lipaudit.checkpoint.limits import Limits
+from lipaudit.types import ConvNorm, Method, Mode, Severity
+
+
+def default_jobs() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+DENSE_RTOL = 1e-4
+CONV_RTOL = 1e-2
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What `inspect` (and the audit inside `normalize`) runs with."""
+
+    method: Method = Method.AUTO
+    rtol: float = DENSE_RTOL
+    conv_rtol: float = CONV_RTOL
+    seed: int = 0
+    device: str = "cpu"
+    key: str | None = None
+    bn_eps: float = 1e-5
+    fail_above: float | None = None
+    fail_layer_above: float | None = None
+    # (layer name or tensor key, or "*" for every conv of that dimension) -> spatial size
+    input_sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # (layer name or tensor key) -> the conv's groups, when the user knows it
+    groups: tuple[tuple[str, int], ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    jobs: int = field(default_factory=default_jobs)
+    # Gates given a bound that is not a proof fail, unless this is set.
+    allow_uncertified: bool = False
+    # Wall-clock budget of one layer's search (seconds); past it a looser sound bound stands.
+    layer_time_s: float = 120.0
+    ignore: tuple[str, ...] = ()  # finding codes left out of the report
+    fail_on: Severity = Severity.ERROR
+
+    def input_size_for(self, names: tuple[str, ...], dims: int) -> tuple[int, ...] | None:
+        for key, size in self.input_sizes:
+            if key in names and len(size) == dims:
+                return size
+        for key, size in self.input_sizes:
+            if key == "*" and len(size) == dims:
+                return size
+        return None
+
+    def groups_for(self, names: tuple[str, ...]) -> int | None:
+        for key, g in self.groups:
+            if key in names:
+                return g
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": str(self.method),
+            "rtol": self.rtol,
+            "conv_rtol": self.conv_rtol,
+            "seed": self.seed,
+            "device": self.device,
+            "key": self.key,
+            "bn_eps": self.bn_eps,
+            "fail_above": self.fail_above,
+            "fail_layer_above": self.fail_layer_above,
+            "input_sizes": {k: list(v) for k, v in self.input_sizes},
+            "groups": dict(self.groups),
+            "limits": self.limits.to_dict(),
+            "jobs": self.jobs,
+            "allow_uncertified": self.allow_uncertified,
+            "layer_time_s": self.layer_time_s,
+            "ignore": list(self.ignore),
+            "fail_on": str(self.fail_on),
+        }
+
+
+@dataclass(frozen=True)
+class NormalizeSettings:
+    target: float = 1.0
+    mode: Mode = Mode.DIVIDE
+    conv_norm: ConvNorm = ConvNorm.OPERATOR
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    bake: bool = False
+    partial: bool = False  # write even when a covered layer could not be brought to the target
+    audit: Settings = field(default_factory=lambda: Settings(method=Method.EXACT))
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "mode": str(self.mode),
+            "conv_norm": str(self.conv_norm),
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "bake": self.bake,
+            "partial": self.partial,
+            "audit": self.audit.to_dict(),
+        }

@@ -215,6 +215,7 @@ def test_groups_option_pins_the_grouping(tmp_path: Path) -> None:
     dw = nn.Conv1d(c, c, k, groups=c, padding=k // 2, bias=False)
     path = _save(tmp_path, {"dw.weight": dw.weight.data})
     code, doc = run_json(path, "--groups", f"dw={c}")
+    assert code == 0
     sigma = layer(doc, "dw")["sigma"]
     truth = _dense_conv_norm(dw, (c, 128))
     assert sigma["upper"] >= truth

@@ -134,6 +134,23 @@ def _gates(layers: list[Layer], specs: list[LayerSpec], net: Network, settings: 
     return out
 
 
+def _heatmaps(specs: list[LayerSpec], layers: list[Layer], ckpt: Checkpoint, settings: Settings) -> dict[str, object]:
+    """Frequency responses of the convolutions with the largest upper ends, from the weight the
+    model uses (a spectral-norm layer's formed weight, not its stored original)."""
+    if not settings.heatmaps:
+        return {}
+    from lipaudit.formats.html import frequency_response
+    from lipaudit.kinds.weights import formed
+
+    convs = [(x.sigma.upper or 0.0, s) for s, x in zip(specs, layers, strict=True) if x.kind.startswith("conv")]
+    out: dict[str, object] = {}
+    for _, spec in sorted(convs, key=lambda t: -t[0])[: settings.heatmaps]:
+        forms = formed(spec, Context(ckpt.load, settings))
+        if not isinstance(forms, str) and bool(torch.isfinite(forms[0].weight).all()):
+            out[spec.tensor] = frequency_response(forms[0].weight)
+    return out
+
+
 def run_audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = None) -> Audit:
     t0 = time.perf_counter()
     plan = plan_layers(ckpt.infos)
@@ -185,7 +202,8 @@ def run_audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = 
         parameters=ckpt.parameters, key=ckpt.key, shards=tuple(ckpt.shards),
     )
     report = Report(__version__, info, settings, tuple(layers), tuple(skipped), net, tuple(findings),
-                    time.perf_counter() - t0, _peak_rss(), fail_on=str(settings.fail_on))
+                    time.perf_counter() - t0, _peak_rss(), fail_on=str(settings.fail_on),
+                    heatmaps=_heatmaps(plan.layers, layers, ckpt, settings))
     return Audit(report, plan)
 
 

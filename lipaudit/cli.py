@@ -335,7 +335,7 @@ def inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None, 
         settings = _settings(
             p, method, fail_above=fail_above, fail_layer_above=fail_layer_above,
             allow_uncertified=allow_uncertified, ignore=tuple(c for group in ignore for c in group),
-            fail_on=Severity(fail_on),
+            fail_on=Severity(fail_on), heatmaps=FORMATS[fmt].heatmaps,
         )
         files = expand_paths(paths)
         _refuse_input_as_output(files, output)
@@ -557,6 +557,15 @@ def _format_in(argv: list[str]) -> str:
         if a.startswith("--format="):
             return a.split("=", 1)[1]
     return "table"
+
+
+def _register() -> None:
+    from lipaudit.commands.diff import diff
+
+    cli.add_command(diff)
+
+
+_register()
 
 
 def main() -> None:

@@ -205,6 +205,8 @@ class Report(Gated):
     time_s: float = 0.0  # the audit, from opened checkpoint to report
     peak_rss_bytes: int | None = None  # of the process, at the end of the audit
     fail_on: str = "error"
+    # tensor key -> sigma_max(K^(w)) over a frequency grid, for the worst convolutions (html only)
+    heatmaps: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -43,6 +43,7 @@ class Settings:
     layer_time_s: float = 120.0
     ignore: tuple[str, ...] = ()  # finding codes left out of the report
     fail_on: Severity = Severity.ERROR
+    heatmaps: int = 0  # frequency responses of this many of the worst convolutions (for html)
 
     def input_size_for(self, names: tuple[str, ...], dims: int) -> tuple[int, ...] | None:
         for key, size in self.input_sizes:

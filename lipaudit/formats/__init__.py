@@ -36,10 +36,14 @@ class Format:
     reads_document: bool = False
     # Several reports make one document (json, sarif) rather than one output per report.
     one_document: bool = False
+    # The renderer also takes the frequency responses the audit computed (html).
+    heatmaps: int = 0
 
     def renderer(self, command: str) -> Renderer:
         mod = import_module(self.module)
         fn: Renderer = getattr(mod, "render" if command == "inspect" else "render_normalize")
+        if self.heatmaps:
+            return lambda report, options: fn(report.to_dict(), report.heatmaps)
         if self.reads_document:
             return lambda report, options: fn(report.to_dict())  # type: ignore[call-arg]
         return fn
@@ -71,6 +75,8 @@ FORMATS: dict[str, Format] = {
         Format("markdown", "lipaudit.formats.markdown"),
         Format("github", "lipaudit.formats.github"),
         Format("sarif", "lipaudit.formats.sarif", normalize=False, reads_document=True, one_document=True),
+        Format("html", "lipaudit.formats.html", normalize=False, reads_document=True, one_document=True,
+               heatmaps=4),
     )
 }
 FORMAT_NAMES = tuple(FORMATS)

@@ -439,3 +439,6 @@ def render_html(report: Mapping[str, Any], heatmaps: Mapping[str, Grid] | None =
     if isinstance(reports, list):
         return render_html_many([(r, {}) for r in reports if isinstance(r, Mapping)])
     return render_html_many([(report, heatmaps or {})])
+
+
+render = render_html

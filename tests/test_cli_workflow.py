@@ -1,0 +1,91 @@
+"""The CLI as CI uses it: start-up, several paths, refusals, usage errors in JSON, safe output lines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.conftest import FIXTURES, run, validate
+
+
+def test_cli_import_leaves_torch_unloaded() -> None:
+    code = "import sys, lipaudit.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_console_script_and_module_agree() -> None:
+    script = shutil.which("lipaudit")
+    assert script is not None
+    a = subprocess.run([script, "--version"], capture_output=True, text=True)
+    b = subprocess.run([sys.executable, "-m", "lipaudit", "--version"], capture_output=True, text=True)
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+
+
+def test_several_paths_make_one_document_and_the_worst_exit(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = run("inspect", FIXTURES / "mlp.pt", FIXTURES / "conv_bn.pt", bad, "--format", "json", "-q")
+    doc = validate(json.loads(result.stdout))
+    assert [r.get("error") is None for r in doc["reports"]] == [True, True, False]
+    assert doc["passed"] is False and result.exit_code == 4
+
+
+def test_a_folder_and_a_glob_expand(tmp_path: Path) -> None:
+    for name in ("a.pt", "b.pt"):
+        shutil.copy(FIXTURES / "mlp.pt", tmp_path / name)
+    for args in ((tmp_path,), (str(tmp_path / "*.pt"),)):
+        result = run("inspect", *args, "--format", "json", "-q")
+        doc = validate(json.loads(result.stdout))
+        assert len(doc["reports"]) == 2 and result.exit_code == 0
+
+
+def test_report_over_the_input_is_refused(tmp_path: Path) -> None:
+    src = shutil.copy(FIXTURES / "mlp.pt", tmp_path / "m.pt")
+    before = Path(src).read_bytes()
+    result = run("inspect", src, "-o", src)
+    assert result.exit_code == 2 and Path(src).read_bytes() == before
+
+
+def test_normalize_needs_force_to_replace(tmp_path: Path) -> None:
+    out = tmp_path / "o.pt"
+    out.write_bytes(b"keep")
+    assert run("normalize", FIXTURES / "mlp.pt", "-o", out, "-q").exit_code == 2
+    assert out.read_bytes() == b"keep"
+    assert run("normalize", FIXTURES / "mlp.pt", "-o", out, "-q", "--force").exit_code == 0
+    assert out.read_bytes() != b"keep"
+
+
+def test_usage_errors_follow_format_json() -> None:
+    out = subprocess.run([sys.executable, "-m", "lipaudit", "inspect", "x.pt", "--format", "json", "--rtol", "abc"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert validate(json.loads(out.stdout))["error"]["code"] == "usage"
+
+
+def test_names_never_start_a_workflow_command(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.save({"::add-mask::x.weight": torch.eye(3), "::stop-commands::t.weight": torch.eye(3)}, path)
+    for fmt in ("table", "markdown", "github"):
+        result = run("inspect", path, "--format", fmt, "-q")
+        assert not any(line.lstrip().startswith("::") and "title=" not in line for line in result.stdout.splitlines())
+
+
+def test_markdown_mentions_are_inert(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.save({"@org/team.weight": torch.eye(3), "#1.weight": torch.eye(3)}, path)
+    text = run("inspect", path, "--format", "markdown", "-q").stdout
+    assert "@org" not in text and "#1" not in text
+
+
+def test_html_report_holds_charts(tmp_path: Path) -> None:
+    out = tmp_path / "r.html"
+    result = run("inspect", FIXTURES / "demo_sn_cnn.pt", "--format", "html", "-o", out, "-q")
+    assert result.exit_code == 0
+    page = out.read_text()
+    assert page.count("<svg") >= 2 and "Frequency response" in page

@@ -298,8 +298,21 @@ def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="lipaudit")
-def cli() -> None:
-    """Audit the Lipschitz constant of PyTorch checkpoints, with proven bounds."""
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Audit the Lipschitz constant of PyTorch checkpoints, with proven bounds.
+
+    Defaults come from [tool.lipaudit] in the nearest pyproject.toml and LIPAUDIT_* variables;
+    options on the command line win."""
+    from lipaudit.config import load_config
+
+    try:
+        cfg = load_config()
+    except LipauditError as e:
+        _fail(e, _format_in(sys.argv[1:]))
+    ctx.obj = cfg
+    if ctx.default_map is None:  # a caller's own default_map (tests, embedding) stands
+        ctx.default_map = {name: cfg.default_map(cmd) for name, cmd in cli.commands.items()}
 
 
 @cli.command()
@@ -324,12 +337,19 @@ def cli() -> None:
               help="Input size of the convolutions (32x32, or layer=32x32; repeatable): adds their exact "
                    "circular-padding norm and a zero-padding bracket at that size.")
 @common_options
-def inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None, fail_above: float | None,
-            fail_layer_above: float | None, allow_uncertified: bool, ignore: tuple[tuple[str, ...], ...],
-            fail_on: str, debug: bool, quiet: bool, **p: Any) -> None:
+def inspect(**params: Any) -> None:
     """Report every layer's operator norm as a proven interval and bound the network.
 
     PATHS are checkpoint files, sharded folders, folders of checkpoints or globs."""
+    ctx = click.get_current_context()
+    if ctx.obj is not None and len(params["paths"]) == 1:  # [[tool.lipaudit.overrides]] for that path
+        params = ctx.obj.params_for(params["paths"][0], ctx)
+    _inspect(**params)
+
+
+def _inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None, fail_above: float | None,
+             fail_layer_above: float | None, allow_uncertified: bool, ignore: tuple[tuple[str, ...], ...],
+             fail_on: str, debug: bool, quiet: bool, **p: Any) -> None:
 
     def run() -> int:
         settings = _settings(

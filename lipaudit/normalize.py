@@ -18,7 +18,7 @@ from lipaudit import __version__
 from lipaudit.audit import Progress, run_audit
 from lipaudit.bound import log10_product
 from lipaudit.checkpoint import Checkpoint
-from lipaudit.checkpoint.writer import Edits
+from lipaudit.checkpoint.writer import Edits, Value
 from lipaudit.findings import finding
 from lipaudit.kinds.base import Context, LayerSpec, RescaleOptions, Rescaling
 from lipaudit.report import CheckpointInfo, Finding, Gated, Layer, finite
@@ -117,7 +117,7 @@ def _matches(spec: LayerSpec, patterns: tuple[str, ...]) -> bool:
 @dataclass(frozen=True)
 class _Outcome:
     change: Change
-    values: dict[str, torch.Tensor]
+    values: dict[str, Value]
     baked: tuple[torch.Tensor, tuple[str, ...], str] | None = None  # (tensor, old keys, new key)
 
 
@@ -184,7 +184,15 @@ def _rescale(spec: LayerSpec, layer: Layer, ctx: Context, settings: NormalizeSet
     if r.baked is not None:
         new_key, olds = r.baked
         return _Outcome(change, {}, (stored[new_key], olds, new_key))
-    return _Outcome(change, stored)
+    values: dict[str, Value] = dict(stored)
+    if r.reload:  # recompute at write time: memory follows the largest tensor, not the file
+        values = {k: _recompute(r, scale, k, v.dtype) for k, v in stored.items()}
+    return _Outcome(change, values)
+
+
+def _recompute(r: Rescaling, scale: float, key: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """The same float64 product and cast as was measured, so the bits written are the bits checked."""
+    return lambda: r.build(scale)[key].to(dtype)
 
 
 def normalize(

@@ -112,6 +112,8 @@ class Rescaling:
     # The factor to try first; None: target / the layer's upper end (build(c) scales the norm by c).
     start: float | None = None
     certified: bool = True  # False when the norm being normalised is not the operator norm
+    # build(c) reads only the checkpoint: the written value may be recomputed at write time.
+    reload: bool = False
 
 
 @dataclass(frozen=True)

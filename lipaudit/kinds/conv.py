@@ -167,7 +167,9 @@ class Conv(LayerKind):
             return spectral_norm_rescaling(spec, ctx, opts, norm, frob)
         if isinstance(p, WeightNorm):
             return weight_norm_rescaling(spec, ctx, norm, frob)
-        return plain_rescaling(spec, ctx, norm, certified=not opts.reshape_convs)
+        if opts.reshape_convs or not measured.certified:
+            return plain_rescaling(spec, ctx, norm, certified=not opts.reshape_convs)
+        return plain_rescaling(spec, ctx, norm, upper=measured.upper, frob_factor=frob)
 
     def chain(self, spec: LayerSpec, hint: ChainHint) -> list[ChainIO]:
         c0, c1 = spec.shape[0], spec.shape[1]

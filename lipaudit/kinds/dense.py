@@ -64,7 +64,7 @@ class Dense(LayerKind):
         return _matrix_measure(spec, ctx)
 
     def rescale(self, spec: LayerSpec, measured: Sigma, ctx: Context, opts: RescaleOptions) -> Rescaling | str:
-        return _rescale_matrix(spec, ctx, opts)
+        return _rescale_matrix(spec, ctx, opts, measured)
 
     def chain(self, spec: LayerSpec, hint: ChainHint) -> list[ChainIO]:
         n_in, n_out = spec.shape[1], spec.shape[0]
@@ -86,7 +86,7 @@ def _marked(label: str, spec: LayerSpec) -> str:
     return label
 
 
-def _rescale_matrix(spec: LayerSpec, ctx: Context, opts: RescaleOptions) -> Rescaling | str:
+def _rescale_matrix(spec: LayerSpec, ctx: Context, opts: RescaleOptions, measured: Sigma) -> Rescaling | str:
     from lipaudit.spectral.dense import exact_norm
 
     def norm(f: Formed) -> tuple[float, bool]:
@@ -97,7 +97,7 @@ def _rescale_matrix(spec: LayerSpec, ctx: Context, opts: RescaleOptions) -> Resc
         return spectral_norm_rescaling(spec, ctx, opts, norm)
     if isinstance(p, WeightNorm):
         return weight_norm_rescaling(spec, ctx, norm)
-    return plain_rescaling(spec, ctx, norm)
+    return plain_rescaling(spec, ctx, norm, upper=measured.upper if measured.certified else None)
 
 
 class _NoGlobalBound(LayerKind):

@@ -1,4 +1,4 @@
-"""Error classes, one per exit code of DESIGN §4.2."""
+"""Error classes, one per exit code (README, "Exit codes")."""
 
 from __future__ import annotations
 

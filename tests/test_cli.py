@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,11 +18,6 @@ DEMO = FIXTURES / "demo_sn_cnn.pt"
 def test_version_and_help() -> None:
     assert __version__ in run("--version").stdout
     assert "inspect" in run("--help").stdout
-
-
-def test_python_dash_m_and_console_script_agree() -> None:
-    out = subprocess.run([sys.executable, "-m", "lipaudit", "--version"], capture_output=True, text=True, check=True)
-    assert __version__ in out.stdout
 
 
 def test_stdout_is_only_the_report_and_summary_goes_to_stderr() -> None:

@@ -215,7 +215,8 @@ def test_spectral_norm_layers(tmp_path: Path) -> None:
 
 def test_new_api_spectral_norm_u_v(tmp_path: Path) -> None:
     out = tmp_path / "o.pt"
-    normalize(FIXTURES / "sn_new_api.pt", "-o", out, "--include", "0")
+    code, _ = normalize(FIXTURES / "sn_new_api.pt", "-o", out, "--include", "0")
+    assert code == 0
     first = report_of(out, "--method", "exact")["layers"][0]
     assert first["sigma"]["upper"] <= TOL and first["sigma"]["upper"] >= 1 - 1e-6
 

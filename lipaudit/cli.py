@@ -13,12 +13,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from lipaudit import __version__
-from lipaudit.errors import INTERNAL_EXIT_CODE, LipauditError, OutputError, UsageError
+from lipaudit.commands.outcome import fail as _fail
+from lipaudit.commands.outcome import guarded as _guarded
+from lipaudit.commands.outcome import internal as _internal
+from lipaudit.commands.outcome import write_report
+from lipaudit.errors import LipauditError, UsageError
 from lipaudit.formats import FORMAT_NAMES, FORMATS, NORMALIZE_FORMAT_NAMES, RenderOptions
 from lipaudit.text import defang, visible
 from lipaudit.types import ConvNorm, Method, Mode, Severity
@@ -121,60 +125,6 @@ def _stderr_console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True, highlight=False, markup=False, emoji=False)
-
-
-def _fail(err: LipauditError, fmt: str) -> NoReturn:
-    message = visible(err.message, 1000)
-    if fmt in ("json", "sarif"):
-        from lipaudit.formats.json_format import dumps
-        from lipaudit.report import error_document
-
-        sys.stdout.write(dumps(error_document(__version__, err.code, err.exit_code, message, err.path)))
-        sys.stdout.flush()
-    elif fmt == "github":
-        from lipaudit.formats.github import escape_data
-
-        click.echo(f"::error title=lipaudit::{escape_data(message)}")
-    click.echo(f"lipaudit: error: {message}", err=True)
-    sys.exit(err.exit_code)
-
-
-def _guarded(run: Callable[[], int], path: str | None, fmt: str, debug: bool) -> NoReturn:
-    """Map every outcome to its exit code; a bug is one line and 70 unless --debug."""
-    try:
-        code = run()
-    except LipauditError as e:
-        _fail(e, fmt)
-    except KeyboardInterrupt:
-        click.echo("lipaudit: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:
-        if debug:
-            raise
-        _fail(_internal(e, path), fmt)
-    sys.exit(code)
-
-
-def _internal(e: BaseException, path: str | None) -> LipauditError:
-    if isinstance(e, MemoryError):
-        from lipaudit.errors import ResourceLimitError
-
-        return ResourceLimitError("out of memory", path)
-    err = LipauditError(f"internal error: {type(e).__name__}: {visible(str(e), 200)} (rerun with --debug)", path)
-    err.exit_code = INTERNAL_EXIT_CODE
-    return err
-
-
-def write_report(path: Path, text: str) -> None:
-    """Atomically: a temporary file beside path, fsynced, renamed over it."""
-    from lipaudit.checkpoint.writer import stage, writer_of
-
-    staged = stage(path, writer_of(text.encode("utf-8")))
-    try:
-        staged.commit()
-    except OSError as e:
-        staged.discard()
-        raise OutputError(f"{visible(str(path))}: cannot write the report ({e.strerror or e})") from None
 
 
 def _emit(text: str, fmt: str, output: Path | None) -> None:

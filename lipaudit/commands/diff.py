@@ -6,12 +6,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from lipaudit import __version__
-from lipaudit.errors import INTERNAL_EXIT_CODE, LipauditError, OutputError
+from lipaudit.commands.outcome import guarded, write_report
+from lipaudit.errors import LipauditError
 from lipaudit.text import visible
 
 FORMATS = ("table", "json", "markdown", "github")
@@ -29,23 +30,6 @@ class Percent(click.ParamType):  # type: ignore[type-arg]
             return parse_percent(str(value))
         except LipauditError as e:
             self.fail(e.message, param, ctx)
-
-
-def _fail(err: LipauditError, fmt: str) -> NoReturn:
-    if fmt == "json":
-        from lipaudit.report import error_document
-
-        doc = error_document(__version__, err.code, err.exit_code, err.message, err.path)
-        import json
-
-        sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
-    elif fmt == "github":
-        from lipaudit.formats.diff_render import escape_data
-
-        click.echo(f"::error title=lipaudit diff::{escape_data(err.message)}")
-    click.echo(f"lipaudit: error: {err.message}", err=True)
-    sys.exit(err.exit_code)
 
 
 def audit_to_dict(key: str | None, method: str, rtol: float | None) -> Any:
@@ -66,17 +50,6 @@ def audit_to_dict(key: str | None, method: str, rtol: float | None) -> Any:
         return audit(open_checkpoint(path, key, limits=settings.limits), settings).to_dict()
 
     return run
-
-
-def _write(path: Path, text: str) -> None:
-    from lipaudit.checkpoint.writer import stage, writer_of
-
-    staged = stage(path, writer_of(text.encode("utf-8")))
-    try:
-        staged.commit()
-    except OSError as e:
-        staged.discard()
-        raise OutputError(f"{visible(str(path))}: cannot write the report ({e.strerror or e})") from None
 
 
 @click.command()
@@ -104,28 +77,19 @@ def diff(
     from lipaudit.diff import diff_paths
     from lipaudit.formats.diff_render import render
 
-    try:
+    def run() -> int:
         result = diff_paths(old, new, audit_to_dict(key, method, rtol), max_increase, __version__)
         to_tty = output is None and sys.stdout.isatty()
         width = shutil.get_terminal_size((120, 24)).columns if to_tty else 120
         text = render(result, fmt, max(width, 80), to_tty)
         if output is not None:
-            _write(output, text)
+            write_report(output, text)
         else:
             sys.stdout.write(text)
             sys.stdout.flush()
-    except LipauditError as e:
-        _fail(e, fmt)
-    except KeyboardInterrupt:
-        click.echo("lipaudit: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:
-        if debug:
-            raise
-        err = LipauditError(f"internal error: {type(e).__name__}: {visible(str(e), 200)} (rerun with --debug)", old)
-        err.exit_code = INTERNAL_EXIT_CODE
-        _fail(err, fmt)
-    if not quiet:
-        click.echo(f"lipaudit: diff {visible(old)} -> {visible(new)}: {len(result.violations)} gate failures: "
-                   f"{'passed' if result.passed else 'FAILED'}", err=True)
-    sys.exit(result.exit_code)
+        if not quiet:
+            click.echo(f"lipaudit: diff {visible(old)} -> {visible(new)}: {len(result.violations)} gate failures: "
+                       f"{'passed' if result.passed else 'FAILED'}", err=True)
+        return result.exit_code
+
+    guarded(run, old, fmt, debug)

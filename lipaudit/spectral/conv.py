@@ -683,15 +683,17 @@ def _branch_and_bound(k: torch.Tensor, kg: torch.Tensor, sym: GramSymbol, search
                 iv = _fallback(k, groups, math.sqrt(max(search.lower2, 0)), level, reshape, budget,
                                f"search stopped after {search.points} points")
                 return ConvResult(iv, search.points, search.exact_points)
-            if search.points + len(cells) > grid_points and grid_points <= MAX_POINTS:
+            # (wide channels: trace tests close most boxes cheaply, grid points each need a factorisation)
+            if sym.n <= 64 and search.points + len(cells) > grid_points and grid_points <= MAX_POINTS:
                 return _uniform(search, grid, spatial, budget)
             tau = cover.tau(b)
             factor = 1 - tau * tau / 2 if tau < math.sqrt(2) else 0.0
             opened = search.settle(cover.frequencies(cells), factor, final=factor * (1 + target) >= 1 - 1e-12)
-            if factor * (1 + target) < 1 - 1e-12 and len(opened):
-                pick = torch.linspace(0, len(opened) - 1, min(len(opened), 64)).round().long()
+            probes = min(64, 2**24 // sym.n**3)  # exact values cost n^3 each: few for wide channels
+            if factor * (1 + target) < 1 - 1e-12 and len(opened) and probes > 0:
+                pick = torch.linspace(0, len(opened) - 1, min(len(opened), probes)).round().long()
                 search.probe(cover.frequencies(cells[opened[pick]]))
-            if factor * (1 + target) < 1 - 1e-12 and search.best_w is not ascended:
+            if factor * (1 + target) < 1 - 1e-12 and search.best_w is not ascended and sym.n <= 128:
                 search.ascend()  # from each level's best point: a new peak may have shown up
                 ascended = search.best_w
             if factor > 0:

@@ -178,6 +178,9 @@ def _rescale(spec: LayerSpec, layer: Layer, ctx: Context, settings: NormalizeSet
         stored, after, scale, cert = _shrink(r, r.start if r.start is not None else target / before, target, dtype_of)
     except ArithmeticError as e:
         return skipped(str(e))
+    finally:
+        if r.release is not None:
+            r.release()
     change = replace(base, action="scaled", reason=r.reason, after=after, certified=cert,
                      scale=scale if r.start is None else (after / before if before else None),
                      written=tuple(stored))
@@ -185,14 +188,16 @@ def _rescale(spec: LayerSpec, layer: Layer, ctx: Context, settings: NormalizeSet
         new_key, olds = r.baked
         return _Outcome(change, {}, (stored[new_key], olds, new_key))
     values: dict[str, Value] = dict(stored)
-    if r.reload:  # recompute at write time: memory follows the largest tensor, not the file
-        values = {k: _recompute(r, scale, k, v.dtype) for k, v in stored.items()}
+    if r.rebuild is not None:  # recompute at write time: memory follows the largest tensor, not the file
+        values = {k: _recompute(r.rebuild, scale, v.dtype) for k, v in stored.items()}
     return _Outcome(change, values)
 
 
-def _recompute(r: Rescaling, scale: float, key: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+def _recompute(
+    rebuild: Callable[[float], torch.Tensor], scale: float, dtype: torch.dtype
+) -> Callable[[], torch.Tensor]:
     """The same float64 product and cast as was measured, so the bits written are the bits checked."""
-    return lambda: r.build(scale)[key].to(dtype)
+    return lambda: rebuild(scale).to(dtype)
 
 
 def normalize(

@@ -112,8 +112,10 @@ class Rescaling:
     # The factor to try first; None: target / the layer's upper end (build(c) scales the norm by c).
     start: float | None = None
     certified: bool = True  # False when the norm being normalised is not the operator norm
-    # build(c) reads only the checkpoint: the written value may be recomputed at write time.
-    reload: bool = False
+    # When set, the written value is recomputed at write time by rebuild(c), which reads only the
+    # checkpoint and holds nothing; release() drops what the shrink loop kept.
+    rebuild: Callable[[float], torch.Tensor] | None = None
+    release: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -123,9 +123,11 @@ class Conv(LayerKind):
             return iv
         w = f.weight
         pads = same_padding(tuple(w.shape[2:]))
-        circ = grid_bound(w, size, GRID_RTOL, groups=groups, deadline=time.monotonic() + s.layer_time_s)
+        circ = grid_bound(w, size, GRID_RTOL, groups=groups, deadline=time.monotonic() + s.layer_time_s,
+                          upper_cap=iv.upper)
         padded = tuple(n + k - 1 for n, k in zip(size, w.shape[2:], strict=True))
-        zero_up = grid_bound(w, padded, GRID_RTOL, groups=groups, deadline=time.monotonic() + s.layer_time_s)
+        zero_up = grid_bound(w, padded, GRID_RTOL, groups=groups, deadline=time.monotonic() + s.layer_time_s,
+                             upper_cap=iv.upper)
         zero_lo = min(zero_padded_lower(w, size, pads, seed=s.seed, groups=groups,
                                         deadline=time.monotonic() + s.layer_time_s), zero_up.upper)
         out.at_input_size = {

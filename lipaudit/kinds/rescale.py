@@ -39,21 +39,30 @@ def plain_rescaling(spec: LayerSpec, ctx: Context, norm: Norm, certified: bool =
     rounding of the cast; frob_factor turns a Frobenius norm into the operator's, sqrt(taps) for a
     convolution). The weight is read again when needed, so no rescaled copy is held in memory."""
     key = spec.tensor
+    held: dict[str, object] = {}  # the float64 weight and the last factor, while the shrink loop runs
+
+    def build(c: float) -> dict[str, torch.Tensor]:
+        w = held.get("w")
+        if not isinstance(w, torch.Tensor):
+            w = held["w"] = ctx.load(key)
+        held["c"] = c
+        return {key: w * c}
 
     def fast(vals: dict[str, torch.Tensor]) -> tuple[float, bool]:
         assert upper is not None
-        v, w = vals[key], ctx.load(key)
-        a = float((v * w).sum() / (w * w).sum())
-        err = float(torch.linalg.vector_norm(v - a * w))
-        # The float64 sums above round by far less than this relative margin.
-        return (abs(a) * upper + frob_factor * err) * (1 + 1e-9), True
+        w, c = held["w"], held["c"]
+        assert isinstance(w, torch.Tensor) and isinstance(c, float)
+        err = float(torch.linalg.vector_norm(vals[key] - w * c))
+        # The float64 products and sums above round by far less than this relative margin.
+        return (abs(c) * upper + frob_factor * err) * (1 + 1e-9), True
 
     return Rescaling(
         "weight scaled",
-        build=lambda c: {key: ctx.load(key) * c},
+        build=build,
         measure=fast if upper is not None else (lambda vals: norm(Formed(vals[key], 0, 0.0, 0.0, ""))),
         certified=certified,
-        reload=True,
+        rebuild=lambda c: ctx.load(key) * c,
+        release=held.clear,
     )
 
 

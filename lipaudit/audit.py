@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from lipaudit import __version__
-from lipaudit.bound import strategy
+from lipaudit.bound import Strategy
+from lipaudit.bound.chain import Chain
 from lipaudit.checkpoint import Checkpoint
 from lipaudit.errors import ResourceLimitError
 from lipaudit.findings import finding
@@ -151,7 +152,9 @@ def _heatmaps(specs: list[LayerSpec], layers: list[Layer], ckpt: Checkpoint, set
     return out
 
 
-def run_audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = None) -> Audit:
+def run_audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = None,
+              bound_by: Strategy | None = None) -> Audit:
+    """Measure every layer, then bound the network with `bound_by` (default: the chain product)."""
     t0 = time.perf_counter()
     plan = plan_layers(ckpt.infos)
     first: dict[tuple[object, ...], int] = {}
@@ -187,7 +190,7 @@ def run_audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = 
             "store the same shapes): lower ends hold for every grouping, upper ends too; pin it with "
             "--groups NAME=N (or '*=1' when no layer is grouped) for tighter lower ends",
         ))
-    bound = strategy("chain").bound(layers, plan, settings)
+    bound = (bound_by or Chain()).bound(layers, plan, settings)
     net = bound.network
     findings.extend(bound.findings)
     if ckpt.alternatives:
@@ -207,5 +210,6 @@ def run_audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = 
     return Audit(report, plan)
 
 
-def audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = None) -> Report:
-    return run_audit(ckpt, settings, progress).report
+def audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = None,
+          bound_by: Strategy | None = None) -> Report:
+    return run_audit(ckpt, settings, progress, bound_by).report

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -283,6 +283,13 @@ def cli(ctx: click.Context) -> None:
 @click.option("--fail-on", type=click.Choice([s.value for s in (Severity.ERROR, Severity.WARNING)]),
               default="error", show_default=True, help="Lowest finding severity that fails the run (exit 1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Lanczos starts.")
+@click.option("--graph", "graph_archive", type=click.Path(dir_okay=False), default=None,
+              help="A torch.export .pt2 archive of the architecture: bound the state dict over its real graph "
+                   "(parameters matched by name).")
+@click.option("--measure/--no-measure", default=True, show_default=True,
+              help="Graphs: run the network to measure a lower end of its Lipschitz constant.")
+@click.option("--measure-seconds", type=PositiveFloat(), default=20.0, show_default=True,
+              help="Time for the measured lower end.")
 @click.option("--input-size", "input_sizes", type=InputSize(), multiple=True,
               help="Input size of the convolutions (32x32, or layer=32x32; repeatable): adds their exact "
                    "circular-padding norm and a zero-padding bracket at that size.")
@@ -299,7 +306,8 @@ def inspect(**params: Any) -> None:
 
 def _inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None, fail_above: float | None,
              fail_layer_above: float | None, allow_uncertified: bool, ignore: tuple[tuple[str, ...], ...],
-             fail_on: str, debug: bool, quiet: bool, **p: Any) -> None:
+             fail_on: str, debug: bool, quiet: bool, graph_archive: str | None, measure: bool,
+             measure_seconds: float, **p: Any) -> None:
 
     def run() -> int:
         settings = _settings(
@@ -309,9 +317,10 @@ def _inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None,
         )
         files = expand_paths(paths)
         _refuse_input_as_output(files, output)
+        graph = GraphOptions(graph_archive, measure, measure_seconds)
         if len(files) == 1:
-            return _inspect_one(files[0], settings, fmt, output, quiet)
-        return _inspect_many(files, settings, fmt, output, quiet)
+            return _inspect_one(files[0], settings, fmt, output, quiet, graph)
+        return _inspect_many(files, settings, fmt, output, quiet, graph)
 
     _guarded(run, paths[0] if len(paths) == 1 else None, fmt, debug)
 
@@ -360,12 +369,32 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _audit_path(path: str, settings: Settings, progress: Callable[[int, int, str], None] | None) -> Report:
+def _audit_path(path: str, settings: Settings, progress: Callable[[int, int, str], None] | None,
+                graph: GraphOptions | None = None) -> Report:
+    """A .pt2 archive (or a state dict with --graph) is bounded over its graph; anything else as a chain."""
     from lipaudit.audit import audit
+    from lipaudit.bound import strategy
     from lipaudit.checkpoint import open_checkpoint
+    from lipaudit.checkpoint.pt2 import FORMAT as PT2
 
     ckpt = open_checkpoint(path, settings.key, limits=settings.limits)
-    return audit(ckpt, settings, progress)
+    g = graph or GraphOptions()
+    measure = {"measure": g.measure, "measure_seconds": g.measure_seconds}
+    if g.archive is not None:
+        by = strategy("graph", archive=g.archive, keys=[i.key for i in ckpt.infos], load=ckpt.load,
+                      shown=ckpt.path, **measure)
+    elif ckpt.format == PT2:
+        by = strategy("graph", archive=path, **measure)
+    else:
+        by = strategy("chain")
+    return audit(ckpt, settings, progress, by)
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    archive: str | None = None  # --graph: the exported architecture a state dict is audited on
+    measure: bool = True  # run the graph to measure a lower end of the network's constant
+    measure_seconds: float = 20.0
 
 
 def _summary(report: Report) -> str:
@@ -378,18 +407,20 @@ def _summary(report: Report) -> str:
             f"findings ({errors} errors): {'passed' if report.passed else 'FAILED'}")
 
 
-def _inspect_one(path: str, settings: Settings, fmt: str, output: Path | None, quiet: bool) -> int:
+def _inspect_one(path: str, settings: Settings, fmt: str, output: Path | None, quiet: bool,
+                 graph: GraphOptions) -> int:
     from lipaudit.formats import render
 
     with _progress(not quiet, "auditing") as tick:
-        report = _audit_path(path, settings, tick)
+        report = _audit_path(path, settings, tick, graph)
     _emit(render(report, fmt, _options(output)), fmt, output)
     if not quiet:
         click.echo(_summary(report), err=True)
     return report.exit_code
 
 
-def _inspect_many(files: list[str], settings: Settings, fmt: str, output: Path | None, quiet: bool) -> int:
+def _inspect_many(files: list[str], settings: Settings, fmt: str, output: Path | None, quiet: bool,
+                  graph: GraphOptions) -> int:
     """Files in parallel (each with one job); one document, or one output per file; the worst exit code."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -400,7 +431,7 @@ def _inspect_many(files: list[str], settings: Settings, fmt: str, output: Path |
 
     def job(path: str) -> Report | LipauditError:
         try:
-            return _audit_path(path, one, None)
+            return _audit_path(path, one, None, graph)
         except LipauditError as e:
             return e
         except Exception as e:

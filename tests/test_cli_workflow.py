@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import FIXTURES, run, validate
@@ -103,3 +104,33 @@ def test_pyproject_gate_decides_the_exit_code(tmp_path: Path, monkeypatch) -> No
     assert run("inspect", "m.pt", "-q", "--fail-above", "1e12").exit_code == 0
     (tmp_path / "pyproject.toml").write_text("[tool.lipaudit]\nfail-abov = 1\n")
     assert run("inspect", "m.pt", "-q").exit_code == 2
+
+
+def test_pt2_archive_is_bounded_over_its_graph() -> None:
+    result = run("inspect", FIXTURES / "residual.pt2", "--format", "json", "-q", "--measure-seconds", "2")
+    net = validate(json.loads(result.stdout))["network"]
+    assert result.exit_code == 0 and net["method"] == "graph" and net["certified"]
+    assert net["lipschitz_upper"] >= 1.5 and net["lipschitz_lower"] <= net["lipschitz_upper"]
+    assert net["lipschitz_upper"] == pytest.approx(1.5, rel=1e-6)  # x + 0.5 x: 1 + a, not the product 0.5
+
+
+def test_attention_graph_is_never_certified() -> None:
+    result = run("inspect", FIXTURES / "attention.pt2", "--format", "json", "-q", "--no-measure",
+                 "--fail-above", "1e9")
+    doc = validate(json.loads(result.stdout))
+    assert not doc["network"]["certified"] and doc["network"]["uncovered"]
+    assert result.exit_code == 1
+
+
+def test_state_dict_on_an_exported_graph(tmp_path: Path) -> None:
+    from torch.export import load  # our own fixture: trusted
+
+    module = load(FIXTURES / "residual.pt2").module()
+    sd = tmp_path / "weights.pt"
+    torch.save({f"module.{k}": v for k, v in module.state_dict().items()}, sd)
+    result = run("inspect", sd, "--graph", FIXTURES / "residual.pt2", "--format", "json", "-q", "--no-measure")
+    net = validate(json.loads(result.stdout))["network"]
+    assert result.exit_code == 0 and net["method"] == "graph"
+    assert net["lipschitz_upper"] == pytest.approx(1.5, rel=1e-6)
+    torch.save({"other.weight": torch.eye(2)}, sd)
+    assert run("inspect", sd, "--graph", FIXTURES / "residual.pt2", "-q").exit_code == 2

@@ -40,8 +40,14 @@ def log10_product(uppers: list[float | None]) -> float | None:
     return math.fsum(math.log10(u) for u in uppers if u is not None)
 
 
-def strategy(name: str) -> Strategy:
+def strategy(name: str, **where: object) -> Strategy:
+    """The registry: chain needs nothing; graph needs the archive (`archive=PATH`, and for a state
+    dict on that architecture `keys`, `load`, `shown`)."""
     from lipaudit.bound.chain import Chain
+    from lipaudit.bound.graph import GraphStrategy
 
-    registry: dict[str, Strategy] = {"chain": Chain()}
-    return registry[name]
+    if name == "chain":
+        return Chain()
+    if name == "graph":
+        return GraphStrategy(**where)  # type: ignore[arg-type]
+    raise KeyError(name)

@@ -133,3 +133,13 @@ def middle(text: str, width: int) -> str:
         return text
     keep = width - 1
     return text[: (keep + 1) // 2] + "…" + text[len(text) - keep // 2:]
+
+
+def how_bounded(net: Network) -> str:
+    """'product of 5 layers' for a chain; the graph and its measured lower end for a graph."""
+    n = net.layers_counted
+    layers = f"{n} layer" if n == 1 else f"{n} layers"
+    if net.method == "graph":
+        lower = f"; measured lower end {fmt_num(net.lipschitz_lower)}" if net.lipschitz_lower is not None else ""
+        return f"over the exported graph, {layers}{lower}"
+    return f"product of {layers}" + (f", {net.layers_not_covered} not covered" if net.layers_not_covered else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from lipaudit.formats import RenderOptions, certified_text, fmt_bound, fmt_log10, fmt_num, ratio_text
+from lipaudit.formats import RenderOptions, certified_text, fmt_bound, fmt_log10, fmt_num, how_bounded, ratio_text
 from lipaudit.report import Finding, Report
 
 if TYPE_CHECKING:
@@ -28,9 +28,7 @@ def render(report: Report, options: RenderOptions) -> str:
         f"## lipaudit: {md(ck.path)}",
         "",
         f"**Network Lipschitz bound:** L <= {fmt_bound(report)} "
-        f"({certified_text(net)}; product of {net.layers_counted} "
-        + ("layer" if net.layers_counted == 1 else "layers")
-        + (f", {net.layers_not_covered} not covered" if net.layers_not_covered else "")
+        f"({certified_text(net)}; {how_bounded(net)}"
         + f") - **{'passed' if report.passed else 'failed'}**",
         "",
         f"{ck.format}, {ck.tensors} tensors, {ck.parameters} parameters, sha256 `{ck.sha256[:12]}`"

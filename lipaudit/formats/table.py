@@ -10,7 +10,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lipaudit.formats import RenderOptions, certified_text, fmt_bound, fmt_log10, fmt_num, middle, ratio_text
+from lipaudit.formats import (
+    RenderOptions,
+    certified_text,
+    fmt_bound,
+    fmt_log10,
+    fmt_num,
+    how_bounded,
+    middle,
+    ratio_text,
+)
 from lipaudit.report import Finding, Layer, Report
 
 if TYPE_CHECKING:
@@ -129,11 +138,7 @@ def render(report: Report, options: RenderOptions) -> str:
     net = report.network
     line = Text("Network Lipschitz bound: ", style="bold")
     line.append(f"L <= {fmt_bound(report)}", style="bold")
-    line.append(
-        f"  ({certified_text(net)}; product of {_plural(net.layers_counted, 'layer')}"
-        + (f", {net.layers_not_covered} not covered" if net.layers_not_covered else "")
-        + ")"
-    )
+    line.append(f"  ({certified_text(net)}; {how_bounded(net)})")
     console.print(line)
     console.print(Text("Assumptions:", style="bold"))
     _bullets(console, [Text(a) for a in net.assumptions])

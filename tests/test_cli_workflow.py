@@ -134,3 +134,11 @@ def test_state_dict_on_an_exported_graph(tmp_path: Path) -> None:
     assert net["lipschitz_upper"] == pytest.approx(1.5, rel=1e-6)
     torch.save({"other.weight": torch.eye(2)}, sd)
     assert run("inspect", sd, "--graph", FIXTURES / "residual.pt2", "-q").exit_code == 2
+
+
+def test_normalize_pt2_to_a_network_target(tmp_path: Path) -> None:
+    out = tmp_path / "o.pt2"
+    result = run("normalize", FIXTURES / "residual.pt2", "-o", out, "--network-target", "1.2", "--format", "json")
+    assert result.exit_code == 0, result.output
+    net = validate(json.loads(run("inspect", out, "--format", "json", "-q", "--no-measure").stdout))["network"]
+    assert net["certified"] and net["lipschitz_upper"] <= 1.2

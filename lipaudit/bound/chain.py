@@ -7,6 +7,7 @@ layer is covered, every factor is a proof, and the shapes do not contradict a ch
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from lipaudit.bound import Bound, log10_product
@@ -20,6 +21,14 @@ if TYPE_CHECKING:
 
 # Suspicious tensors named one by one in findings; the rest are counted.
 _NAMED = 20
+# Names that residual architectures give their blocks and shortcuts (torchvision's layer1.0.conv1,
+# downsample, timm's blocks/stages, shortcut/skip branches). Shapes cannot show a skip connection,
+# so where names say there may be one, the product is not called a proof.
+_RESIDUAL = re.compile(
+    r"(^|\.)(layer\d+|blocks?|stages?|res\w*|resblocks?|residual\w*)\.\d+\.|"
+    r"(^|[._])(downsample|shortcut|skip\w*|residual\w*|identity)([._]|$)",
+    re.IGNORECASE,
+)
 
 
 def assumptions(layers: list[Layer], specs: list[LayerSpec], settings: Settings) -> list[str]:
@@ -128,6 +137,15 @@ class Chain:
         if brk is not None:
             why.append("the layer shapes do not form a chain")
             findings.append(brk)
+        residual = next((x for x in layers if x.in_network_bound and _RESIDUAL.search(x.tensor)), None)
+        if residual is not None:
+            why.append("layer names suggest residual blocks")
+            findings.append(finding(
+                "LIP011", residual.tensor,
+                f"{residual.name}: names like this one belong to residual blocks (x + f(x), bounded by 1 + L_f), "
+                "which a state dict does not show: the product may not bound this network; bound the exported "
+                "graph instead (lipaudit inspect model.pt2, or --graph)",
+            ))
         uncovered = tuple((x.tensor, x.notes[0] if x.notes else str(x.kind)) for x in layers if not x.in_network_bound)
         uncovered += tuple(plan.suspicious)
         network = Network(

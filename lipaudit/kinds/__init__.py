@@ -79,9 +79,10 @@ def _split(key: str) -> tuple[str, str]:
 
 
 def _sn_dims(orig: TensorInfo, u: TensorInfo) -> tuple[int, ...]:
-    """Layouts spectral_norm can have used: dim 0 always; dim 1 (ConvTranspose) only for ndim > 2."""
+    """Layouts spectral_norm can have used: dim 0 (its default for Linear and Conv) or dim 1
+    (ConvTranspose's default, and anyone's with spectral_norm(m, dim=1)), as u's length allows."""
     dims = []
-    for dim in (0, 1) if len(orig.shape) > 2 else (0,):
+    for dim in (0, 1) if len(orig.shape) >= 2 else (0,):
         if orig.shape[dim] == u.numel:
             dims.append(dim)
     return tuple(dims) or (0,)

@@ -26,6 +26,7 @@ from lipaudit.kinds.weights import check_spectral_norm, measure_forms
 from lipaudit.report import Sigma
 from lipaudit.spectral import Interval
 from lipaudit.spectral.dense import svd_norm
+from lipaudit.text import visible
 from lipaudit.types import Kind
 
 # Below this ratio the gap between the reshaped-kernel norm and the operator norm is noise.
@@ -44,6 +45,11 @@ def _groups(spec: LayerSpec, ctx: Context) -> int | None:
     """The groups the user pinned, 1 where the shape allows nothing else, else None (unknown)."""
     g = ctx.settings.groups_for((spec.name, spec.tensor, spec.module, "*"))
     if g is not None:
+        if spec.shape[0] % g:
+            from lipaudit.errors import UsageError
+
+            raise UsageError(f"--groups {g} for {visible(spec.name)}: it does not divide the kernel's "
+                             f"{spec.shape[0]} output channels")
         return g
     return 1 if spec.shape[0] == 1 else None
 

@@ -39,8 +39,8 @@ def check(spec: LayerSpec, forms: list[Formed] | str, out: Measured) -> list[For
     out.notes.extend(f.note for f in forms if f.note)
     if len(forms) > 1:
         out.notes.append(
-            "spectral_norm layout ambiguous (Conv or ConvTranspose, square channels): the interval "
-            "covers both layouts"
+            "spectral_norm layout ambiguous (dim 0 or dim 1: square channels, and the stored u lines up with "
+            "neither clearly): the interval covers both layouts"
         )
     return forms
 

@@ -28,7 +28,7 @@ RULES = {
         Rule("LIP008", Severity.INFO, "other parts of the checkpoint were not audited"),
         Rule("LIP009", Severity.WARNING, "network bound is not certified"),
         Rule("LIP010", Severity.WARNING, "parametrized weight could not be formed"),
-        Rule("LIP011", Severity.WARNING, "layer shapes show the covered layers are not a simple chain"),
+        Rule("LIP011", Severity.WARNING, "layer shapes or names show the covered layers may not be a simple chain"),
         Rule("LIP012", Severity.ERROR, "normalize: a covered layer could not be brought to the target"),
         Rule("LIP013", Severity.WARNING, "normalize: convolutions scaled by the reshaped-kernel norm (not certified)"),
         Rule("LIP014", Severity.INFO, "normalize: tied weights scaled once"),

@@ -42,8 +42,9 @@ def test_text_formats_mention_every_layer(fmt: str) -> None:
 def test_github_annotations_are_workflow_commands() -> None:
     out = run("inspect", DEMO, "--format", "github", "--fail-above", "1", "-q").stdout.splitlines()
     assert all(line.startswith("::") for line in out)
-    assert any(line.startswith("::error title=LIP001::") for line in out)
-    assert any(line.startswith("::warning title=LIP003::") for line in out)
+    shown = str(DEMO).replace("%", "%25").replace(":", "%3A").replace(",", "%2C")
+    assert any(line.startswith(f"::error file={shown},title=LIP001 network") for line in out)
+    assert any(line.startswith(f"::warning file={shown},title=LIP003 reshaped") for line in out)
 
 
 def test_fail_above_gates_on_the_network_bound() -> None:
@@ -144,7 +145,9 @@ def test_hostile_names_are_shown_inert(tmp_path: Path) -> None:
         if fmt == "table":
             assert "[bold red]evil[/]" in result.stdout
         if fmt == "github":
-            assert all(line.startswith(("::error title=LIP002::", "::notice ")) for line in result.stdout.splitlines())
+            lines = result.stdout.splitlines()
+            assert all(line.startswith(("::error file=", "::notice ")) for line in lines)
+            assert all("title=LIP002 " in line for line in lines if line.startswith("::error"))
         if fmt == "markdown":
             assert "pipe\\|\\`tick\\`" in result.stdout
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lipaudit.findings import RULES
 from lipaudit.formats import RenderOptions, fmt_bound, fmt_log10
 from lipaudit.report import Finding, Report
 
@@ -22,17 +23,20 @@ def escape_property(text: str) -> str:
     return escape_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
-def _annotations(findings: tuple[Finding, ...]) -> list[str]:
+def _annotations(findings: tuple[Finding, ...], path: str) -> list[str]:
+    """One workflow command per finding, on the checkpoint's file, titled by its code."""
     lines = []
+    where_file = escape_property(visible(path))
     for f in findings:
         where = f"{visible(f.tensor)}: " if f.tensor else ""
         message = escape_data(where + visible(f.message, 1000))
-        lines.append(f"::{_LEVEL.get(f.severity, 'notice')} title={escape_property(f.code)}::{message}")
+        title = escape_property(f"{f.code} {RULES[f.code].title}" if f.code in RULES else f.code)
+        lines.append(f"::{_LEVEL.get(f.severity, 'notice')} file={where_file},title={title}::{message}")
     return lines
 
 
 def render_normalize(report: NormalizeReport, options: RenderOptions) -> str:
-    lines = _annotations(report.findings)
+    lines = _annotations(report.findings, report.checkpoint.path)
     scaled = sum(c.action == "scaled" for c in report.changes)
     summary = (
         f"{visible(report.checkpoint.path)}: {scaled} layers rescaled to at most {report.settings.target:g}, "
@@ -44,7 +48,7 @@ def render_normalize(report: NormalizeReport, options: RenderOptions) -> str:
 
 
 def render(report: Report, options: RenderOptions) -> str:
-    lines = _annotations(report.findings)
+    lines = _annotations(report.findings, report.checkpoint.path)
     net = report.network
     summary = (
         f"{visible(report.checkpoint.path)}: network Lipschitz bound L <= {fmt_bound(report)} "

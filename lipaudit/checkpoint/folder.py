@@ -9,7 +9,7 @@ import torch
 from lipaudit.checkpoint import sniff as sn
 from lipaudit.checkpoint.formats.base import Format, by_prefix, natural_key, sha256_of
 from lipaudit.checkpoint.limits import Limits
-from lipaudit.checkpoint.model import Checkpoint, Ignored, StorageId
+from lipaudit.checkpoint.model import Checkpoint, Ignored, StorageId, tensor_identity
 from lipaudit.checkpoint.safetensors_reader import find_index, read_index
 from lipaudit.checkpoint.select import check_size, select_state_dict
 from lipaudit.checkpoint.torch_reader import load_torch, tensor_info
@@ -133,16 +133,7 @@ class ShardedTorch(Format):
         return self.tensors[key]
 
     def storage_identity(self, key: str) -> StorageId | None:
-        t = self.tensors.get(key)
-        if t is None:
-            return None
-        try:
-            s = torch.Tensor.untyped_storage(t)
-            if s.nbytes() == 0:
-                return None
-            return (s.data_ptr(), int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), str(t.dtype))
-        except (RuntimeError, NotImplementedError, TypeError):
-            return None
+        return tensor_identity(self.tensors.get(key))
 
     def _refuse(self) -> MalformedInputError:
         return MalformedInputError(

@@ -60,6 +60,21 @@ class Ignored:
 StorageId = tuple[int, int, tuple[int, ...], tuple[int, ...], str]
 
 
+def tensor_identity(t: torch.Tensor | None) -> StorageId | None:
+    """Where a loaded tensor's data lives; None for no tensor, an empty storage, or layouts without one."""
+    import torch
+
+    if t is None:
+        return None
+    try:
+        s = torch.Tensor.untyped_storage(t)
+        if s.nbytes() == 0:
+            return None
+        return (s.data_ptr(), int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), str(t.dtype))
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, quantized, nested
+        return None
+
+
 @dataclass
 class Checkpoint:
     """Tensors of the selected state dict, in display order, read on demand through the format's handle."""

@@ -14,7 +14,7 @@ from lipaudit.checkpoint import sniff as sn
 from lipaudit.checkpoint import writer
 from lipaudit.checkpoint.formats.base import Format, sha256_of
 from lipaudit.checkpoint.limits import Limits
-from lipaudit.checkpoint.model import Checkpoint, StorageId
+from lipaudit.checkpoint.model import Checkpoint, StorageId, tensor_identity
 from lipaudit.checkpoint.select import check_size, select_state_dict
 from lipaudit.checkpoint.torch_reader import load_torch, tensor_info
 from lipaudit.checkpoint.writer import Edits, Pending, Staged
@@ -62,16 +62,7 @@ class TorchFormat(Format):
         return self.tensors[key]
 
     def storage_identity(self, key: str) -> StorageId | None:
-        t = self.tensors.get(key)
-        if t is None:
-            return None
-        try:
-            s = torch.Tensor.untyped_storage(t)
-            if s.nbytes() == 0:
-                return None
-            return (s.data_ptr(), int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), str(t.dtype))
-        except (RuntimeError, NotImplementedError, TypeError):  # sparse, quantized, nested
-            return None
+        return tensor_identity(self.tensors.get(key))
 
     def stage(self, edits: Edits, target: Path) -> Pending:
         root = self._edited(edits)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,8 +203,10 @@ def _per_axis(v: list[int], d: int, name: str) -> tuple[int, ...]:
 
 
 class Bounder:
-    def __init__(self, graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, seed: int) -> None:
+    def __init__(self, graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, seed: int,
+                 norm: Callable[[LinearOp], Interval] | None = None) -> None:
         self.g = graph
+        self.norm = norm
         self.consts = consts
         self.rtol = rtol
         self.conv_rtol = conv_rtol
@@ -291,7 +294,9 @@ class Bounder:
         if iv is None:
             if not bool(torch.isfinite(op.weight).all()):
                 raise Uncovered("weights hold NaN or Inf")
-            if op.kind == "dense":
+            if self.norm is not None:
+                iv = self.norm(op)
+            elif op.kind == "dense":
                 iv = rules.dense_norm(op.weight, self.rtol, self.seed)
             else:
                 iv = rules.conv_norm(op.weight, op.stride, op.dilation, op.groups, self.conv_rtol)
@@ -966,10 +971,15 @@ class Bounder:
 
 def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, seed: int,
                 factors: dict[str, float] | None = None,
-                norms: dict[tuple[Any, ...], Interval] | None = None) -> Result:
-    """The bound; factors rescale named weights (as normalize plans to), norms caches operator norms."""
+                norms: dict[tuple[Any, ...], Interval] | None = None,
+                norm: Callable[[LinearOp], Interval] | None = None) -> Result:
+    """The bound; factors rescale named weights (as normalize plans to), norms caches operator norms.
+
+    `norm` measures one linear operator (a layer's weight, a BatchNorm-folded or merged kernel); by
+    default it is computed here. The set of operators the walk asks for does not depend on the values
+    returned, so a first walk with a recording `norm` lists every operator to measure up front."""
     t0 = time.perf_counter()
-    b = Bounder(graph, consts, rtol, conv_rtol, seed)
+    b = Bounder(graph, consts, rtol, conv_rtol, seed, norm)
     if factors:
         b.factors = factors
     if norms is not None:

@@ -3,9 +3,7 @@ inside command bodies, so `lipaudit --help` starts at once."""
 
 from __future__ import annotations
 
-import glob
 import math
-import os
 import sys
 import threading
 import time
@@ -17,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from lipaudit import __version__
+from lipaudit import __version__, preflight
 from lipaudit.commands.outcome import fail as _fail
 from lipaudit.commands.outcome import guarded as _guarded
 from lipaudit.commands.outcome import internal as _internal
@@ -31,8 +29,6 @@ if TYPE_CHECKING:
     from lipaudit.report import Report
     from lipaudit.settings import NormalizeSettings, Settings
 
-# Files a folder given to inspect is searched for, when it is not itself a checkpoint.
-CHECKPOINT_GLOBS = ("*.pt", "*.pth", "*.bin", "*.ckpt", "*.safetensors", "*.pt2", "*.tar")
 # A plain progress line on stderr this often when stderr is not a terminal (CI logs).
 PLAIN_PROGRESS_S = 10.0
 
@@ -138,12 +134,12 @@ def _emit(text: str, fmt: str, output: Path | None) -> None:
         sys.stdout.flush()
 
 
-def _options(output: Path | None) -> RenderOptions:
+def _options(output: Path | None, **more: bool) -> RenderOptions:
     import shutil
 
     to_tty = output is None and sys.stdout.isatty()
     width = shutil.get_terminal_size((120, 24)).columns if to_tty else 120
-    return RenderOptions(width=max(width, 80), color=to_tty)
+    return RenderOptions(width=max(width, 80), color=to_tty, **more)
 
 
 @contextmanager
@@ -233,6 +229,12 @@ def common_options(f: Any) -> Any:
     return f
 
 
+def revision_option(f: Any) -> Any:
+    return click.option("--revision", default=None,
+                        help="Hugging Face cache folders (models--ORG--NAME): the branch, tag or commit to read "
+                             "[default: main]. Remote hf:// paths are not read (no network).")(f)
+
+
 def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
     from lipaudit.settings import CONV_RTOL, DENSE_RTOL, Settings, default_jobs
 
@@ -293,80 +295,60 @@ def cli(ctx: click.Context) -> None:
 @click.option("--input-size", "input_sizes", type=InputSize(), multiple=True,
               help="Input size of the convolutions (32x32, or layer=32x32; repeatable): adds their exact "
                    "circular-padding norm and a zero-padding bracket at that size.")
+@click.option("--recursive/--no-recursive", default=True, show_default=True,
+              help="Search folders given as PATHS in their subfolders too.")
+@click.option("-v", "--verbose", is_flag=True, help="List the assumptions behind the network bound.")
+@revision_option
 @common_options
 def inspect(**params: Any) -> None:
     """Report every layer's operator norm as a proven interval and bound the network.
 
-    PATHS are checkpoint files, sharded folders, folders of checkpoints or globs."""
-    ctx = click.get_current_context()
-    if ctx.obj is not None and len(params["paths"]) == 1:  # [[tool.lipaudit.overrides]] for that path
-        params = ctx.obj.params_for(params["paths"][0], ctx)
-    _inspect(**params)
+    PATHS are checkpoint files, sharded folders, folders of checkpoints (searched recursively),
+    Hugging Face cache folders (models--ORG--NAME, at refs/main or --revision) or globs."""
+    _inspect(click.get_current_context(), **params)
 
 
-def _inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None, fail_above: float | None,
-             fail_layer_above: float | None, allow_uncertified: bool, ignore: tuple[tuple[str, ...], ...],
-             fail_on: str, debug: bool, quiet: bool, graph_archive: str | None, measure: bool,
+def _inspect(ctx: click.Context, paths: tuple[str, ...], fmt: str, output: Path | None, debug: bool, quiet: bool,
+             verbose: bool, recursive: bool, revision: str | None, graph_archive: str | None, measure: bool,
              measure_seconds: float, **p: Any) -> None:
 
     def run() -> int:
-        settings = _settings(
-            p, method, fail_above=fail_above, fail_layer_above=fail_layer_above,
-            allow_uncertified=allow_uncertified, ignore=tuple(c for group in ignore for c in group),
-            fail_on=Severity(fail_on), heatmaps=FORMATS[fmt].heatmaps,
-        )
-        files = expand_paths(paths)
-        _refuse_input_as_output(files, output)
+        found = preflight.inputs(paths, recursive, revision)
+        preflight.refuse_output_over_inputs(found.files, output)
+        if graph_archive is not None:
+            preflight.exists(graph_archive, "--graph ")
+        note = found.passed_over_text()
+        if note and not quiet:
+            click.echo(f"lipaudit: {note}", err=True)
         graph = GraphOptions(graph_archive, measure, measure_seconds)
-        if len(files) == 1:
-            return _inspect_one(files[0], settings, fmt, output, quiet, graph)
-        return _inspect_many(files, settings, fmt, output, quiet, graph)
+        jobs = [(f, _inspect_settings(_params_for(ctx, f, p), fmt)) for f in found.files]
+        options = _options(output, verbose=verbose, brief=quiet and fmt == "table")
+        if len(jobs) == 1:
+            return _inspect_one(*jobs[0], fmt, output, quiet, graph, options)
+        return _inspect_many(jobs, fmt, output, quiet, graph, options)
 
     _guarded(run, paths[0] if len(paths) == 1 else None, fmt, debug)
 
 
+def _params_for(ctx: click.Context, path: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options for one checkpoint: [[tool.lipaudit.overrides]] matched on the file found (not on
+    the folder or glob given), under whatever the command line set."""
+    if ctx.obj is None:
+        return given
+    return {k: v for k, v in ctx.obj.params_for(path, ctx).items() if k in given}
+
+
+def _inspect_settings(q: dict[str, Any], fmt: str) -> Settings:
+    return _settings(
+        q, q["method"], fail_above=q["fail_above"], fail_layer_above=q["fail_layer_above"],
+        allow_uncertified=q["allow_uncertified"], ignore=tuple(c for group in q["ignore"] for c in group),
+        fail_on=Severity(q["fail_on"]), heatmaps=FORMATS[fmt].heatmaps,
+    )
+
+
 def expand_paths(paths: tuple[str, ...]) -> list[str]:
-    """Paths as given, globs expanded, plain folders replaced by the checkpoints inside them."""
-    out: list[str] = []
-    for raw in paths:
-        matches = sorted(glob.glob(raw)) if glob.has_magic(raw) and not os.path.exists(raw) else [raw]
-        if not matches:
-            raise UsageError(f"{visible(raw)}: no file matches")
-        for path in matches:
-            if os.path.isdir(path) and not _is_checkpoint_folder(Path(path)):
-                inside = sorted({str(f) for g in CHECKPOINT_GLOBS for f in Path(path).glob(g) if f.is_file()})
-                if not inside:
-                    raise UsageError(
-                        f"{visible(path)}: a folder with no checkpoint: lipaudit looks for a safetensors index "
-                        "(*.safetensors.index.json, pytorch_model.bin.index.json), one pytorch_model.bin or "
-                        f"model.safetensors, or files named {', '.join(CHECKPOINT_GLOBS)}"
-                    )
-                out.extend(inside)
-            else:
-                out.append(path)
-    return list(dict.fromkeys(out))
-
-
-def _is_checkpoint_folder(folder: Path) -> bool:
-    """A sharded checkpoint (an index) or a model folder with its one weights file."""
-    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-    return any(n.endswith(".index.json") for n in names) or bool(
-        names & {"pytorch_model.bin", "model.safetensors"})
-
-
-def _refuse_input_as_output(files: list[str], output: Path | None) -> None:
-    if output is None:
-        return
-    for f in files:
-        if os.path.realpath(output) == os.path.realpath(f) or (output.exists() and _same_file(output, Path(f))):
-            raise UsageError(f"{visible(str(output))}: is a checkpoint being audited; -o would overwrite it")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+    """Paths as given, globs expanded, folders searched for checkpoints (see preflight.inputs)."""
+    return preflight.inputs(paths).files
 
 
 def _audit_path(path: str, settings: Settings, progress: Callable[[int, int, str], None] | None,
@@ -397,54 +379,49 @@ class GraphOptions:
     measure_seconds: float = 20.0
 
 
-def _summary(report: Report) -> str:
-    from lipaudit.formats import fmt_bound
-
-    net = report.network
-    errors = sum(f.severity == "error" for f in report.findings)
-    return (f"lipaudit: {visible(report.checkpoint.path)}: {len(report.layers)} layers, network L <= "
-            f"{fmt_bound(report)} ({'certified' if net.certified else 'not certified'}), {len(report.findings)} "
-            f"findings ({errors} errors): {'passed' if report.passed else 'FAILED'}")
-
-
 def _inspect_one(path: str, settings: Settings, fmt: str, output: Path | None, quiet: bool,
-                 graph: GraphOptions) -> int:
-    from lipaudit.formats import render
+                 graph: GraphOptions, options: RenderOptions) -> int:
+    from lipaudit.formats import render, summary_line
 
     with _progress(not quiet, "auditing") as tick:
         report = _audit_path(path, settings, tick, graph)
-    _emit(render(report, fmt, _options(output)), fmt, output)
+    _emit(render(report, fmt, options), fmt, output)
     if not quiet:
-        click.echo(_summary(report), err=True)
+        click.echo(f"lipaudit: {summary_line(report)}", err=True)
     return report.exit_code
 
 
-def _inspect_many(files: list[str], settings: Settings, fmt: str, output: Path | None, quiet: bool,
-                  graph: GraphOptions) -> int:
+def _inspect_many(jobs: list[tuple[str, Settings]], fmt: str, output: Path | None, quiet: bool,
+                  graph: GraphOptions, options: RenderOptions) -> int:
     """Files in parallel (each with one job); one document, or one output per file; the worst exit code."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lipaudit.formats import render
+    from lipaudit.formats import failing, plural, render, summary_line
     from lipaudit.report import error_document
 
-    one = replace(settings, jobs=1)
-
-    def job(path: str) -> Report | LipauditError:
+    def job(item: tuple[str, Settings]) -> Report | LipauditError:
+        path, settings = item
         try:
-            return _audit_path(path, one, None, graph)
+            return _audit_path(path, replace(settings, jobs=1), None, graph)
         except LipauditError as e:
             return e
         except Exception as e:
             return _internal(e, path)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(settings.jobs, len(files)))) as pool:
-        results = list(pool.map(job, files))
+    workers = max(1, min(jobs[0][1].jobs, len(jobs)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(job, jobs))
     codes = []
     parts: list[str] = []
     docs: list[dict[str, Any]] = []
-    for path, r in zip(files, results, strict=True):
+    assumptions: list[str] = []
+    errors = failed_files = 0
+    each = replace(options, assumptions=False)
+    for (path, _), r in zip(jobs, results, strict=True):
         if isinstance(r, LipauditError):
             codes.append(r.exit_code)
+            errors += 1
+            failed_files += 1
             msg = visible(r.message, 1000)
             docs.append(error_document(__version__, r.code, r.exit_code, msg, path))
             parts.append(_error_text(fmt, msg, path))
@@ -453,11 +430,25 @@ def _inspect_many(files: list[str], settings: Settings, fmt: str, output: Path |
             continue
         codes.append(r.exit_code)
         docs.append(r.to_dict())
-        parts.append(render(r, fmt, _options(output)))
+        parts.append(render(r, fmt, each))
+        assumptions += [a for a in r.network.assumptions if a not in assumptions]
+        if not r.passed:
+            errors += len(failing(r))
+            failed_files += 1
         if not quiet:
-            click.echo(_summary(r), err=True)
+            click.echo(f"lipaudit: {summary_line(r)}", err=True)
     f = FORMATS[fmt]
-    _emit(f.render_documents(docs) if f.one_document else "".join(parts), fmt, output)
+    if f.one_document:
+        text = f.render_documents(docs)
+    else:
+        text = "".join(parts) + ("" if options.brief else f.render_assumptions(assumptions, options))
+    verdict = (f"Found {plural(errors, 'error')} in {plural(failed_files, 'file')} (of {len(jobs)} audited)"
+               if failed_files else f"All {len(jobs)} files passed")
+    if options.brief:  # --quiet tables: the summary lines are the report
+        text += verdict + "\n"
+    _emit(text, fmt, output)
+    if not quiet:
+        click.echo(f"lipaudit: {verdict}", err=True)
     return max(codes)
 
 
@@ -497,51 +488,37 @@ def _error_text(fmt: str, message: str, path: str) -> str:
                    "graph bound of the whole network is at most L.")
 @click.option("--format", "fmt", type=click.Choice(NORMALIZE_FORMAT_NAMES), default="table", show_default=True,
               help="Report format.")
+@revision_option
 @common_options
 def normalize(path: str, output: Path | None, target: float, mode: str, conv_norm: str, include: tuple[str, ...],
               exclude: tuple[str, ...], bake: bool, in_place: bool, force: bool, partial: bool, dry_run: bool,
-              network_target: float | None, fmt: str, debug: bool, quiet: bool, **p: Any) -> None:
+              network_target: float | None, fmt: str, debug: bool, quiet: bool, revision: str | None,
+              **p: Any) -> None:
     """Rescale the covered layers so that each certified norm is at most --target."""
 
     def run() -> int:
         from lipaudit.settings import NormalizeSettings
 
+        src = preflight.one_input(path, revision)
+        dest = preflight.normalize_target(src, output, in_place, dry_run, force)
         if network_target is not None:
-            dest = _output_path(path, output, in_place, dry_run, force)
-            return _normalize_graph(path, dest, target, mode, network_target, _settings(p, "exact"), in_place,
+            return _normalize_graph(src, dest, target, mode, network_target, _settings(p, "exact"), in_place,
                                     dry_run, fmt, quiet)
+        if not dry_run:
+            preflight.writable(src)
 
         settings = NormalizeSettings(
             target=target, mode=Mode(mode), conv_norm=ConvNorm(conv_norm), include=include, exclude=exclude,
             bake=bake, partial=partial, audit=_settings(p, "exact"),
         )
-        return _normalize(path, _output_path(path, output, in_place, dry_run, force), settings, fmt, quiet)
+        return _normalize(src, dest, settings, fmt, quiet)
 
     _guarded(run, path, fmt, debug)
 
 
-def _output_path(path: str, output: Path | None, in_place: bool, dry_run: bool, force: bool) -> Path | None:
-    """Where the result goes; writing over the input needs --in-place, over another file --force."""
-    src = Path(path)
-    if in_place:
-        if output is not None and os.path.realpath(output) != os.path.realpath(src):
-            raise UsageError("--in-place and -o name different files")
-        return None if dry_run else (src if not src.name.endswith(".index.json") else src.parent)
-    if output is None:
-        if dry_run:
-            return None
-        raise UsageError("normalize needs -o OUT (or --in-place, or --dry-run)")
-    same = os.path.realpath(output) == os.path.realpath(src) or (output.exists() and _same_file(output, src))
-    if same or (src.name.endswith(".index.json") and os.path.realpath(output) == os.path.realpath(src.parent)):
-        raise UsageError(f"{visible(str(output))}: is the input; pass --in-place to overwrite it")
-    if output.is_file() and not force:
-        raise UsageError(f"{visible(str(output))}: exists; pass --force to replace it")
-    return None if dry_run else output
-
-
 def _normalize(path: str, output: Path | None, settings: NormalizeSettings, fmt: str, quiet: bool) -> int:
     from lipaudit.checkpoint import open_checkpoint
-    from lipaudit.formats import render
+    from lipaudit.formats import plural, render, verdict_text
     from lipaudit.normalize import normalize as run
 
     ckpt = open_checkpoint(path, settings.audit.key, for_writing=True, limits=settings.audit.limits)
@@ -553,14 +530,15 @@ def _normalize(path: str, output: Path | None, settings: NormalizeSettings, fmt:
         raised = sum(c.raised for c in report.changes)
         where = f"wrote {visible(str(output))}" if report.written else "nothing written"
         up = f" ({raised} raised up to the target)" if raised else ""
-        click.echo(f"lipaudit: {visible(report.checkpoint.path)}: {scaled} layers rescaled{up}, {where}: "
-                   f"{'passed' if report.passed else 'FAILED'}", err=True)
+        click.echo(f"lipaudit: {visible(report.checkpoint.path)}: {plural(scaled, 'layer')} rescaled{up}, {where}: "
+                   f"{verdict_text(report)}", err=True)
     return report.exit_code
 
 
 def _normalize_graph(path: str, output: Path | None, target: float, mode: str, network_target: float,
                      settings: Settings, in_place: bool, dry_run: bool, fmt: str, quiet: bool) -> int:
     """--network-target: one factor for every covered weight of a .pt2 archive, from its graph bound."""
+    from lipaudit.formats import plural
     from lipaudit.formats.json_format import dumps
     from lipaudit.graph import GraphSettings
     from lipaudit.graph.normalize import normalize_archive
@@ -575,7 +553,7 @@ def _normalize_graph(path: str, output: Path | None, target: float, mode: str, n
     else:
         before_up, after_up = result.before.to_dict()["lipschitz_upper"], after.to_dict()["lipschitz_upper"]
         _emit(f"lipaudit normalize {visible(path)}: graph bound {before_up} -> {after_up} "
-              f"(target {network_target:g}); {len(result.changes)} layers; "
+              f"(target {network_target:g}); {plural(len(result.changes), 'layer')}; "
               f"{'written to ' + visible(str(result.written)) if result.written else 'nothing written'}\n", fmt, None)
     return 0 if passed or dry_run else 1
 

@@ -31,12 +31,23 @@ def test_stdout_is_only_the_report_and_summary_goes_to_stderr() -> None:
 
 @pytest.mark.parametrize("fmt", ["table", "markdown", "github"])
 def test_text_formats_mention_every_layer(fmt: str) -> None:
-    result = run("inspect", DEMO, "--format", fmt, "-q")
+    result = run("inspect", DEMO, "--format", fmt, *(() if fmt == "table" else ("-q",)))
     assert result.exit_code == 0
     if fmt != "github":
         for name in ("features.0", "features.6", "head"):
             assert name in result.stdout
     assert "LIP003" in result.stdout
+
+
+def test_quiet_table_is_the_summary_line_and_its_reason() -> None:
+    """pre-commit hooks run with --quiet: the one line that matters stays, the tables go."""
+    ok = run("inspect", DEMO, "-q")
+    assert ok.stdout.splitlines() == [
+        f"{DEMO}: 5 layers, network L <= 30.974 (certified; product of 5 layers), 10 findings (0 errors): PASSED"]
+    assert ok.stderr == ""
+    bad = run("inspect", DEMO, "-q", "--fail-above", "1")
+    assert bad.exit_code == 1 and len(bad.stdout.splitlines()) == 1
+    assert "FAILED: 1 error: LIP001" in bad.stdout and "30.97" in bad.stdout
 
 
 def test_github_annotations_are_workflow_commands() -> None:

@@ -13,13 +13,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lipaudit.normalize import NormalizeReport
-    from lipaudit.report import Layer, Network, Report
+    from lipaudit.report import Finding, Layer, Network, Report
 
 
 @dataclass(frozen=True)
 class RenderOptions:
     width: int = 120
     color: bool = False
+    # The assumptions behind the bound: listed in full (verbose), or left to the caller that prints
+    # them once for a whole run of several files (assumptions=False).
+    verbose: bool = False
+    assumptions: bool = True
+    # One summary line instead of the tables (--quiet, for pre-commit hooks).
+    brief: bool = False
 
 
 Renderer = Callable[[Any, RenderOptions], str]
@@ -47,6 +53,11 @@ class Format:
         if self.reads_document:
             return lambda report, options: fn(report.to_dict())  # type: ignore[call-arg]
         return fn
+
+    def render_assumptions(self, items: list[str], options: RenderOptions) -> str:
+        """The assumptions of a whole run, once; "" for formats that carry them in each report."""
+        fn = getattr(import_module(self.module), "render_assumptions", None)
+        return "" if fn is None or not items else str(fn(items, options))
 
     def render_documents(self, docs: list[dict[str, Any]]) -> str:
         """Several inspect reports (or error documents) as one document."""
@@ -128,17 +139,95 @@ def ratio_text(layer: Layer) -> str:
 
 
 def middle(text: str, width: int) -> str:
-    """Long names shortened in the middle, where they differ least (prefixes and leaf names matter)."""
+    """A long dotted name shortened where it differs least: the leaf and the block indices stay
+    (encoder.layer.11.attention.output.dense -> …layer.11.attention.…dense), then the middle goes."""
     if len(text) <= width:
         return text
+    parts = text.split(".")
+    numeric = [i for i, x in enumerate(parts) if x.isdigit()]
+    last_index = numeric[-1] if numeric else 0
+    # droppable, in order: words before the last block index (left first), then words between
+    # it and the leaf (longest first); indices and the leaf are never dropped
+    before = [i for i in range(0, last_index) if not parts[i].isdigit()]
+    after = sorted((i for i in range(last_index + 1, len(parts) - 1) if not parts[i].isdigit()),
+                   key=lambda i: -len(parts[i]))
+    dropped: set[int] = set()
+    for i in before + after:
+        dropped.add(i)
+        short = _joined(parts, dropped)
+        if len(short) <= width:
+            return short
+    short = _joined(parts, dropped) if dropped else text
+    if len(short) <= width:
+        return short
     keep = width - 1
-    return text[: (keep + 1) // 2] + "…" + text[len(text) - keep // 2:]
+    return short[: (keep + 1) // 2] + "…" + short[len(short) - keep // 2:]
+
+
+def _joined(parts: list[str], dropped: set[int]) -> str:
+    out: list[str] = []
+    for i, x in enumerate(parts):
+        if i in dropped:
+            if not out or out[-1] != "…":
+                out.append("…")
+        else:
+            out.append(x)
+    return ".".join(out).replace("….", "…")
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """1 layer, 2 layers; 1 entry, 2 entries (many names an irregular plural)."""
+    return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"
+
+
+def bound_text(net: Network, subject: str = "") -> str:
+    """The network line: a certified bound as "L <= x (certified; how)"; otherwise "no certified
+    bound (why)" with the number only as an estimate, so that it cannot be read as a proof."""
+    how = how_bounded(net)
+    if net.layers_counted == 0:
+        return "no network bound (no layer is covered)"
+    value = fmt_log10(net.log10_upper)
+    if net.certified:
+        return f"{subject}L <= {value} (certified; {how})"
+    why = net.not_certified_because[0] if net.not_certified_because else "not a proof"
+    return f"no certified {subject}bound ({why}); estimate {value} ({how})"
+
+
+def summary_line(report: Report) -> str:
+    """One line per checkpoint: what was audited, the network bound, the verdict and its reason."""
+    from lipaudit.text import visible
+
+    errors = sum(f.severity == "error" for f in report.findings)
+    return (f"{visible(report.checkpoint.path)}: {plural(len(report.layers), 'layer')}, "
+            f"{bound_text(report.network, 'network ')}, {plural(len(report.findings), 'finding')} ({plural(errors, 'error')}): "
+            f"{verdict_text(report)}")
+
+
+def failing(report: Report | NormalizeReport) -> list[Finding]:
+    """The findings that fail the run under its --fail-on."""
+    severities = ("error",) if report.fail_on == "error" else ("error", "warning")
+    return [f for f in report.findings if f.severity in severities]
+
+
+def verdict_text(report: Report | NormalizeReport, limit: int = 160) -> str:
+    """PASSED, or FAILED with how many findings failed it and the first one's reason."""
+    if report.passed:
+        return "PASSED"
+    bad = failing(report)
+    if not bad:
+        return "FAILED"
+    first = bad[0]
+    reason = f"{first.code}" + (f" {first.tensor}" if first.tensor else "") + f": {first.message}"
+    if len(reason) > limit:
+        reason = reason[: limit - 3] + "..."
+    more = f" (and {plural(len(bad) - 1, 'more')})" if len(bad) > 1 else ""
+    kind = "error" if first.severity == "error" else "finding"
+    return f"FAILED: {plural(len(bad), kind)}: {reason}{more}"
 
 
 def how_bounded(net: Network) -> str:
     """'product of 5 layers' for a chain; the graph and its measured lower end for a graph."""
-    n = net.layers_counted
-    layers = f"{n} layer" if n == 1 else f"{n} layers"
+    layers = plural(net.layers_counted, "layer")
     if net.method == "graph":
         lower = f"; measured lower end {fmt_num(net.lipschitz_lower)}" if net.lipschitz_lower is not None else ""
         return f"over the exported graph, {layers}{lower}"

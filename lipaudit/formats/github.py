@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lipaudit.findings import RULES
-from lipaudit.formats import RenderOptions, fmt_bound, fmt_log10
+from lipaudit.formats import RenderOptions, fmt_log10, plural, summary_line
 from lipaudit.report import Finding, Report
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def render_normalize(report: NormalizeReport, options: RenderOptions) -> str:
     lines = _annotations(report.findings, report.checkpoint.path)
     scaled = sum(c.action == "scaled" for c in report.changes)
     summary = (
-        f"{visible(report.checkpoint.path)}: {scaled} layers rescaled to at most {report.settings.target:g}, "
+        f"{visible(report.checkpoint.path)}: {plural(scaled, 'layer')} rescaled to at most {report.settings.target:g}, "
         f"network bound {fmt_log10(report.log10_before)} -> {fmt_log10(report.log10_after)}, "
         + ("written" if report.written else "nothing written")
     )
@@ -49,11 +49,6 @@ def render_normalize(report: NormalizeReport, options: RenderOptions) -> str:
 
 def render(report: Report, options: RenderOptions) -> str:
     lines = _annotations(report.findings, report.checkpoint.path)
-    net = report.network
-    summary = (
-        f"{visible(report.checkpoint.path)}: network Lipschitz bound L <= {fmt_bound(report)} "
-        f"({'certified' if net.certified else 'not certified'}), {len(report.layers)} layers, "
-        f"{'passed' if report.passed else 'failed'}"
-    )
+    summary = summary_line(report)
     lines.append(f"::notice title=lipaudit::{escape_data(summary)}")
     return "\n".join(lines) + "\n"

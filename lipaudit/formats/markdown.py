@@ -5,7 +5,16 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from lipaudit.formats import RenderOptions, certified_text, fmt_bound, fmt_log10, fmt_num, how_bounded, ratio_text
+from lipaudit.formats import (
+    RenderOptions,
+    bound_text,
+    fmt_log10,
+    fmt_num,
+    plural,
+    ratio_text,
+    summary_line,
+    verdict_text,
+)
 from lipaudit.report import Finding, Report
 
 if TYPE_CHECKING:
@@ -22,14 +31,20 @@ def md(text: str, limit: int = 300) -> str:
     return _SPECIAL.sub(r"\\\1", visible(text, limit)).replace("@", "&#64;").replace("#", "&#35;")
 
 
+def render_assumptions(items: list[str], options: RenderOptions) -> str:
+    """Once per run, folded: they matter to a reader who asks, not on every report."""
+    out = ["", f"<details><summary>Assumptions behind the network bound ({len(items)})</summary>", ""]
+    return "\n".join([*out, *(f"- {md(a, 2000)}" for a in items), "", "</details>"]) + "\n"
+
+
 def render(report: Report, options: RenderOptions) -> str:
     ck, net = report.checkpoint, report.network
+    if options.brief:
+        return f"- {md(summary_line(report), 2000)}\n"
     out = [
         f"## lipaudit: {md(ck.path)}",
         "",
-        f"**Network Lipschitz bound:** L <= {fmt_bound(report)} "
-        f"({certified_text(net)}; {how_bounded(net)}"
-        + f") - **{'passed' if report.passed else 'failed'}**",
+        f"**Network Lipschitz bound:** {md(bound_text(net), 1000)} - **{md(verdict_text(report), 1000)}**",
         "",
         f"{ck.format}, {ck.tensors} tensors, {ck.parameters} parameters, sha256 `{ck.sha256[:12]}`"
         + (f", key {md(ck.key)}" if ck.key else ""),
@@ -45,12 +60,14 @@ def render(report: Report, options: RenderOptions) -> str:
             f"{'yes' if x.in_network_bound else 'no'} |"
         )
     out += _findings(report.findings)
-    out += ["", "### Assumptions", ""] + [f"- {a}" for a in net.assumptions]
     if report.skipped:
-        out += ["", f"<details><summary>Skipped tensors ({len(report.skipped)})</summary>", ""]
+        out += ["", f"<details><summary>Skipped {plural(len(report.skipped), 'tensor')}</summary>", ""]
         out += [f"- {md(s.tensor)}: {md(s.reason)}" for s in report.skipped]
         out += ["", "</details>"]
-    return "\n".join(out) + "\n"
+    text = "\n".join(out) + "\n"
+    if options.assumptions and net.assumptions:
+        text += render_assumptions(list(net.assumptions), options)
+    return text
 
 
 def _findings(findings: tuple[Finding, ...]) -> list[str]:
@@ -72,7 +89,7 @@ def render_normalize(report: NormalizeReport, options: RenderOptions) -> str:
         f"Network Lipschitz bound {fmt_log10(report.log10_before)} -> {fmt_log10(report.log10_after)} "
         f"({'certified' if report.certified else 'not certified'}); "
         + (f"written to {md(report.output or '')}" if report.written else "nothing written")
-        + f" - **{'passed' if report.passed else 'failed'}**",
+        + f" - **{md(verdict_text(report), 1000)}**",
         "",
         "| layer | kind | action | before | after | scale | why |",
         "|---|---|---|---:|---:|---:|---|",

@@ -12,13 +12,14 @@ from rich.text import Text
 
 from lipaudit.formats import (
     RenderOptions,
-    certified_text,
-    fmt_bound,
+    bound_text,
     fmt_log10,
     fmt_num,
-    how_bounded,
     middle,
+    plural,
     ratio_text,
+    summary_line,
+    verdict_text,
 )
 from lipaudit.report import Finding, Layer, Report
 
@@ -43,10 +44,6 @@ def _bullets(console: Console, rows: list[Text]) -> None:
     for row in rows:
         grid.add_row("-", row)
     console.print(grid)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _console(buf: io.StringIO, options: RenderOptions) -> Console:
@@ -101,10 +98,26 @@ def render_normalize(report: NormalizeReport, options: RenderOptions) -> str:
     console.print(line)
     _findings(console, report.findings)
     console.print(Text("written" if report.written else "nothing written", style="bold"))
+    if not report.passed:
+        console.print(Text(verdict_text(report), style="bold red"))
+    return _strip(buf.getvalue())
+
+
+def render_assumptions(items: list[str], options: RenderOptions) -> str:
+    """The assumptions behind the network bounds, once for a run (or a hint without --verbose)."""
+    buf = io.StringIO()
+    console = _console(buf, options)
+    if options.verbose:
+        console.print(Text("Assumptions:", style="bold"))
+        _bullets(console, [Text(a) for a in items])
+    else:
+        console.print(Text(f"The network bound rests on {plural(len(items), 'assumption')} (--verbose lists them)."))
     return _strip(buf.getvalue())
 
 
 def render(report: Report, options: RenderOptions) -> str:
+    if options.brief:
+        return summary_line(report) + "\n"
     buf = io.StringIO()
     console = _console(buf, options)
     ck = report.checkpoint
@@ -137,17 +150,18 @@ def render(report: Report, options: RenderOptions) -> str:
 
     net = report.network
     line = Text("Network Lipschitz bound: ", style="bold")
-    line.append(f"L <= {fmt_bound(report)}", style="bold")
-    line.append(f"  ({certified_text(net)}; {how_bounded(net)})")
+    line.append(bound_text(net), style="bold" if net.certified else "yellow")
     console.print(line)
-    console.print(Text("Assumptions:", style="bold"))
-    _bullets(console, [Text(a) for a in net.assumptions])
     _findings(console, report.findings)
     if report.skipped:
         reasons: dict[str, int] = {}
         for s in report.skipped:
             reasons[s.reason.split(":")[0]] = reasons.get(s.reason.split(":")[0], 0) + 1
         summary = ", ".join(f"{visible(k, 60)} {n}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
-        console.print(Text(f"Skipped {len(report.skipped)} tensors ({summary}); see --format json for each."))
-    console.print(Text("PASSED" if report.passed else "FAILED", style="bold green" if report.passed else "bold red"))
-    return _strip(buf.getvalue())
+        console.print(Text(f"Skipped {plural(len(report.skipped), 'tensor')} ({summary}); see --format json for each."))
+    out = _strip(buf.getvalue())
+    if options.assumptions and net.assumptions:
+        out += render_assumptions(list(net.assumptions), options)
+    buf = io.StringIO()
+    _console(buf, options).print(Text(verdict_text(report), style="bold green" if report.passed else "bold red"))
+    return out + _strip(buf.getvalue())

@@ -203,6 +203,7 @@ def run_audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = 
     info = CheckpointInfo(
         path=ckpt.path, format=ckpt.format, sha256=ckpt.sha256, tensors=len(ckpt.infos),
         parameters=ckpt.parameters, key=ckpt.key, shards=tuple(ckpt.shards),
+        files=tuple(ckpt.files),
     )
     report = Report(__version__, info, settings, tuple(layers), tuple(skipped), net, tuple(findings),
                     time.perf_counter() - t0, _peak_rss(), fail_on=str(settings.fail_on),

@@ -102,18 +102,18 @@ def _add(p: Path, shown: str, found: Found, recursive: bool, revision: str | Non
     before = len(found.files)
     try:
         entries = sorted(os.scandir(p), key=lambda e: e.name)
-    except OSError as e:
-        raise UsageError(f"{visible(shown)}: cannot list the folder ({e.strerror or e})", shown) from None
-    for e in entries:
-        child = os.path.join(shown, e.name)
-        if e.name.startswith("."):
+    except OSError as err:
+        raise UsageError(f"{visible(shown)}: cannot list the folder ({err.strerror or err})", shown) from None
+    for entry in entries:
+        child = os.path.join(shown, entry.name)
+        if entry.name.startswith("."):
             found.passed_over.append((child, "hidden"))
-        elif e.is_dir(follow_symlinks=False) or (e.is_dir() and hf.is_root(Path(e.path))):
-            _add(Path(e.path), child, found, recursive, revision, top=False)
-        elif e.is_dir():
+        elif entry.is_dir(follow_symlinks=False) or (entry.is_dir() and hf.is_root(Path(entry.path))):
+            _add(Path(entry.path), child, found, recursive, revision, top=False)
+        elif entry.is_dir():
             found.passed_over.append((child, "a link to a folder (not followed)"))
         else:
-            _add(Path(e.path), child, found, recursive, revision, top=False)
+            _add(Path(entry.path), child, found, recursive, revision, top=False)
     if top and len(found.files) == before:
         raise UsageError(
             f"{visible(shown)}: a folder with no checkpoint{'' if recursive else ' at its top level'}: lipaudit "

@@ -162,6 +162,7 @@ class CheckpointInfo:
     parameters: int
     key: str | None
     shards: tuple[str, ...] = ()
+    files: tuple[tuple[str, str], ...] = ()  # sharded: each file (index first) and its sha256
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -172,6 +173,7 @@ class CheckpointInfo:
             "parameters": self.parameters,
             "key": self.key,
             "shards": list(self.shards),
+            "files": [{"name": n, "sha256": h} for n, h in self.files],
         }
 
 

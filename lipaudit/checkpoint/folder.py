@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
+from lipaudit.checkpoint import hf
 from lipaudit.checkpoint import sniff as sn
-from lipaudit.checkpoint.formats.base import Format, by_prefix, natural_key, sha256_of
+from lipaudit.checkpoint.formats.base import Format, by_prefix, natural_key, sha256_files
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import Checkpoint, Ignored, StorageId, tensor_identity
 from lipaudit.checkpoint.safetensors_reader import find_index, read_index
@@ -52,6 +53,10 @@ class Folder(Format):
 
         if not path.is_dir():
             return ShardedTorch.open(path, shown, key, limits)
+        if hf.is_root(path):  # models--org--name: the snapshot refs/main names (the CLI's --revision picks another)
+            snap = hf.snapshot(path, None, shown)
+            return detect(snap, f"{shown}/snapshots/{snap.name}").open(snap, f"{shown}/snapshots/{snap.name}", key,
+                                                                       limits)
         try:
             # safetensors first, as transformers does when a repository holds both
             index = find_index(path, shown)
@@ -124,9 +129,10 @@ class ShardedTorch(Format):
             )
         infos = [tensor_info(k, tensors[k]) for k in sorted(tensors, key=natural_key)]
         infos = by_prefix(infos, key, shown)
+        digest, files = sha256_files([path, *shards])
         return Checkpoint(
-            path=shown, sha256=sha256_of(path), infos=infos, handle=cls(shown, tensors), key=key or None,
-            ignored=ignored, shards=[p.name for p in shards],
+            path=shown, sha256=digest, infos=infos, handle=cls(shown, tensors), key=key or None,
+            ignored=ignored, shards=[p.name for p in shards], files=files,
         )
 
     def load(self, key: str) -> torch.Tensor:

@@ -87,6 +87,7 @@ class Checkpoint:
     ignored: list[Ignored] = field(default_factory=list)
     alternatives: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
+    files: list[tuple[str, str]] = field(default_factory=list)  # (name, sha256) of each file of a sharded one
 
     @property
     def format(self) -> str:

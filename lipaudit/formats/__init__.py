@@ -199,8 +199,8 @@ def summary_line(report: Report) -> str:
 
     errors = sum(f.severity == "error" for f in report.findings)
     return (f"{visible(report.checkpoint.path)}: {plural(len(report.layers), 'layer')}, "
-            f"{bound_text(report.network, 'network ')}, {plural(len(report.findings), 'finding')} ({plural(errors, 'error')}): "
-            f"{verdict_text(report)}")
+            f"{bound_text(report.network, 'network ')}, {plural(len(report.findings), 'finding')} "
+            f"({plural(errors, 'error')}): {verdict_text(report)}")
 
 
 def failing(report: Report | NormalizeReport) -> list[Finding]:

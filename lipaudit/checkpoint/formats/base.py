@@ -73,6 +73,14 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_files(paths: list[Path]) -> tuple[str, list[tuple[str, str]]]:
+    """Each file's sha256, and one digest that covers them all: the sha256 of their `sha256sum`
+    lines ("<hex>  <name>\n", in the order given), so that a change to any shard changes it."""
+    each = [(p.name, sha256_of(p)) for p in paths]
+    listing = "".join(f"{digest}  {name}\n" for name, digest in each)
+    return hashlib.sha256(listing.encode("utf-8", "surrogatepass")).hexdigest(), each
+
+
 def by_prefix(infos: list[TensorInfo], key: str | None, shown: str) -> list[TensorInfo]:
     """--key for flat formats: the tensors named key or key.*"""
     if key is None or key in ("", "/"):

@@ -23,7 +23,7 @@ import torch
 from lipaudit.checkpoint import safetensors_reader as st
 from lipaudit.checkpoint import sniff as sn
 from lipaudit.checkpoint import writer
-from lipaudit.checkpoint.formats.base import Format, by_prefix, natural_key, sha256_of
+from lipaudit.checkpoint.formats.base import Format, by_prefix, natural_key, sha256_files, sha256_of
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import Checkpoint, TensorInfo
 from lipaudit.checkpoint.writer import Edits, Pending, Staged
@@ -418,9 +418,10 @@ class ShardedSafetensors(Format):
             )
         infos = by_prefix(sorted(infos, key=lambda i: natural_key(i.key)), key, shown)
         handle = cls(index, shown, data, where, headers, st.SafetensorsFiles(places, shown), limits)
+        digest, files = sha256_files([index, *headers])
         return Checkpoint(
-            path=shown, sha256=sha256_of(index), infos=infos, handle=handle, key=key or None,
-            shards=[p.name for p in headers],
+            path=shown, sha256=digest, infos=infos, handle=handle, key=key or None,
+            shards=[p.name for p in headers], files=files,
         )
 
     def load(self, key: str) -> torch.Tensor:

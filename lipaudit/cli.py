@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from lipaudit import __version__, preflight
+from lipaudit.commands.outcome import emit
 from lipaudit.commands.outcome import fail as _fail
 from lipaudit.commands.outcome import guarded as _guarded
 from lipaudit.commands.outcome import internal as _internal
-from lipaudit.commands.outcome import write_report
 from lipaudit.errors import LipauditError, UsageError
-from lipaudit.formats import FORMAT_NAMES, FORMATS, NORMALIZE_FORMAT_NAMES, RenderOptions
-from lipaudit.text import defang, visible
+from lipaudit.formats import FORMAT_NAMES, FORMATS, NORMALIZE_FORMAT_NAMES, RenderOptions, terminal_options
+from lipaudit.text import visible
 from lipaudit.types import ConvNorm, Method, Mode, Severity
 
 if TYPE_CHECKING:
@@ -123,23 +123,11 @@ def _stderr_console() -> Any:
     return Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
-def _emit(text: str, fmt: str, output: Path | None) -> None:
-    # A line starting with :: is a workflow command to GitHub runners: names must not make one.
-    if fmt != "github":
-        text = defang(text)
-    if output is not None:
-        write_report(output, text)
-    else:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+_emit = emit
 
 
 def _options(output: Path | None, **more: bool) -> RenderOptions:
-    import shutil
-
-    to_tty = output is None and sys.stdout.isatty()
-    width = shutil.get_terminal_size((120, 24)).columns if to_tty else 120
-    return RenderOptions(width=max(width, 80), color=to_tty, **more)
+    return terminal_options(output, **more)
 
 
 @contextmanager

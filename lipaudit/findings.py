@@ -38,6 +38,7 @@ RULES = {
         Rule("LIP018", Severity.INFO, "convolution grouping unknown: lower ends hold for every grouping"),
         Rule("LIP019", Severity.WARNING, "no layer of the network could be bounded"),
         Rule("LIP020", Severity.INFO, "normalize: divide mode scaled layers up to the target"),
+        Rule("LIP040", Severity.ERROR, "diff: a bound rose by more than --max-increase"),
     )
 }
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from lipaudit.commands.diff import diff
 from lipaudit.diff import compare, match_layers, parse_percent, read_report
 from lipaudit.errors import MalformedInputError, UsageError
-from lipaudit.formats import diff_render
+from lipaudit.formats import FORMAT_NAMES, render_diff
 
 ROOT = Path(__file__).resolve().parent.parent
 MLP = str(ROOT / "fixtures" / "mlp.safetensors")
@@ -101,7 +101,7 @@ def test_reports_and_checkpoints_mix(tmp_path: Path, scaled: str) -> None:
 def test_every_format(scaled: str) -> None:
     table = _run(MLP, scaled, "--max-increase", "10%")
     assert table.exit_code == 1
-    assert "+100.00%" in table.stdout and "FAILED (--max-increase 10%)" in table.stdout
+    assert "+100.00%" in table.stdout and "FAILED: 2 gate failures (--max-increase 10%)" in table.stdout
     md = _run(MLP, scaled, "--max-increase", "10%", "--format", "markdown").stdout
     assert "| layer | kind | status | old upper | new upper | change |" in md and "### Gate failures" in md
     gh = _run(MLP, scaled, "--max-increase", "10%", "--format", "github").stdout.splitlines()
@@ -136,7 +136,7 @@ def test_zero_unknown_and_huge_bounds() -> None:
     one = _report([_layer("w", "w", 1.0)], 1.0)
     d = compare(zero, one, 1000.0)
     assert d.network_rise_pct == math.inf and not d.passed
-    text = diff_render.render_json(d)  # strict JSON: no Infinity
+    text = render_diff(d, "json")  # strict JSON: no Infinity
     assert json.loads(text)["network"] == {"rise_pct": None, "rise_unbounded": True}
     assert compare(one, zero, 0.0).passed
     unknown = _report([_layer("w", "w", None)], None, None)
@@ -148,8 +148,8 @@ def test_zero_unknown_and_huge_bounds() -> None:
     bigger = _report([_layer("w", "w", 1.0)], None, 400.0 + math.log10(1.05))
     assert compare(big, bigger, 4.9).network_rise_pct == pytest.approx(5.0)
     assert not compare(big, bigger, 4.9).passed and compare(big, bigger, 5.1).passed
-    for fmt in diff_render.DIFF_FORMATS:
-        assert "10^400" in diff_render.render(compare(big, bigger, 5.0), fmt) or fmt == "json"
+    for fmt in FORMAT_NAMES:
+        assert "10^400" in render_diff(compare(big, bigger, 5.0), fmt) or fmt in ("json", "sarif")
 
 
 def test_percent_parsing() -> None:
@@ -204,8 +204,39 @@ def test_hostile_names_render() -> None:
     old = _report([_layer("evil\x1b[2J|*`", "evil\x1b[2J|*`[/]", 1.0)], 1.0)
     new = _report([_layer("evil\x1b[2J|*`", "evil\x1b[2J|*`[/]", 3.0)], 3.0, path="x\n::error::y")
     d = compare(old, new, 10.0)
-    for fmt in diff_render.DIFF_FORMATS:
-        text = diff_render.render(d, fmt)
+    for fmt in FORMAT_NAMES:
+        text = render_diff(d, fmt)
         assert "\x1b" not in text
-    gh = diff_render.render(d, "github")
+    gh = render_diff(d, "github")
     assert all(line.startswith("::") for line in gh.splitlines())
+
+
+def test_sarif_and_html_diffs_through_the_inspect_registry(scaled: str) -> None:
+    from tests.test_sarif import validate
+
+    r = _run(MLP, scaled, "--max-increase", "10%", "--format", "sarif")
+    assert r.exit_code == 1
+    log = validate(r.stdout)
+    results = log["runs"][0]["results"]
+    assert len(results) == 2 and {x["ruleId"] for x in results} == {"LIP040"}
+    assert any(x.get("locations", [{}])[0].get("logicalLocations", [{}])[0].get("name") == "2.weight"
+               for x in results)
+    page = _run(MLP, scaled, "--max-increase", "10%", "--format", "html").stdout
+    assert page.startswith("<!DOCTYPE html>") and "FAILED: 2 gate failures" in page and "+100.00%" in page
+    assert page.index("FAILED") < page.index("<table")
+
+
+def test_names_never_start_a_workflow_command_in_any_diff_format(tmp_path: Path) -> None:
+    """issue 17 item 13: one escaping path for every command's output."""
+    import torch
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"::warning::x.weight": torch.eye(3), "a\n::error::b.weight": torch.eye(2)}, a)
+    torch.save({"::warning::x.weight": 3 * torch.eye(3), "a\n::error::b.weight": torch.eye(2)}, b)
+    for fmt in FORMAT_NAMES:
+        out = _run(str(a), str(b), "--max-increase", "10", "--format", fmt).stdout
+        for line in out.splitlines():
+            if fmt == "github":  # every line is one of lipaudit's own commands, names inside escaped
+                assert line.startswith(("::error file=", "::notice title=lipaudit diff::")), line
+            else:
+                assert not line.lstrip().startswith("::"), (fmt, line)

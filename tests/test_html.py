@@ -196,19 +196,28 @@ needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is 
 
 
 @needs_matplotlib
-def test_page_holds_the_charts_findings_and_bound() -> None:
+def test_page_leads_with_verdict_and_bracket_then_chart_findings_assumptions_last() -> None:
     report = _report()
     maps = _heatmaps(report)
     page = html_format.render_html(report, maps)
     p = _parse(page)
     classes = [a.get("class") or "" for t, a in p.tags if t == "figure"]
     assert any("norm-chart" in c for c in classes) and any("heatmaps" in c for c in classes)
-    # each figure is an inline SVG with drawn content; the heatmaps carry embedded images
-    assert len(p.figures) == 2 and all("svg" in f and "path" in f for f in p.figures)
-    # one image per heatmap and one per colour bar
+    # the per-layer chart is a sortable table, one row per layer with its values on hover
+    rows = [a for t, a in p.tags if t == "tr" and a.get("title")]
+    assert len(rows) == len(report["layers"])
+    for x, row in zip(report["layers"], rows, strict=True):
+        assert x["name"] in str(row["title"]) and f"{x['sigma']['upper']:.5g}" in str(row["title"])
+    # the heatmaps are an inline SVG with one image per heatmap and one per colour bar
+    assert len(p.figures) == 2 and "table" in p.figures[0] and "svg" in p.figures[1]
     assert sum(t == "image" for t in p.figures[1]) == 2 * len(maps)
     text = " ".join(p.text)
     assert f"L \u2264 {report['network']['lipschitz_upper']:.5g}" in text and "certified" in text
+    # order: verdict, bound, layers, heatmaps, findings, assumptions
+    marks = ["FAILED", "L \u2264", "Layers", "Frequency response", "Findings", "Assumptions of the network bound"]
+    where = [page.index(m if m != "L \u2264" else "L &le;") for m in marks]
+    assert where == sorted(where), list(zip(marks, where, strict=True))
+    assert "LIP001" in page[: page.index("Layers")]  # the verdict says why it failed
     for a in report["network"]["assumptions"]:
         assert a in text
     for f in report["findings"]:
@@ -218,15 +227,42 @@ def test_page_holds_the_charts_findings_and_bound() -> None:
 
 
 @needs_matplotlib
+def test_an_estimate_is_never_shown_as_a_bound() -> None:
+    report = _report("lstm_train_state.pt", None)
+    assert report["network"]["certified"] is False
+    page = html_format.render_html(report, {})
+    text = " ".join(_parse(page).text)
+    assert "no certified bound" in text and "L \u2264" not in text and "estimate" in text
+
+
+@needs_matplotlib
+def test_graph_reports_show_the_dominant_path() -> None:
+    from tests.conftest import run
+
+    doc = json.loads(run("inspect", ROOT / "fixtures" / "residual.pt2", "--format", "json", "-q",
+                         "--no-measure").stdout)
+    path = doc["network"]["details"]["dominant_path"]
+    page = html_format.render_html(doc, {})
+    assert "Dominant path" in page and all(f"<code>{n}</code>" in page for n in path)
+    doc["network"]["details"] = None  # a chain has none: the section is left out
+    assert "Dominant path" not in html_format.render_html(doc, {})
+
+
+def _scripts(page: str) -> list[dict[str, str | None]]:
+    return [a for t, a in _parse(page).tags if t == "script"]
+
+
+@needs_matplotlib
 def test_page_fetches_nothing() -> None:
     report = _report()
     page = html_format.render_html(report, _heatmaps(report))
     for tag, attrs in _parse(page).tags:
-        assert tag not in ("script", "link", "iframe", "object", "embed")
+        assert tag not in ("link", "iframe", "object", "embed")
         for name in ("src", "href", "xlink:href"):
             value = attrs.get(name)
             assert value is None or value.startswith(("data:", "#")), (tag, name, value[:60])
-    assert "url(http" not in page and "@import" not in page
+    assert _scripts(page) == [{}]  # the one inline sorting script
+    assert "url(http" not in page and "@import" not in page and "fetch(" not in page
 
 
 @needs_matplotlib
@@ -234,13 +270,28 @@ def test_hostile_names_are_inert() -> None:
     report = _report()
     report["checkpoint"]["path"] = "<script>alert(1)</script>.pt"
     for x in report["layers"]:
-        x["name"] = "$\\frac{a}{b}$ <img src=x onerror=alert(1)> \x1b[31m\u202e"
+        x["name"] = "$\\frac{a}{b}$ <img src=x onerror=alert(1)> \x1b[31m\u202e\" title=x"
     report["findings"][0]["message"] = "</td><script>alert(2)</script>"
     page = html_format.render_html(report, {report["layers"][0]["tensor"]: [[1.0, 2.0], [3.0, 4.0]]})
     p = _parse(page)
-    assert not any(t in ("script", "img") for t, _ in p.tags)
+    assert not any(t == "img" for t, _ in p.tags) and _scripts(page) == [{}]
     assert all(not k.startswith("on") for _, a in p.tags for k in a)
     assert "\x1b" not in page and "\u202e" not in page
+
+
+@needs_matplotlib
+def test_mathtext_names_do_not_crash_the_page(tmp_path: Path) -> None:
+    """issue 17 item 8: matplotlib read $\\foo$ as a formula and the page exited 70."""
+    from tests.conftest import run
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "math.pt"
+    torch.save({"$\\foo$.weight": torch.randn(4, 3, 3, 3), "$x^{$.weight": torch.randn(4, 4, 3, 3)}, ckpt)
+    out = tmp_path / "m.html"
+    result = run("inspect", ckpt, "--format", "html", "-o", out)
+    assert result.exit_code == 0, result.output
+    page = out.read_text(encoding="utf-8")
+    assert "$\\foo$" in page and 'class="chart heatmaps"' in page
 
 
 @needs_matplotlib
@@ -250,7 +301,7 @@ def test_many_layers_error_document_and_lists() -> None:
     report["layers"] = [dict(template, name=f"l{i}", tensor=f"l{i}.weight",
                              sigma=dict(template["sigma"], upper=1.0 + i, lower=1.0 + i)) for i in range(80)]
     page = html_format.render_html(report, {"l3.weight": [0.5, 1.0, 0.7]})
-    assert f"The {html_format.MAX_CHART_LAYERS} layers with the largest upper bounds of 80" in page
+    assert all(f"<td>l{i}<" in page or f"<td>l{i} (sn)<" in page for i in range(80))
     error = {"schema_version": 1, "tool": {"name": "lipaudit", "version": "0.1.0"},
              "error": {"code": "unsafe_input", "exit_code": 3, "message": "pickle calls os.system", "path": "x.pt"}}
     many = html_format.render_html({"reports": [_report(), error]})
@@ -283,17 +334,24 @@ def _browser() -> str | None:
 
 @needs_matplotlib
 @pytest.mark.skipif(_browser() is None, reason="no headless chromium installed")
-def test_a_real_browser_draws_the_charts(tmp_path: Path) -> None:
+def test_a_real_browser_draws_and_sorts_the_page(tmp_path: Path) -> None:
     report = _report()
     page = tmp_path / "report.html"
     page.write_text(html_format.render_html(report, _heatmaps(report)), encoding="utf-8")
     browser = _browser()
     assert browser is not None
-    # the DOM after layout: both SVG charts present, with a drawn size
+    # after layout: the heatmap SVG has a drawn size, each bar has width, and a click on the
+    # "sigma upper" head sorts the rows by that value (the page's own script)
     script = (
-        "<script>window.onload=()=>{const r=[...document.querySelectorAll('figure svg')].map(s=>"
-        "{const b=s.getBoundingClientRect();return Math.round(b.width)+'x'+Math.round(b.height)});"
-        "document.title='SIZES '+r.join(',')}</script>"
+        "<script>window.addEventListener('load',()=>{"
+        "const s=document.querySelector('figure.heatmaps svg').getBoundingClientRect();"
+        "const bars=[...document.querySelectorAll('table.layers .bar .up')].map(b=>b.getBoundingClientRect().width);"
+        "const th=[...document.querySelectorAll('table.layers th')].find(h=>h.textContent==='sigma upper');"
+        "th.click();"  # the first click sorts largest first
+        "const order=[...document.querySelectorAll('table.layers tbody tr')].map(r=>r.cells[0].textContent);"
+        "const v=document.querySelector('.card.verdict').getBoundingClientRect();"
+        "document.title='PROBE '+JSON.stringify({svg:[s.width,s.height],bars:bars,order:order,verdict:v.top});"
+        "})</script>"
     )
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
@@ -302,9 +360,16 @@ def test_a_real_browser_draws_the_charts(tmp_path: Path) -> None:
     dom = subprocess.run([*common, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     title = dom.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
-    sizes = [tuple(int(v) for v in s.split("x")) for s in title.removeprefix("SIZES ").split(",")]
-    assert len(sizes) == 2 and all(w > 300 and h > 150 for w, h in sizes), title
+    seen = json.loads(title.removeprefix("PROBE ").replace("&quot;", '"'))
+    assert seen["svg"][0] > 300 and seen["svg"][1] > 150, seen
+    assert len(seen["bars"]) == len(report["layers"]) and all(w > 0 for w in seen["bars"]), seen
+    by_upper = sorted(report["layers"], key=lambda x: -x["sigma"]["upper"])
+    assert [s.removesuffix(" (sn)") for s in seen["order"]] == [x["name"] for x in by_upper], seen
+    assert seen["verdict"] < 400  # the verdict is on the first screen
     shot = tmp_path / "shot.png"
     run = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and shot.stat().st_size > 10_000, run.stderr[-2000:]
+    # the screenshot is not blank: the verdict's red and the bars' colours are drawn
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"

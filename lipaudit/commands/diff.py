@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from lipaudit import __version__
-from lipaudit.commands.outcome import guarded, write_report
+from lipaudit.commands.outcome import emit, guarded
 from lipaudit.errors import LipauditError
+from lipaudit.formats import FORMAT_NAMES
 from lipaudit.text import visible
-
-FORMATS = ("table", "json", "markdown", "github")
 
 
 class Percent(click.ParamType):  # type: ignore[type-arg]
@@ -57,8 +54,8 @@ def audit_to_dict(key: str | None, method: str, rtol: float | None) -> Any:
 @click.argument("new")
 @click.option("--max-increase", type=Percent(), default=None,
               help="Exit 1 if the network bound or any layer's upper bound rises by more than PCT (10% or 10).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
-              help="Output format.")
+@click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="table", show_default=True,
+              help="Output format (every format inspect has).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Write the diff to FILE (after both audits succeeded) instead of stdout.")
 @click.option("--key", default=None, help="Entry holding the state dict, for checkpoint inputs.")
@@ -74,22 +71,19 @@ def diff(
 ) -> None:
     """Compare two checkpoints (or two JSON reports from inspect --format json), layer by layer and
     for the network. Layers are matched by tensor key, then by name."""
+    from lipaudit import preflight
     from lipaudit.diff import diff_paths
-    from lipaudit.formats.diff_render import render
+    from lipaudit.formats import diff_verdict, render_diff, terminal_options
 
     def run() -> int:
-        result = diff_paths(old, new, audit_to_dict(key, method, rtol), max_increase, __version__)
-        to_tty = output is None and sys.stdout.isatty()
-        width = shutil.get_terminal_size((120, 24)).columns if to_tty else 120
-        text = render(result, fmt, max(width, 80), to_tty)
+        for path in (old, new):
+            preflight.exists(path)
         if output is not None:
-            write_report(output, text)
-        else:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            preflight.refuse_output_over_inputs([old, new], output)
+        result = diff_paths(old, new, audit_to_dict(key, method, rtol), max_increase, __version__)
+        emit(render_diff(result, fmt, terminal_options(output)), fmt, output)
         if not quiet:
-            click.echo(f"lipaudit: diff {visible(old)} -> {visible(new)}: {len(result.violations)} gate failures: "
-                       f"{'passed' if result.passed else 'FAILED'}", err=True)
+            click.echo(f"lipaudit: diff {visible(old)} -> {visible(new)}: {diff_verdict(result)}", err=True)
         return result.exit_code
 
     guarded(run, old, fmt, debug)

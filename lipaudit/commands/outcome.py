@@ -11,7 +11,7 @@ import click
 
 from lipaudit import __version__
 from lipaudit.errors import INTERNAL_EXIT_CODE, LipauditError, OutputError, ResourceLimitError
-from lipaudit.text import visible
+from lipaudit.text import defang, visible
 
 
 def fail(err: LipauditError, fmt: str) -> NoReturn:
@@ -54,6 +54,19 @@ def guarded(run: Callable[[], int], path: str | None, fmt: str, debug: bool) -> 
             raise
         fail(internal(e, path), fmt)
     sys.exit(code)
+
+
+def emit(text: str, fmt: str, output: Path | None) -> None:
+    """Every command's output goes out here: to -o (atomically) or stdout. A line starting with ::
+    is a workflow command to GitHub runners, so no name may start one, in any command's output; the
+    github format's own lines are commands, their names escaped by the renderer."""
+    if fmt != "github":
+        text = defang(text)
+    if output is not None:
+        write_report(output, text)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 def write_report(path: Path, text: str) -> None:

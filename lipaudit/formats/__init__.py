@@ -6,12 +6,14 @@ are imported when used, so that `lipaudit --help` does not pay for them (or for 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lipaudit.diff import DiffResult
     from lipaudit.normalize import NormalizeReport
     from lipaudit.report import Finding, Layer, Network, Report
 
@@ -31,6 +33,16 @@ class RenderOptions:
 Renderer = Callable[[Any, RenderOptions], str]
 
 
+def terminal_options(output: object | None, **more: bool) -> RenderOptions:
+    """Width and colour of stdout when it is a terminal and no -o was given; plain 120 columns otherwise."""
+    import shutil
+    import sys
+
+    to_tty = output is None and sys.stdout.isatty()
+    width = shutil.get_terminal_size((120, 24)).columns if to_tty else 120
+    return RenderOptions(width=max(width, 80), color=to_tty, **more)
+
+
 @dataclass(frozen=True)
 class Format:
     """An output format: `module.render(report, options)`, and `module.render_normalize` if it has one."""
@@ -47,6 +59,9 @@ class Format:
 
     def renderer(self, command: str) -> Renderer:
         mod = import_module(self.module)
+        if command == "diff":  # every format renders a diff, from the DiffResult itself
+            diff_fn: Renderer = mod.render_diff
+            return diff_fn
         fn: Renderer = getattr(mod, "render" if command == "inspect" else "render_normalize")
         if self.heatmaps:
             return lambda report, options: fn(report.to_dict(), report.heatmaps)
@@ -94,11 +109,31 @@ FORMAT_NAMES = tuple(FORMATS)
 NORMALIZE_FORMAT_NAMES = tuple(n for n, f in FORMATS.items() if f.normalize)
 
 
+def render_diff(d: DiffResult, fmt: str, options: RenderOptions | None = None) -> str:
+    """lipaudit diff through the same registry as inspect: every format, one code path."""
+    return FORMATS[fmt].renderer("diff")(d, options or RenderOptions())
+
+
 def render(report: Report | NormalizeReport, fmt: str, options: RenderOptions | None = None) -> str:
     from lipaudit.report import Report
 
     command = "inspect" if isinstance(report, Report) else "normalize"
     return FORMATS[fmt].renderer(command)(report, options or RenderOptions())
+
+
+def rise_text(x: float | None) -> str:
+    """A diff's relative change of an upper end."""
+    if x is None:
+        return "-"
+    return "unbounded" if x == math.inf else f"{x:+.2f}%"
+
+
+def diff_verdict(d: DiffResult) -> str:
+    if d.max_increase_pct is None:
+        return "no gate"
+    if d.passed:
+        return "passed"
+    return f"FAILED: {plural(len(d.violations), 'gate failure')} (--max-increase {d.max_increase_pct:g}%)"
 
 
 def fmt_log10(log10: float | None) -> str:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lipaudit.findings import RULES
-from lipaudit.formats import RenderOptions, fmt_log10, plural, summary_line
+from lipaudit.formats import RenderOptions, diff_verdict, fmt_log10, plural, rise_text, summary_line
 from lipaudit.report import Finding, Report
 
 if TYPE_CHECKING:
+    from lipaudit.diff import DiffResult
     from lipaudit.normalize import NormalizeReport
 from lipaudit.text import visible
 
@@ -51,4 +52,14 @@ def render(report: Report, options: RenderOptions) -> str:
     lines = _annotations(report.findings, report.checkpoint.path)
     summary = summary_line(report)
     lines.append(f"::notice title=lipaudit::{escape_data(summary)}")
+    return "\n".join(lines) + "\n"
+
+
+def render_diff(d: DiffResult, options: RenderOptions) -> str:
+    file = escape_property(visible(d.new.path))
+    lines = [f"::error file={file},title=lipaudit diff::{escape_data(visible(v, 1000))}" for v in d.violations]
+    summary = (f"{visible(d.old.path)} -> {visible(d.new.path)}: network bound {fmt_log10(d.old.log10_upper)} -> "
+               f"{fmt_log10(d.new.log10_upper)} ({rise_text(d.network_rise_pct)}), {plural(len(d.added), 'layer')} "
+               f"added, {len(d.removed)} removed, {diff_verdict(d)}")
+    lines.append(f"::notice title=lipaudit diff::{escape_data(summary)}")
     return "\n".join(lines) + "\n"

@@ -17,9 +17,9 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
+    from lipaudit.diff import DiffResult
+
 INSTALL_HINT = 'the html format needs matplotlib: pip install "lipaudit[html]"'
-# Layers drawn in the norm chart; beyond it the largest uppers are kept.
-MAX_CHART_LAYERS = 60
 # Frequencies whose symbols are held at once in frequency_response (bytes).
 _CHUNK_BYTES = 64 * 2**20
 # Default work cap of one frequency_response, in estimated flops (at most a few seconds on one
@@ -170,15 +170,6 @@ def _fmt(x: object, digits: int = 5) -> str:
     return f"{x:.{digits}g}"
 
 
-def _network_bound(net: Mapping[str, Any]) -> str:
-    upper, log10 = net.get("lipschitz_upper"), net.get("log10_lipschitz_upper")
-    if isinstance(upper, int | float) and not isinstance(upper, bool):
-        return _fmt(upper)
-    if isinstance(log10, int | float) and not isinstance(log10, bool):
-        return f"10^{log10:.4f}"
-    return "unknown"
-
-
 def _matplotlib() -> Any:
     try:
         import matplotlib
@@ -207,48 +198,6 @@ def _svg(fig: Figure) -> str:
 
 def _label(text: str) -> str:
     return visible(text, 48)
-
-
-def _norm_chart(layers: list[Mapping[str, Any]], Figure: Any) -> tuple[str, str]:
-    """Horizontal bars: the certified upper end (with the lower end marked) and the reshaped-kernel
-    norm, per layer, on a log axis."""
-    rows = [x for x in layers if isinstance(x.get("sigma"), Mapping) and _pos(x["sigma"].get("upper"))]
-    note = ""
-    if len(rows) > MAX_CHART_LAYERS:
-        keep = sorted(rows, key=lambda x: -float(x["sigma"]["upper"]))[:MAX_CHART_LAYERS]
-        ids = {id(x) for x in keep}
-        note = f"The {MAX_CHART_LAYERS} layers with the largest upper bounds of {len(rows)}."
-        rows = [x for x in rows if id(x) in ids]
-    if not rows:
-        return "", "No layer has a positive finite bound to draw."
-    height = 1.2 + 0.32 * len(rows)
-    fig = Figure(figsize=(9, height), layout="constrained")
-    ax = fig.add_subplot()
-    ys = list(range(len(rows)))
-    upper = [float(x["sigma"]["upper"]) for x in rows]
-    lower = [float(x["sigma"]["lower"]) if _pos(x["sigma"].get("lower")) else math.nan for x in rows]
-    reshape = [float(x["reshape_sigma"]) if _pos(x.get("reshape_sigma")) else math.nan for x in rows]
-    ax.barh([y - 0.2 for y in ys], upper, height=0.38, color="#c0392b", label="operator norm (upper bound)")
-    ax.plot(lower, [y - 0.2 for y in ys], "|", color="black", markersize=8, label="operator norm (lower bound)")
-    if any(not math.isnan(r) for r in reshape):
-        ax.barh([y + 0.2 for y in ys], reshape, height=0.38, color="#2e86c1",
-                label="reshaped-kernel norm (what spectral_norm divides by)")
-    values = [v for v in upper + reshape if not math.isnan(v)]
-    if max(values) > 100 * min(values):
-        ax.set_xscale("log")
-        ax.set_xlabel("norm (log scale)")
-    else:
-        ax.set_xlabel("norm")
-    ax.set_yticks(ys, labels=[_label(str(x.get("name", x.get("tensor", "")))) for x in rows])
-    ax.invert_yaxis()
-    ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    fig.legend(loc="outside upper center", ncols=3, fontsize="small", frameon=False)
-    ax.grid(axis="x", which="both", alpha=0.25)
-    return _svg(fig), note
-
-
-def _pos(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def _as_grid(value: Grid) -> Any:
@@ -291,22 +240,197 @@ def _heatmaps(heatmaps: Mapping[str, Grid], layers: list[Mapping[str, Any]], Fig
             ax.set_xlabel("w2")
             ax.set_ylabel("w1")
             fig.colorbar(im, ax=ax, shrink=0.85, label="sigma_max")
-        ax.set_title(f"{title}\nmax {_fmt(top, 4)}", fontsize="medium")
+        # names are text, never mathtext: "$\\foo$.weight" must not be parsed as a formula
+        ax.set_title(f"{title}\nmax {_fmt(top, 4)}", fontsize="medium", parse_math=False)
     return _svg(fig)
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:1100px;
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:1200px;
 color:#222;padding:0 1rem;line-height:1.45}
-h1{font-size:1.5rem;word-break:break-all}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
-.summary{display:flex;gap:1rem;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:6px;padding:.6rem 1rem}
-.big{font-size:1.6rem;font-weight:600}.pass{color:#1e8449}.fail{color:#c0392b}
-table{border-collapse:collapse;width:100%;font-size:.9rem}th,td{border-bottom:1px solid #eee;padding:.25rem .5rem;
-text-align:left;vertical-align:top}td.n{text-align:right;font-variant-numeric:tabular-nums}
+h1{font-size:1.4rem;word-break:break-all}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
+.summary{display:flex;gap:1rem;flex-wrap:wrap;align-items:stretch}
+.card{border:1px solid #ddd;border-radius:6px;padding:.6rem 1rem;min-width:14rem}
+.card.verdict{border-width:3px}.card.verdict.pass{border-color:#1e8449}.card.verdict.fail{border-color:#c0392b}
+.big{font-size:1.7rem;font-weight:650}.pass{color:#1e8449}.fail{color:#c0392b}.warn{color:#b9770e}
+table{border-collapse:collapse;width:100%;font-size:.88rem}th,td{border-bottom:1px solid #eee;padding:.22rem .45rem;
+text-align:left;vertical-align:middle}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+table.sortable th{cursor:pointer;user-select:none;white-space:nowrap}table.sortable th:hover{background:#f4f4f4}
+th[data-dir=asc]::after{content:" \\25B2"}th[data-dir=desc]::after{content:" \\25BC"}
+tr:hover td{background:#fafafa}
+.bar{position:relative;height:.9rem;min-width:14rem;background:#f6f6f6;border-radius:2px}
+.bar .up{position:absolute;left:0;top:0;bottom:0;background:#f1c4bd;border-radius:2px}
+.bar .br{position:absolute;top:0;bottom:0;background:#c0392b}
+.bar .rs{position:absolute;top:-2px;bottom:-2px;width:2px;background:#2e86c1}
+.bar .one{position:absolute;top:-3px;bottom:-3px;width:0;border-left:1px dashed #777}
 .error{color:#c0392b;font-weight:600}.warning{color:#b9770e;font-weight:600}.info{color:#2874a6}
 figure{margin:1rem 0}figure svg{max-width:100%;height:auto}figcaption{color:#555;font-size:.9rem}
-code{background:#f4f4f4;padding:0 .2rem}.muted{color:#777}
+code{background:#f4f4f4;padding:0 .2rem}.muted{color:#777}ol.path li{margin:.1rem 0}
 """
+# Sorting by a click on a column head; numbers sort by their data-v value. Inline: the page
+# fetches nothing.
+_SCRIPT = """
+document.querySelectorAll("table.sortable").forEach(function(t){
+  t.querySelectorAll("thead th").forEach(function(th,i){
+    th.tabIndex=0;
+    function sort(){
+      var dir=th.dataset.dir==="desc"?1:-1;
+      t.querySelectorAll("thead th").forEach(function(h){delete h.dataset.dir});
+      th.dataset.dir=dir===1?"asc":"desc";
+      var body=t.tBodies[0],rows=Array.prototype.slice.call(body.rows);
+      function key(r){var c=r.cells[i];return c.dataset.v!==undefined?c.dataset.v:c.textContent}
+      rows.sort(function(a,b){
+        var x=key(a),y=key(b),nx=parseFloat(x),ny=parseFloat(y);
+        if(!isNaN(nx)||!isNaN(ny)){nx=isNaN(nx)?-Infinity:nx;ny=isNaN(ny)?-Infinity:ny;return dir*(nx-ny)}
+        return dir*x.localeCompare(y)});
+      rows.forEach(function(r){body.appendChild(r)})}
+    th.addEventListener("click",sort);
+    th.addEventListener("keydown",function(e){if(e.key==="Enter"){sort()}});
+  })});
+"""
+
+
+def _num(x: object) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _v(x: object) -> str:
+    """A sort key for data-v: the number, or empty (sorted below every number)."""
+    n = _num(x)
+    return "" if n is None else repr(n)
+
+
+def _failing(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    settings = report.get("settings") if isinstance(report.get("settings"), Mapping) else {}
+    assert isinstance(settings, Mapping)
+    severities = ("error", "warning") if settings.get("fail_on") == "warning" else ("error",)
+    return [f for f in report.get("findings") or [] if isinstance(f, Mapping) and f.get("severity") in severities]
+
+
+def _verdict_card(report: Mapping[str, Any]) -> str:
+    passed = report.get("passed") is True
+    bad = _failing(report)
+    if passed:
+        detail = "no gate failed"
+    elif bad:
+        first = bad[0]
+        where = f" {first.get('tensor')}" if first.get("tensor") else ""
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        detail = (f"{len(bad)} {'error' if len(bad) == 1 else 'errors'}: {first.get('code')}{where}: "
+                  f"{first.get('message')}{more}")
+    else:
+        detail = "a gate failed"
+    css = "pass" if passed else "fail"
+    return (f'<div class="card verdict {css}"><div class="muted">verdict</div>'
+            f'<div class="big {css}">{"PASSED" if passed else "FAILED"}</div><div>{_esc(detail, 400)}</div></div>')
+
+
+def _bound_card(net: Mapping[str, Any]) -> str:
+    upper, log10 = _num(net.get("lipschitz_upper")), _num(net.get("log10_lipschitz_upper"))
+    value = _fmt(upper) if upper is not None else (f"10^{log10:.4f}" if log10 is not None else "unknown")
+    lower = _num(net.get("lipschitz_lower"))
+    counted = net.get("layers_counted") or 0
+    how = (f"over the exported graph, {counted} layer{'' if counted == 1 else 's'}" if net.get("method") == "graph"
+           else f"product of {counted} layer{'' if counted == 1 else 's'}")
+    if not counted:
+        return ('<div class="card bound"><div class="muted">network Lipschitz constant</div>'
+                '<div class="big warn">no network bound</div><div>no layer is covered</div></div>')
+    if lower is not None and upper is not None and lower > 0:
+        bracket = f"[{_fmt(lower)}, {_fmt(upper)}], ratio {_fmt(upper / lower, 3)}"
+    else:
+        bracket = f"[not measured, {_esc(value)}]"
+    if net.get("certified"):
+        return (f'<div class="card bound"><div class="muted">network Lipschitz constant</div>'
+                f'<div class="big">L &le; {_esc(value)}</div><div>bracket {bracket}</div>'
+                f"<div>certified; {_esc(how)}</div></div>")
+    why = net.get("not_certified_because")
+    reason = why[0] if isinstance(why, list) and why else "not a proof"
+    return (f'<div class="card bound"><div class="muted">network Lipschitz constant</div>'
+            f'<div class="big warn">no certified bound</div><div>{_esc(reason, 300)}</div>'
+            f"<div>estimate {_esc(value)} ({_esc(how)}), not a proof</div></div>")
+
+
+def _layer_chart(layers: list[Mapping[str, Any]]) -> str:
+    """Every layer as a row: its numbers and a bar on a log axis (the upper end, the [lower, upper]
+    bracket darker, the reshaped-kernel norm as a blue tick, 1 dashed); a hover shows the values;
+    a click on a column head sorts by it."""
+    values = [v for x in layers for v in (_num((x.get("sigma") or {}).get("upper")),
+                                          _num((x.get("sigma") or {}).get("lower")), _num(x.get("reshape_sigma")))
+              if v is not None and v > 0]
+    lo = math.log10(min([*values, 1.0])) - 0.05
+    hi = math.log10(max([*values, 1.0])) + 0.05
+
+    def pos(v: float | None) -> float | None:
+        if v is None or v <= 0:
+            return None
+        return 100 * (math.log10(v) - lo) / (hi - lo)
+
+    rows = []
+    for x in layers:
+        sigma = x.get("sigma") if isinstance(x.get("sigma"), Mapping) else {}
+        assert isinstance(sigma, Mapping)
+        upper, lower, reshape = _num(sigma.get("upper")), _num(sigma.get("lower")), _num(x.get("reshape_sigma"))
+        ratio = x.get("reshape_ratio")
+        r_up = _num(ratio.get("upper")) if isinstance(ratio, Mapping) else None
+        cert = "-" if upper is None else ("yes" if sigma.get("certified") else "estimate")
+        shape = "x".join(str(s) for s in x.get("shape", []) if isinstance(s, int))
+        name = str(x.get("name", x.get("tensor", "")))
+        hover = (f"{visible(name, 200)}: sigma in [{_fmt(lower)}, {_fmt(upper)}] ({cert}; "
+                 f"{sigma.get('lower_method') or '-'} / {sigma.get('upper_method') or '-'}), reshaped-kernel norm "
+                 f"{_fmt(reshape)}, ratio {_fmt(r_up, 3)}, in the network bound: "
+                 f"{'yes' if x.get('in_network_bound') else 'no'}")
+        bar = []
+        p_up, p_lo, p_rs, p_one = pos(upper), pos(lower), pos(reshape), pos(1.0)
+        if p_up is not None:
+            bar.append(f'<span class="up" style="width:{p_up:.2f}%"></span>')
+            start = p_lo if p_lo is not None else p_up
+            bar.append(f'<span class="br" style="left:{start:.2f}%;width:{max(p_up - start, 0.4):.2f}%"></span>')
+        if p_rs is not None:
+            bar.append(f'<span class="rs" style="left:{p_rs:.2f}%"></span>')
+        if p_one is not None:
+            bar.append(f'<span class="one" style="left:{p_one:.2f}%"></span>')
+        rows.append(
+            f'<tr title="{_esc(hover, 600)}"><td>{_esc(name)}'
+            f"{' (sn)' if x.get('parametrization') == 'spectral_norm' else ''}</td>"
+            f"<td>{_esc(x.get('kind'))}</td><td>{_esc(shape)}</td>"
+            f'<td class=n data-v="{_v(lower)}">{_fmt(lower)}</td><td class=n data-v="{_v(upper)}">{_fmt(upper)}</td>'
+            f'<td data-v="{_v(upper)}"><div class="bar">{"".join(bar)}</div></td><td>{cert}</td>'
+            f'<td class=n data-v="{_v(reshape)}">{_fmt(reshape)}</td>'
+            f'<td class=n data-v="{_v(r_up)}">{_fmt(r_up, 3) + "x" if r_up is not None else "-"}</td>'
+            f"<td>{'yes' if x.get('in_network_bound') else 'no'}</td></tr>"
+        )
+    head = "".join(f"<th>{h}</th>" for h in ("layer", "kind", "shape", "sigma lower", "sigma upper",
+                                             f"norm (log axis, {_fmt(10 ** lo, 2)} to {_fmt(10 ** hi, 2)})",
+                                             "certified", "reshape sigma", "ratio", "in L"))
+    return (f'<table class="sortable layers"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _dominant_path(net: Mapping[str, Any]) -> str:
+    """The chain of graph nodes that carries the bound (graph strategies fill network.details)."""
+    details = net.get("details")
+    if not isinstance(details, Mapping):
+        return ""
+    path = details.get("dominant_path")
+    if not isinstance(path, list) or not path:
+        return ""
+    nodes = {str(n.get("node")): n for n in details.get("nodes") or [] if isinstance(n, Mapping)}
+    items = []
+    for name in path:
+        n = nodes.get(str(name), {})
+        gain, bound = _num(n.get("log10_gain")), _num(n.get("log10_bound"))
+        extra = []
+        if n.get("op"):
+            extra.append(f"op {_esc(n.get('op'))}")
+        if gain is not None:
+            extra.append(f"gain {_fmt(10 ** gain, 4)}")
+        if bound is not None:
+            extra.append(f"bound so far {_fmt(10 ** bound, 4)}")
+        items.append(f"<li><code>{_esc(name)}</code>{' - ' + ', '.join(extra) if extra else ''}</li>")
+    summary = details.get("summary")
+    return ("<h2>Dominant path through the graph</h2><p>The path from input to output whose gains make the "
+            f"bound{': ' + _esc(summary) if summary else ''}.</p><ol class=path>{''.join(items)}</ol>")
 
 
 def _findings(findings: Sequence[Any]) -> str:
@@ -318,77 +442,48 @@ def _findings(findings: Sequence[Any]) -> str:
             continue
         sev = str(f.get("severity", "info"))
         css = sev if sev in ("error", "warning", "info") else "info"
+        rank = {"error": 0, "warning": 1}.get(sev, 2)
         rows.append(
-            f'<tr><td><code>{_esc(f.get("code"))}</code></td><td class="{css}">{_esc(sev)}</td>'
+            f'<tr><td><code>{_esc(f.get("code"))}</code></td><td class="{css}" data-v="{rank}">{_esc(sev)}</td>'
             f"<td>{_esc(f.get('tensor') or '')}</td><td>{_esc(f.get('message'), 2000)}</td></tr>"
         )
-    return ("<table><thead><tr><th>code</th><th>severity</th><th>tensor</th><th>message</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
-
-
-def _layer_table(layers: list[Mapping[str, Any]]) -> str:
-    rows = []
-    for x in layers:
-        sigma = x.get("sigma") if isinstance(x.get("sigma"), Mapping) else {}
-        assert isinstance(sigma, Mapping)
-        ratio = x.get("reshape_ratio")
-        ratio_text = f"{_fmt(ratio.get('upper'), 3)}x" if isinstance(ratio, Mapping) else "-"
-        cert = "-" if sigma.get("upper") is None else ("yes" if sigma.get("certified") else "estimate")
-        shape = "x".join(str(s) for s in x.get("shape", []) if isinstance(s, int))
-        rows.append(
-            f"<tr><td>{_esc(x.get('name'))}{' (sn)' if x.get('parametrization') == 'spectral_norm' else ''}</td>"
-            f"<td>{_esc(x.get('kind'))}</td><td>{_esc(shape)}</td><td class=n>{_fmt(sigma.get('lower'))}</td>"
-            f"<td class=n>{_fmt(sigma.get('upper'))}</td><td>{cert}</td><td class=n>{_fmt(x.get('reshape_sigma'))}</td>"
-            f"<td class=n>{ratio_text}</td><td>{'yes' if x.get('in_network_bound') else 'no'}</td></tr>"
-        )
-    return ("<table><thead><tr><th>layer</th><th>kind</th><th>shape</th><th>sigma lower</th><th>sigma upper</th>"
-            "<th>certified</th><th>reshape sigma</th><th>ratio</th><th>in L</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
-
-
-def _certified(net: Mapping[str, Any]) -> str:
-    if net.get("certified"):
-        return "certified"
-    why = net.get("not_certified_because")
-    first = why[0] if isinstance(why, list) and why else None
-    return "not certified" + (f": {_esc(first)}" if first else "")
+    return ('<table class="sortable findings"><thead><tr><th>code</th><th>severity</th><th>tensor</th>'
+            f"<th>message</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def _section(report: Mapping[str, Any], heatmaps: Mapping[str, Grid], Figure: Any) -> str:
     error = report.get("error")
     if isinstance(error, Mapping):
         return (f"<section><h1>lipaudit: {_esc(error.get('path') or '')}</h1>"
-                f"<p class=error>{_esc(error.get('message'), 2000)}</p></section>")
+                f'<div class="card verdict fail"><div class="big fail">error</div>'
+                f"<p class=error>{_esc(error.get('message'), 2000)}</p></div></section>")
     ck = report.get("checkpoint") if isinstance(report.get("checkpoint"), Mapping) else {}
     net = report.get("network") if isinstance(report.get("network"), Mapping) else {}
     assert isinstance(ck, Mapping) and isinstance(net, Mapping)
     layers = [x for x in report.get("layers") or [] if isinstance(x, Mapping)]
-    passed = report.get("passed") is True
-    chart, note = _norm_chart(layers, Figure)
     maps = _heatmaps(heatmaps, layers, Figure)
     assumptions = "".join(f"<li>{_esc(a, 1000)}</li>" for a in net.get("assumptions") or [])
     skipped = [s for s in report.get("skipped") or [] if isinstance(s, Mapping)]
+    files = [f for f in ck.get("files") or [] if isinstance(f, Mapping)]
+    hashes = "".join(f"<li><code>{_esc(f.get('sha256'))}</code> {_esc(f.get('name'))}</li>" for f in files)
     parts = [
         f"<section><h1>lipaudit: {_esc(ck.get('path', ''))}</h1>",
         '<div class="summary">',
-        f'<div class="card"><div class="muted">network Lipschitz bound</div><div class="big">L &le; '
-        f"{_esc(_network_bound(net))}</div><div>{_certified(net)}, "
-        f"product of {_esc(net.get('layers_counted', 0))} layers</div></div>",
-        f'<div class="card"><div class="muted">gates</div><div class="big {"pass" if passed else "fail"}">'
-        f"{'passed' if passed else 'failed'}</div><div>{len(report.get('findings') or [])} findings</div></div>",
+        _verdict_card(report),
+        _bound_card(net),
         f'<div class="card"><div class="muted">checkpoint</div><div>{_esc(ck.get("format", ""))}, '
         f"{_esc(ck.get('tensors', 0))} tensors, {_esc(ck.get('parameters', 0))} parameters</div>"
-        f"<div>sha256 <code>{_esc(str(ck.get('sha256', ''))[:16])}</code></div></div>",
+        f"<div>sha256 <code>{_esc(str(ck.get('sha256', ''))[:16])}</code></div>"
+        + (f"<details><summary>{len(files)} files</summary><ul>{hashes}</ul></details>" if files else "")
+        + "</div>",
         "</div>",
-        "<h2>Assumptions of the network bound</h2>",
-        f"<ul>{assumptions}</ul>" if assumptions else "<p>None stated.</p>",
-        "<h2>Findings</h2>",
-        _findings(report.get("findings") or []),
-        "<h2>Operator norm against the reshaped-kernel norm</h2>",
-        f'<figure class="chart norm-chart">{chart}<figcaption>Red: the certified operator norm of each layer '
-        "(tick: its lower end). Blue: the norm of the kernel reshaped to a matrix, which "
-        "<code>torch.nn.utils.spectral_norm</code> divides by; for a convolution it can understate the "
-        f"operator norm. {_esc(note)}</figcaption></figure>",
+        "<h2>Layers</h2>",
+        '<figure class="chart norm-chart">',
+        _layer_chart(layers) if layers else "<p>No layer was found.</p>",
+        "<figcaption>Each layer's operator norm: the light bar reaches the certified upper end, the dark part is "
+        "the bracket [lower, upper], the blue tick the norm of the kernel reshaped to a matrix (what "
+        "<code>torch.nn.utils.spectral_norm</code> divides by; for a convolution it can understate the operator "
+        "norm), the dashed line 1. Hover a row for its values; click a column head to sort.</figcaption></figure>",
     ]
     if maps:
         parts += [
@@ -398,12 +493,26 @@ def _section(report: Mapping[str, Any], heatmaps: Mapping[str, Grid], Figure: An
             "input size is its maximum (+). conv3d: the (w1, w2) plane through the largest value.</figcaption>"
             "</figure>",
         ]
-    parts += ["<h2>Layers</h2>", _layer_table(layers)]
+    parts.append(_dominant_path(net))
+    parts += ["<h2>Findings</h2>", _findings(report.get("findings") or [])]
     if skipped:
         items = "".join(f"<li>{_esc(s.get('tensor'))}: {_esc(s.get('reason'))}</li>" for s in skipped)
         parts.append(f"<details><summary>Skipped tensors ({len(skipped)})</summary><ul>{items}</ul></details>")
-    parts.append("</section>")
-    return "\n".join(parts)
+    parts += ["<h2>Assumptions of the network bound</h2>",
+              f"<ul>{assumptions}</ul>" if assumptions else "<p>None stated.</p>", "</section>"]
+    return "\n".join(p for p in parts if p)
+
+
+def _page(title: str, body: str, version: str) -> str:
+    """One self-contained file: styles and the sorting script inline, nothing fetched."""
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
+        + body
+        + f"\n<footer class=muted><p>lipaudit {_esc(version)}</p></footer>\n<script>{_SCRIPT}</script>\n"
+        "</body></html>\n"
+    )
 
 
 def render_html_many(items: Sequence[tuple[Mapping[str, Any], Mapping[str, Grid]]]) -> str:
@@ -423,13 +532,7 @@ def render_html_many(items: Sequence[tuple[Mapping[str, Any], Mapping[str, Grid]
         ck = items[0][0].get("checkpoint")
         if isinstance(ck, Mapping):
             title += f": {visible(str(ck.get('path', '')), 120)}"
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
-        + "\n<hr>\n".join(sections)
-        + f"\n<footer class=muted><p>lipaudit {_esc(version)}</p></footer>\n</body></html>\n"
-    )
+    return _page(title, "\n<hr>\n".join(sections), version)
 
 
 def render_html(report: Mapping[str, Any], heatmaps: Mapping[str, Grid] | None = None) -> str:
@@ -442,3 +545,35 @@ def render_html(report: Mapping[str, Any], heatmaps: Mapping[str, Grid] | None =
 
 
 render = render_html
+
+
+def render_diff(d: DiffResult, options: object = None) -> str:
+    """A diff as one self-contained page: the verdict and the network bound first, then each layer."""
+    from lipaudit.formats import diff_verdict, fmt_log10, fmt_num, rise_text
+
+    limit = d.max_increase_pct
+    rows = []
+    for x in d.layers:
+        over = limit is not None and x.rise_pct is not None and x.rise_pct > limit
+        rows.append(
+            f"<tr><td>{_esc(x.name)}</td><td>{_esc(x.kind)}</td><td>{_esc(x.status)}</td>"
+            f"<td class=n>{fmt_num(x.old_upper)}</td><td class=n>{fmt_num(x.new_upper)}</td>"
+            f"<td class=\"n{' fail' if over else ''}\">{_esc(rise_text(x.rise_pct))}</td></tr>"
+        )
+    failures = "".join(f"<li>{_esc(v, 1000)}</li>" for v in d.violations)
+    verdict = diff_verdict(d)
+    css = "fail" if not d.passed else ("pass" if limit is not None else "muted")
+    body = (
+        f"<section><h1>lipaudit diff: {_esc(d.old.path)} &rarr; {_esc(d.new.path)}</h1>"
+        f'<div class="summary"><div class="card verdict"><div class="muted">gate</div>'
+        f'<div class="big {css}">{_esc(verdict)}</div></div>'
+        f'<div class="card"><div class="muted">network Lipschitz bound</div><div class="big">'
+        f"{_esc(fmt_log10(d.old.log10_upper))} &rarr; {_esc(fmt_log10(d.new.log10_upper))}</div>"
+        f"<div>{_esc(rise_text(d.network_rise_pct))}"
+        f"{'' if d.new.certified else ', new bound not certified'}</div></div></div>"
+        + (f"<h2>Gate failures</h2><ul>{failures}</ul>" if failures else "")
+        + "<h2>Layers</h2><table class=sortable><thead><tr><th>layer</th><th>kind</th><th>status</th>"
+        "<th>old upper</th><th>new upper</th><th>change</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></section>"
+    )
+    return _page(f"lipaudit diff: {visible(d.new.path, 120)}", body, d.tool_version)

@@ -9,6 +9,7 @@ from lipaudit.formats import RenderOptions
 from lipaudit.report import Report
 
 if TYPE_CHECKING:
+    from lipaudit.diff import DiffResult
     from lipaudit.normalize import NormalizeReport
 
 
@@ -21,3 +22,7 @@ def render(report: Report | NormalizeReport, options: RenderOptions) -> str:
 
 
 render_normalize = render
+
+
+def render_diff(d: DiffResult, options: RenderOptions) -> str:
+    return dumps(d.to_dict())

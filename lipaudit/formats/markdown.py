@@ -8,16 +8,19 @@ from typing import TYPE_CHECKING
 from lipaudit.formats import (
     RenderOptions,
     bound_text,
+    diff_verdict,
     fmt_log10,
     fmt_num,
     plural,
     ratio_text,
+    rise_text,
     summary_line,
     verdict_text,
 )
 from lipaudit.report import Finding, Report
 
 if TYPE_CHECKING:
+    from lipaudit.diff import DiffResult
     from lipaudit.normalize import NormalizeReport
 from lipaudit.text import visible
 
@@ -98,3 +101,22 @@ def render_normalize(report: NormalizeReport, options: RenderOptions) -> str:
         out.append(f"| {md(c.name)} | {c.kind} | {c.action} | {fmt_num(c.before)} | {fmt_num(c.after)} | "
                    f"{fmt_num(c.scale)} | {md(c.reason)} |")
     return "\n".join(out + _findings(report.findings)) + "\n"
+
+
+def render_diff(d: DiffResult, options: RenderOptions) -> str:
+    gate = "" if d.max_increase_pct is None else f" - **{md(diff_verdict(d))}**"
+    out = [
+        f"## lipaudit diff: {md(d.old.path)} -> {md(d.new.path)}",
+        "",
+        f"**Network Lipschitz bound:** {fmt_log10(d.old.log10_upper)} -> {fmt_log10(d.new.log10_upper)} "
+        f"({md(rise_text(d.network_rise_pct))}){'' if d.new.certified else ', new bound not certified'}{gate}",
+        "",
+        "| layer | kind | status | old upper | new upper | change |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for x in d.layers:
+        out.append(f"| {md(x.name)} | {md(x.kind)} | {x.status} | {fmt_num(x.old_upper)} | {fmt_num(x.new_upper)} | "
+                   f"{md(rise_text(x.rise_pct))} |")
+    if d.violations:
+        out += ["", "### Gate failures", ""] + [f"- {md(v, 1000)}" for v in d.violations]
+    return "\n".join(out) + "\n"

@@ -7,14 +7,18 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from lipaudit.findings import RULES
 from lipaudit.text import visible
 
+if TYPE_CHECKING:
+    from lipaudit.diff import DiffResult
+
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 LEVEL = {"error": "error", "warning": "warning", "info": "note"}
+DIFF_RULE = "LIP040"  # a bound rose by more than diff --max-increase
 
 
 def _reports(doc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -132,3 +136,32 @@ def sarif_log(doc: Mapping[str, Any], include_info: bool = True) -> dict[str, An
 def render(doc: Mapping[str, Any], include_info: bool = True) -> str:
     """SARIF 2.1.0 JSON text of a report dict (Report.to_dict()) or a several-reports document."""
     return json.dumps(sarif_log(doc, include_info), indent=2, ensure_ascii=False) + "\n"
+
+
+def diff_log(d: DiffResult) -> dict[str, Any]:
+    """A diff's gate failures as SARIF results (rule LIP040), on the new checkpoint."""
+    from lipaudit.formats import diff_verdict
+
+    path = d.new.path
+    artifact: dict[str, Any] = {"location": {"uri": artifact_uri(path)}}
+    if d.new.sha256:
+        artifact["hashes"] = {"sha-256": d.new.sha256}
+    by_prefix = {f"{visible(x.name)} ({visible(x.tensor)}):": x.tensor for x in d.layers}
+    results = []
+    for v in d.violations:
+        tensor = next((t for prefix, t in by_prefix.items() if v.startswith(prefix)), None)
+        finding = {"code": DIFF_RULE, "severity": "error", "tensor": tensor, "message": v}
+        results.append(_result(finding, 0, 0, path))
+    run: dict[str, Any] = {
+        "tool": {"driver": {"name": "lipaudit", "version": d.tool_version, "rules": [_rule(DIFF_RULE, "error")]}},
+        "artifacts": [artifact],
+        "results": results,
+        "invocations": [{"executionSuccessful": True,
+                         "properties": {"verdict": diff_verdict(d), "old": d.old.to_dict(), "new": d.new.to_dict()}}],
+        "columnKind": "unicodeCodePoints",
+    }
+    return {"$schema": SARIF_SCHEMA, "version": "2.1.0", "runs": [run]}
+
+
+def render_diff(d: DiffResult, options: object) -> str:
+    return json.dumps(diff_log(d), indent=2, ensure_ascii=False) + "\n"

@@ -13,17 +13,20 @@ from rich.text import Text
 from lipaudit.formats import (
     RenderOptions,
     bound_text,
+    diff_verdict,
     fmt_log10,
     fmt_num,
     middle,
     plural,
     ratio_text,
+    rise_text,
     summary_line,
     verdict_text,
 )
 from lipaudit.report import Finding, Layer, Report
 
 if TYPE_CHECKING:
+    from lipaudit.diff import DiffResult
     from lipaudit.normalize import NormalizeReport
 from lipaudit.text import visible
 
@@ -165,3 +168,32 @@ def render(report: Report, options: RenderOptions) -> str:
     buf = io.StringIO()
     _console(buf, options).print(Text(verdict_text(report), style="bold green" if report.passed else "bold red"))
     return out + _strip(buf.getvalue())
+
+
+def render_diff(d: DiffResult, options: RenderOptions) -> str:
+    buf = io.StringIO()
+    console = _console(buf, options)
+    console.print(Text(f"lipaudit diff: {visible(d.old.path)} -> {visible(d.new.path)}", style="bold"))
+    console.print(Text(
+        f"network Lipschitz bound: {fmt_log10(d.old.log10_upper)} -> {fmt_log10(d.new.log10_upper)} "
+        f"({rise_text(d.network_rise_pct)}){'' if d.new.certified else ', new bound not certified'}"
+    ))
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name, justify in (("layer", "left"), ("kind", "left"), ("status", "left"), ("old upper", "right"),
+                          ("new upper", "right"), ("change", "right")):
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    limit = d.max_increase_pct
+    for x in d.layers:
+        over = limit is not None and x.rise_pct is not None and x.rise_pct > limit
+        table.add_row(
+            Text(middle(visible(x.name), max(16, options.width - 70))), Text(x.kind), Text(x.status),
+            Text(fmt_num(x.old_upper)), Text(fmt_num(x.new_upper)),
+            Text(rise_text(x.rise_pct), style="bold red" if over else ""),
+        )
+    console.print(table)
+    if d.added or d.removed:
+        console.print(Text(f"{plural(len(d.added), 'layer')} added, {len(d.removed)} removed"))
+    for v in d.violations:
+        console.print(Text(f"- {visible(v, 1000)}", style="red"))
+    console.print(Text(diff_verdict(d), style="bold red" if not d.passed else "green"))
+    return _strip(buf.getvalue())

@@ -189,10 +189,11 @@ def _device(device: str) -> str:
     return device
 
 
-def _limits(max_tensors: int | None, max_tensor_bytes: int | None, max_total_bytes: int | None) -> Any:
+def _limits(max_tensors: int | None, max_tensor_bytes: int | None, max_total_bytes: int | None,
+            allow_unknown_classes: bool = False) -> Any:
     from lipaudit.checkpoint.limits import Limits
 
-    limits = Limits()
+    limits = Limits(allow_unknown_classes=allow_unknown_classes)
     if max_tensors is not None:
         limits = replace(limits, tensors=max_tensors)
     if max_tensor_bytes is not None:
@@ -226,6 +227,9 @@ def common_options(f: Any) -> Any:
                      help="Budget for one tensor's logical size, numel x itemsize [default: 16G]."),
         click.option("--max-total-bytes", type=ByteSize(), default=None,
                      help="Budget for all tensors' logical sizes [default: 256G]."),
+        click.option("--allow-unknown-classes", is_flag=True,
+                     help="Read a pickle that builds classes outside the allowlist of data classes, keeping them "
+                          "inert (finding LIP030), instead of refusing it (exit 3). Only for files you trust."),
         click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr."),
         click.option("--debug", is_flag=True, help="Show tracebacks of internal errors."),
     )):
@@ -241,7 +245,7 @@ def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
         method=Method(method), rtol=rtol if rtol is not None else DENSE_RTOL,
         conv_rtol=rtol if rtol is not None else CONV_RTOL, seed=p.get("seed", 0), device=_device(p["device"]),
         key=p["key"], bn_eps=p["bn_eps"], input_sizes=tuple(p.get("input_sizes", ())), groups=tuple(p["groups"]),
-        limits=_limits(p["max_tensors"], p["max_tensor_bytes"], p["max_total_bytes"]),
+        limits=_limits(p["max_tensors"], p["max_tensor_bytes"], p["max_total_bytes"], p["allow_unknown_classes"]),
         jobs=p["jobs"] if p["jobs"] is not None else default_jobs(), layer_time_s=p["layer_time_budget"], **gates,
     )
 
@@ -298,9 +302,12 @@ def inspect(**params: Any) -> None:
     """Report every layer's operator norm as a proven interval and bound the network.
 
     PATHS are checkpoint files, sharded folders, folders of checkpoints or globs."""
+    from lipaudit.config import keep_command_line_gates
+
     ctx = click.get_current_context()
     if ctx.obj is not None and len(params["paths"]) == 1:  # [[tool.lipaudit.overrides]] for that path
         params = ctx.obj.params_for(params["paths"][0], ctx)
+    params["ignore"] = keep_command_line_gates(params["ignore"], ctx)
     _inspect(**params)
 
 
@@ -355,11 +362,10 @@ def _is_checkpoint_folder(folder: Path) -> bool:
 
 
 def _refuse_input_as_output(files: list[str], output: Path | None) -> None:
-    if output is None:
-        return
-    for f in files:
-        if os.path.realpath(output) == os.path.realpath(f) or (output.exists() and _same_file(output, Path(f))):
-            raise UsageError(f"{visible(str(output))}: is a checkpoint being audited; -o would overwrite it")
+    from lipaudit.checkpoint.members import refuse_output_onto
+
+    if output is not None:
+        refuse_output_onto(files, output)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -534,6 +540,9 @@ def _output_path(path: str, output: Path | None, in_place: bool, dry_run: bool, 
     same = os.path.realpath(output) == os.path.realpath(src) or (output.exists() and _same_file(output, src))
     if same or (src.name.endswith(".index.json") and os.path.realpath(output) == os.path.realpath(src.parent)):
         raise UsageError(f"{visible(str(output))}: is the input; pass --in-place to overwrite it")
+    from lipaudit.checkpoint.members import refuse_output_onto
+
+    refuse_output_onto([path], output)  # a shard or the index of the input is not a place for the result
     if output.is_file() and not force:
         raise UsageError(f"{visible(str(output))}: exists; pass --force to replace it")
     return None if dry_run else output

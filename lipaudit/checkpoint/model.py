@@ -87,6 +87,7 @@ class Checkpoint:
     ignored: list[Ignored] = field(default_factory=list)
     alternatives: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (finding code, message) from reading the file
 
     @property
     def format(self) -> str:

@@ -52,6 +52,14 @@ def audit_to_dict(key: str | None, method: str, rtol: float | None) -> Any:
     return run
 
 
+def _readable(path: str) -> None:
+    """A FIFO or a device would block the open or the read forever: only files and folders are inputs."""
+    from lipaudit.checkpoint.sniff import regular_file_size
+
+    if not os.path.isdir(path):
+        regular_file_size(Path(path), visible(path))
+
+
 @click.command()
 @click.argument("old")
 @click.argument("new")
@@ -78,6 +86,12 @@ def diff(
     from lipaudit.formats.diff_render import render
 
     def run() -> int:
+        from lipaudit.checkpoint.members import refuse_output_onto
+
+        for path in (old, new):
+            _readable(path)
+        if output is not None:
+            refuse_output_onto([old, new], output)
         result = diff_paths(old, new, audit_to_dict(key, method, rtol), max_increase, __version__)
         to_tty = output is None and sys.stdout.isatty()
         width = shutil.get_terminal_size((120, 24)).columns if to_tty else 120

@@ -197,6 +197,7 @@ def run_audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = 
         alts = ", ".join(ckpt.alternatives)
         findings.append(finding("LIP008", None,
                                 f"audited {ckpt.key!r}; the checkpoint also holds {alts} (choose with --key)"))
+    findings.extend(finding(code, None, message) for code, message in ckpt.notes)
     findings.extend(_gates(layers, plan.layers, net, settings))
     findings = [f for f in findings if f.code not in settings.ignore]
     skipped = [Skipped(k, r) for k, r in plan.skipped] + [Skipped(x.path, x.reason) for x in ckpt.ignored]

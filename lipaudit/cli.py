@@ -173,10 +173,11 @@ def _device(device: str) -> str:
     return device
 
 
-def _limits(max_tensors: int | None, max_tensor_bytes: int | None, max_total_bytes: int | None) -> Any:
+def _limits(max_tensors: int | None, max_tensor_bytes: int | None, max_total_bytes: int | None,
+            allow_unknown_classes: bool = False) -> Any:
     from lipaudit.checkpoint.limits import Limits
 
-    limits = Limits()
+    limits = Limits(allow_unknown_classes=allow_unknown_classes)
     if max_tensors is not None:
         limits = replace(limits, tensors=max_tensors)
     if max_tensor_bytes is not None:
@@ -210,6 +211,9 @@ def common_options(f: Any) -> Any:
                      help="Budget for one tensor's logical size, numel x itemsize [default: 16G]."),
         click.option("--max-total-bytes", type=ByteSize(), default=None,
                      help="Budget for all tensors' logical sizes [default: 256G]."),
+        click.option("--allow-unknown-classes", is_flag=True,
+                     help="Read a pickle that builds classes outside the allowlist of data classes, keeping them "
+                          "inert (finding LIP030), instead of refusing it (exit 3). Only for files you trust."),
         click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr."),
         click.option("--debug", is_flag=True, help="Show tracebacks of internal errors."),
     )):
@@ -231,7 +235,7 @@ def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
         method=Method(method), rtol=rtol if rtol is not None else DENSE_RTOL,
         conv_rtol=rtol if rtol is not None else CONV_RTOL, seed=p.get("seed", 0), device=_device(p["device"]),
         key=p["key"], bn_eps=p["bn_eps"], input_sizes=tuple(p.get("input_sizes", ())), groups=tuple(p["groups"]),
-        limits=_limits(p["max_tensors"], p["max_tensor_bytes"], p["max_total_bytes"]),
+        limits=_limits(p["max_tensors"], p["max_tensor_bytes"], p["max_total_bytes"], p["allow_unknown_classes"]),
         jobs=p["jobs"] if p["jobs"] is not None else default_jobs(), layer_time_s=p["layer_time_budget"], **gates,
     )
 
@@ -321,9 +325,12 @@ def _inspect(ctx: click.Context, paths: tuple[str, ...], fmt: str, output: Path 
 def _params_for(ctx: click.Context, path: str, given: dict[str, Any]) -> dict[str, Any]:
     """The options for one checkpoint: [[tool.lipaudit.overrides]] matched on the file found (not on
     the folder or glob given), under whatever the command line set."""
-    if ctx.obj is None:
-        return given
-    return {k: v for k, v in ctx.obj.params_for(path, ctx).items() if k in given}
+    from lipaudit.config import keep_command_line_gates
+
+    q = given if ctx.obj is None else {k: v for k, v in ctx.obj.params_for(path, ctx).items() if k in given}
+    if "ignore" in q:  # configuration may add gates, never silence one the command line set
+        q = {**q, "ignore": keep_command_line_gates(q["ignore"], ctx)}
+    return q
 
 
 def _inspect_settings(q: dict[str, Any], fmt: str) -> Settings:

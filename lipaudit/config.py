@@ -249,3 +249,26 @@ def load_config(
     top = {k: v for k, v in table.items() if k != "overrides"}
     overrides = _overrides(table["overrides"], where) if "overrides" in table else ()
     return Config(source=path, file_values=_check(top, where), overrides=overrides, env_values=from_env)
+
+
+# The findings each gate raises. While the command line sets a gate, configuration (a
+# pyproject.toml in the working folder, LIPAUDIT_IGNORE) must not silence them: it may add
+# gates, never remove one the caller asked for.
+GATE_CODES: dict[str, tuple[str, ...]] = {
+    "fail_above": ("LIP001", "LIP017"),
+    "fail_layer_above": ("LIP002", "LIP017"),
+}
+
+
+def keep_command_line_gates(ignore: tuple[tuple[str, ...], ...], ctx: click.Context) -> tuple[tuple[str, ...], ...]:
+    """--ignore as given, less the codes of command-line gates when the list came from configuration."""
+    from click.core import ParameterSource
+
+    if ctx.get_parameter_source("ignore") == ParameterSource.COMMANDLINE:
+        return ignore  # the caller's own choice
+    kept = {
+        code for name, codes in GATE_CODES.items()
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE and ctx.params.get(name) is not None
+        for code in codes
+    }
+    return tuple(tuple(c for c in group if c not in kept) for group in ignore)

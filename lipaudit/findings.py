@@ -39,6 +39,8 @@ RULES = {
         Rule("LIP019", Severity.WARNING, "no layer of the network could be bounded"),
         Rule("LIP020", Severity.INFO, "normalize: divide mode scaled layers up to the target"),
         Rule("LIP040", Severity.ERROR, "diff: a bound rose by more than --max-increase"),
+        Rule("LIP030", Severity.WARNING, "objects of classes outside the allowlist were read as inert placeholders"),
+        Rule("LIP031", Severity.INFO, "the checkpoint names classes it does not build"),
     )
 }
 

@@ -134,8 +134,11 @@ def _same(a: str | Path, b: str | Path) -> bool:
 
 def refuse_output_over_inputs(files: list[str], output: Path | None) -> None:
     """No report may land on a checkpoint being audited, nor inside a sharded one's folder."""
+    from lipaudit.checkpoint.members import refuse_output_onto
+
     if output is None:
         return
+    refuse_output_onto(files, output)
     for f in files:
         inside = Path(f).is_dir() and os.path.realpath(output.parent) == os.path.realpath(f)
         if inside or _same(output, f):

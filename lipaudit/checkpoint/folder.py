@@ -14,6 +14,7 @@ from lipaudit.checkpoint.model import Checkpoint, Ignored, StorageId, tensor_ide
 from lipaudit.checkpoint.safetensors_reader import find_index, read_index
 from lipaudit.checkpoint.select import check_size, select_state_dict
 from lipaudit.checkpoint.torch_reader import load_torch, tensor_info
+from lipaudit.checkpoint.unpickler import Classes
 from lipaudit.checkpoint.writer import Edits, Pending
 from lipaudit.errors import MalformedInputError, UsageError
 from lipaudit.text import visible
@@ -101,13 +102,17 @@ class ShardedTorch(Format):
         where, _data = read_index(path, shown, limits, suffixes=TORCH_SUFFIXES)
         tensors: dict[str, torch.Tensor] = {}
         ignored: list[Ignored] = []
+        classes = Classes()
         shards = list(dict.fromkeys(where.values()))
         for shard in shards:
             inner = f"{shown}: {visible(shard.name, 100)}"
             fmt = sn.sniff(shard, inner)
             if fmt not in (sn.TORCH_ZIP, sn.TORCH_LEGACY):
                 raise MalformedInputError(f"{inner}: not a torch.save file, as a .bin index names", shown)
-            root = load_torch(shard, inner, fmt == sn.TORCH_ZIP, mmap=fmt == sn.TORCH_ZIP, limits=limits)
+            loaded = load_torch(shard, inner, fmt == sn.TORCH_ZIP, mmap=fmt == sn.TORCH_ZIP, limits=limits)
+            root = loaded.root
+            classes.built |= loaded.classes.built
+            classes.named |= loaded.classes.named
             sel = select_state_dict(root, None, inner, limits, check_size(root, limits, inner))
             ignored += [Ignored(f"{shard.name}: {x.path}", x.reason) for x in sel.ignored]
             for name, t in sel.tensors.items():
@@ -132,7 +137,7 @@ class ShardedTorch(Format):
         digest, files = sha256_files([path, *shards])
         return Checkpoint(
             path=shown, sha256=digest, infos=infos, handle=cls(shown, tensors), key=key or None,
-            ignored=ignored, shards=[p.name for p in shards], files=files,
+            ignored=ignored, shards=[p.name for p in shards], files=files, notes=classes.notes(),
         )
 
     def load(self, key: str) -> torch.Tensor:

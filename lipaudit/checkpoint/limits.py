@@ -28,6 +28,10 @@ class Limits:
     depth: int = 64
     nodes: int = 10_000_000
     pickle_bytes: int = 1 << 30  # data.pkl of a zip checkpoint: about 100 bytes per tensor
+    # --allow-unknown-classes: read objects of classes outside the allowlist as inert placeholders
+    # instead of refusing the file. A trust decision, not a budget; kept here because every reader
+    # gets these settings.
+    allow_unknown_classes: bool = False
 
     def to_dict(self) -> dict[str, int]:
         return {

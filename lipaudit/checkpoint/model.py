@@ -88,6 +88,7 @@ class Checkpoint:
     alternatives: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
     files: list[tuple[str, str]] = field(default_factory=list)  # (name, sha256) of each file of a sharded one
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (finding code, message) from reading the file
 
     @property
     def format(self) -> str:

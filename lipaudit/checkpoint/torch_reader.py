@@ -13,7 +13,7 @@ import torch
 
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import TensorInfo
-from lipaudit.checkpoint.unpickler import Bounded, Marker, Storage, refuse_dangerous, unpickle
+from lipaudit.checkpoint.unpickler import Bounded, Classes, Marker, Storage, refuse_dangerous, unpickle
 from lipaudit.errors import LipauditError, MalformedInputError, ResourceLimitError, UnsafeInputError
 from lipaudit.text import clean_message, visible
 
@@ -44,8 +44,17 @@ def check_zip(path: Path, shown: str, limits: Limits) -> ZipLayout:
     names = [m.filename for m in members]
     if len(set(names)) != len(names):
         raise MalformedInputError(f"{shown}: zip archive has duplicate member names", shown)
+    if len({n.casefold() for n in names}) != len(names):
+        # torch finds members whatever their case: it could read another member than this reader
+        raise MalformedInputError(f"{shown}: zip member names that differ only in case", shown)
     if any("/code/" in n or n.endswith(("/constants.pkl", "/bytecode.pkl")) for n in names):
         raise UnsafeInputError(f"{shown}: a TorchScript archive (it carries code); refused", shown)
+    pickles = [n for n in names if n.casefold().endswith(".pkl") and not n.endswith(("/data.pkl", "data.pkl"))]
+    if pickles:
+        # torch never writes another pickle beside data.pkl: one nobody scans could be read by something else
+        raise MalformedInputError(
+            f"{shown}: zip archive holds the pickle {visible(pickles[0], 80)!r} beside data.pkl", shown
+        )
     if len(members) > limits.tensors + 16:
         raise ResourceLimitError(f"{shown}: {len(members)} zip members, over the limit of {limits.tensors}", shown)
     pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -55,6 +64,9 @@ def check_zip(path: Path, shown: str, limits: Limits) -> ZipLayout:
         # torch and this reader could pick different ones, and only one would be checked.
         raise MalformedInputError(f"{shown}: zip archive holds {len(pkl)} data.pkl members", shown)
     prefix = pkl[0][: -len("data.pkl")]
+    if prefix.count("/") > 1:
+        # torch takes the archive folder from the first path component only
+        raise MalformedInputError(f"{shown}: data.pkl is nested below the archive folder", shown)
     if any(not n.startswith(prefix) for n in names):
         raise MalformedInputError(f"{shown}: zip members outside the archive folder {visible(prefix, 80)!r}", shown)
     located: dict[str, Member] = {}
@@ -90,14 +102,21 @@ def _err(e: LipauditError, shown: str) -> LipauditError:
     return out
 
 
-def load_torch(path: Path, shown: str, zip_format: bool, mmap: bool, limits: Limits | None = None) -> Any:
+@dataclass
+class Loaded:
+    root: Any
+    classes: Classes  # outside the allowlist: built (with --allow-unknown-classes) or named only
+
+
+def load_torch(path: Path, shown: str, zip_format: bool, mmap: bool, limits: Limits | None = None) -> Loaded:
     """Unpickle a torch checkpoint with lipaudit's restricted unpickler: nothing named by the file
     is imported or called, and tensors are rebuilt from checked records."""
     limits = limits or Limits()
+    classes = Classes()
     try:
         if zip_format:
-            return _load_zip(path, shown, mmap, limits)
-        return _load_legacy(path, shown, limits)
+            return Loaded(_load_zip(path, shown, mmap, limits, classes), classes)
+        return Loaded(_load_legacy(path, shown, limits, classes), classes)
     except LipauditError as e:
         raise _err(e, shown) from None
     except MemoryError:
@@ -145,7 +164,17 @@ def _swap(storage: torch.UntypedStorage, itemsize: int) -> torch.UntypedStorage:
     return raw.view(-1, itemsize).flip(1).contiguous().untyped_storage()
 
 
-def _load_zip(path: Path, shown: str, mmap: bool, limits: Limits) -> Any:
+def _one_dtype(dtypes: dict[str, torch.dtype], key: str, dtype: torch.dtype) -> None:
+    """torch keeps a storage's first dtype for every later reference; reading each with its own
+    would audit other values than torch loads. torch.save never names a storage twice differently."""
+    if dtypes.setdefault(key, dtype) != dtype:
+        raise MalformedInputError(
+            f"storage {visible(key, 40)!r} is named with two dtypes ({str(dtypes[key]).removeprefix('torch.')} "
+            f"and {str(dtype).removeprefix('torch.')})"
+        )
+
+
+def _load_zip(path: Path, shown: str, mmap: bool, limits: Limits, classes: Classes) -> Any:
     layout = check_zip(path, shown, limits)
     with open(path, "rb") as f:
         f.seek(layout.members[layout.pickle].offset)
@@ -161,9 +190,11 @@ def _load_zip(path: Path, shown: str, mmap: bool, limits: Limits) -> Any:
     if mmap and byteorder == "little":
         whole = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=layout.size)
     loaded: dict[str, torch.UntypedStorage] = {}
+    dtypes: dict[str, torch.dtype] = {}
 
     def storage(pid: object) -> Storage:
         dtype, key, numel = _storage_pid(pid, legacy=False)
+        _one_dtype(dtypes, key, dtype)
         itemsize = _itemsize(dtype)
         name = f"{layout.prefix}data/{key}"
         member = layout.members.get(name)
@@ -185,7 +216,7 @@ def _load_zip(path: Path, shown: str, mmap: bool, limits: Limits) -> Any:
 
     try:
         with io.BytesIO(data) as pkl:
-            root, _ = unpickle(pkl, limits, storage)
+            root = unpickle(pkl, limits, storage, classes)
     except UnsafeInputError:
         raise
     except Exception:
@@ -201,9 +232,9 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 
-def _load_legacy(path: Path, shown: str, limits: Limits) -> Any:
+def _load_legacy(path: Path, shown: str, limits: Limits, classes: Classes) -> Any:
     try:
-        return _read_legacy(path, limits)
+        return _read_legacy(path, limits, classes)
     except UnsafeInputError:
         raise
     except Exception:
@@ -212,17 +243,17 @@ def _load_legacy(path: Path, shown: str, limits: Limits) -> Any:
         raise
 
 
-def _read_legacy(path: Path, limits: Limits) -> Any:
+def _read_legacy(path: Path, limits: Limits, classes: Classes) -> Any:
     size = path.stat().st_size
     with open(path, "rb") as raw_file:
         f = Bounded(raw_file, size)
-        magic, _ = unpickle(f, limits)
+        magic = unpickle(f, limits)
         if magic != _LEGACY_MAGIC:
             raise MalformedInputError("a pickle, but not a PyTorch checkpoint")
-        protocol, _ = unpickle(f, limits)
+        protocol = unpickle(f, limits)
         if protocol != _LEGACY_PROTOCOL:
             raise MalformedInputError("unsupported legacy checkpoint protocol")
-        info, _ = unpickle(f, limits)
+        info = unpickle(f, limits)
         if not isinstance(info, dict) or info.get("little_endian") is not True:
             raise MalformedInputError("big-endian legacy checkpoints are not supported")
         storages: dict[str, Storage] = {}
@@ -241,13 +272,13 @@ def _read_legacy(path: Path, limits: Limits) -> Any:
                 untyped = (torch.frombuffer(buf, dtype=torch.uint8).untyped_storage() if nbytes
                            else torch.empty(0, dtype=torch.uint8).untyped_storage())
                 storages[key] = Storage(untyped, dtype)
-            elif storages[key].dtype != dtype:
-                return Storage(storages[key].untyped, dtype)
+            else:
+                _one_dtype({key: storages[key].dtype}, key, dtype)
             return storages[key]
 
         main = raw_file.tell()
         unpickle(f, limits, storage)  # a first pass learns the storages; their data follows the pickles
-        keys, _ = unpickle(f, limits)
+        keys = unpickle(f, limits)
         if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages) or len(keys) != len(storages):
             raise MalformedInputError("the storage list does not match the storages used")
         for key in keys:
@@ -259,7 +290,7 @@ def _read_legacy(path: Path, limits: Limits) -> Any:
             if st.nbytes and raw_file.readinto(buffers[key]) != st.nbytes:
                 raise MalformedInputError("storage data is truncated")
         raw_file.seek(main)
-        root, _ = unpickle(f, limits, storage)  # now over filled storages
+        root = unpickle(f, limits, storage, classes)  # now over filled storages
     return root
 
 

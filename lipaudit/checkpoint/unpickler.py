@@ -2,8 +2,10 @@
 
 Nothing named by the pickle is imported or called. Known tensor-building names map to checked
 re-implementations; a name on the danger list refuses the file; any other name becomes a
-`Global` placeholder, and calling, instantiating or filling it gives an `Opaque` record of the
-arguments. Containers are filled through the built-in types' own methods only.
+`Global` placeholder. Building one (calling, instantiating) gives an `Opaque` record of the
+arguments, but only for the data classes of the allowlist (DATA_CLASSES): building any other
+class refuses the file unless the caller allows unknown classes, because `torch.load` with
+a full (not weights-only) torch.load would run it. Containers are filled through the built-in types' own methods only.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ DANGEROUS_MODULES = frozenset({
     "torch.serialization", "torch.multiprocessing", "torch._C", "numpy.f2py",
     "numpy.distutils", "numpy.testing", "numpy.ctypeslib", "numpy.lib.npyio", "numpy.load", "_codecs.open",
     "types.FunctionType", "types.LambdaType", "types.CodeType", "types.MethodType", "types.ModuleType",
-    "types.BuiltinFunctionType", "types.new_class", "types.coroutine",
+    "types.BuiltinFunctionType", "types.new_class", "types.coroutine", "copyreg", "torch.utils.collect_env",
+    "torch.storage._load_from_bytes", "torch.fx", "_osx_support", "pydoc", "imaplib", "uuid._get_command_stdout",
 })
 DANGEROUS_BUILTINS = frozenset({
     "eval", "exec", "execfile", "compile", "getattr", "setattr", "delattr", "__import__", "open", "globals",
@@ -60,6 +63,43 @@ def danger(module: str, name: str) -> bool:
     if module in ("builtins", "__builtin__") and name in DANGEROUS_BUILTINS:
         return True
     return any(part in DANGEROUS_NAMES for part in name.split("."))
+
+
+# Classes a checkpoint may build: plain data whose construction runs nothing but its own
+# container code. They are still never imported: building one gives an inert Opaque record.
+DATA_CLASSES = frozenset({
+    "collections.Counter", "argparse.Namespace",
+    "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePath", "pathlib.PurePosixPath",
+    "pathlib.PureWindowsPath", "pathlib._local.Path", "pathlib._local.PosixPath", "pathlib._local.WindowsPath",
+    "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath",
+    "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta", "datetime.timezone",
+    "numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata",
+    "lightning_fabric.utilities.data.AttributeDict", "lightning.fabric.utilities.data.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict", "lightning.pytorch.utilities.parsing.AttributeDict",
+})
+# Modules whose every class is such data: numpy's dtype classes, omegaconf's value nodes, and
+# the enums Lightning stores in its checkpoints.
+DATA_MODULES = frozenset({
+    "numpy.dtypes", "omegaconf.nodes", "lightning_fabric.utilities.enums", "lightning.fabric.utilities.enums",
+    "pytorch_lightning.utilities.enums", "lightning.pytorch.utilities.enums", "pytorch_lightning.trainer.states",
+    "lightning.pytorch.trainer.states",
+})
+
+
+def data_class(qualname: str) -> bool:
+    """Whether a checkpoint may build the class (inertly) without --allow-unknown-classes."""
+    return qualname in DATA_CLASSES or qualname.rpartition(".")[0] in DATA_MODULES
+
+
+def unknown_class(qualname: str) -> UnsafeInputError:
+    return UnsafeInputError(
+        f"the pickle builds an object of class {visible(qualname, 100)}, which is not on lipaudit's allowlist of "
+        "data classes; a full (not weights-only) torch.load would call it. Refused, nothing was run; if you trust the "
+        "file, pass --allow-unknown-classes to read such objects as inert placeholders"
+    )
 
 
 def unwritable(what: str) -> MalformedInputError:
@@ -284,8 +324,8 @@ class Builder:
 
 
 def _hooks_and_metadata(hooks: object, metadata: object) -> None:
-    # Hooks are never serialized (torch writes an empty OrderedDict); they are not read.
-    if not isinstance(hooks, dict):
+    # Hooks are never serialized (torch writes an empty OrderedDict, old versions None); not read.
+    if hooks is not None and not isinstance(hooks, dict):
         raise MalformedInputError("tensor backward hooks are not a dict")
     if metadata not in (None, {}) and not (isinstance(metadata, dict) and not any(metadata.values())):
         raise MalformedInputError("tensor metadata (conjugate or negative views) is not supported")
@@ -296,9 +336,16 @@ def _unread(kind: str) -> Callable[..., object]:
 
 
 def _ordered_dict(_self: Builder, *args: object) -> object:
-    if args and not (len(args) == 1 and isinstance(args[0], (list, tuple)) and not args[0]):
-        raise MalformedInputError("OrderedDict built from arguments")
-    return OrderedDict()
+    # Old torch.save wrote a state dict as OrderedDict([[key, tensor], ...]).
+    pairs = args[0] if args else ()
+    if len(args) > 1 or not isinstance(pairs, (list, tuple)):
+        raise MalformedInputError("OrderedDict built from arguments other than a list of pairs")
+    out: OrderedDict[Any, Any] = OrderedDict()
+    for pair in pairs:
+        if type(pair) not in (list, tuple) or len(pair) != 2 or not _plain_key(pair[0]):
+            raise MalformedInputError("OrderedDict built from something other than (key, value) pairs")
+        OrderedDict.__setitem__(out, pair[0], pair[1])
+    return out
 
 
 def _torch_size(_self: Builder, *args: object) -> object:
@@ -333,13 +380,24 @@ def _plain(kind: type) -> Callable[..., object]:
 
 
 def _device(_self: Builder, *args: object) -> object:
-    if not args or len(args) > 2 or not isinstance(args[0], str) or len(args[0]) > 32:
+    # The device itself, not its name: normalize writes back what it read, index included.
+    # Tensors are always read on the CPU whatever it says.
+    if not 1 <= len(args) <= 2 or not isinstance(args[0], str) or len(args[0]) > 32:
         raise MalformedInputError("torch.device with odd arguments")
-    return args[0]  # only the name is kept: tensors are always read on the CPU
+    if len(args) == 2 and not (type(args[1]) is int and 0 <= args[1] < 1 << 16):
+        raise MalformedInputError("torch.device with an odd index")
+    try:
+        return torch.device(*args)  # type: ignore[call-overload]
+    except RuntimeError:
+        raise MalformedInputError(f"torch.device of unknown type {visible(args[0], 40)!r}") from None
 
 
 def _layout(_self: Builder, *args: object) -> object:
-    return args[0] if len(args) == 1 and isinstance(args[0], str) else None
+    if len(args) == 1 and isinstance(args[0], str):
+        layout = getattr(torch, args[0].removeprefix("torch."), None)
+        if isinstance(layout, torch.layout):
+            return layout
+    raise MalformedInputError("torch layout with odd arguments")
 
 
 _BUILDERS: dict[str, Callable[..., object]] = {
@@ -409,8 +467,8 @@ def resolve(module: str, name: str) -> object:
             f"the pickle names {visible(qualname, 100)}, a constructor that returns uninitialised memory; "
             "torch.save never writes it"
         )
-    if module == "torch" and name.startswith("per_") and hasattr(torch, name):
-        return name  # quantization schemes: only their name matters
+    if module == "torch" and name.startswith("per_") and isinstance(getattr(torch, name, None), torch.qscheme):
+        return getattr(torch, name)  # quantization schemes: plain values
     return Global(module, name)
 
 
@@ -455,13 +513,17 @@ class RestrictedUnpickler(pickle._Unpickler):
         self.limits = limits
         self.persistent = persistent
         self.entries = 0
-        self.opaque = 0
+        self.named: set[str] = set()  # every placeholder name, built or not
+        self.built: set[str] = set()  # placeholders built into Opaque objects
 
     # -- names ---------------------------------------------------------------------------
     def find_class(self, module: str, name: str) -> Any:
         if not isinstance(module, str) or not isinstance(name, str):
             raise MalformedInputError("a global name that is not text")
-        return resolve(module, name)
+        found = resolve(module, name)
+        if isinstance(found, Global) and found not in _CALLS:
+            self.named.add(found.qualname)
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         if self.persistent is None:
@@ -480,7 +542,9 @@ class RestrictedUnpickler(pickle._Unpickler):
         self._count()
         result = self.builder.call(func, args)
         if isinstance(result, Opaque):
-            self.opaque += 1
+            if not data_class(result.qualname) and not self.limits.allow_unknown_classes:
+                raise unknown_class(result.qualname)
+            self.built.add(result.qualname)
         return result
 
     def load_reduce(self) -> None:
@@ -689,7 +753,44 @@ def refuse_dangerous(f: Any, pickles: int = 1) -> None:
         resolve(module, name)
 
 
-def unpickle(f: Any, limits: Limits, persistent: Callable[[object], object] | None = None) -> tuple[Any, int]:
-    """(object, number of Opaque objects made) from the pickle at the file's position."""
+@dataclass
+class Classes:
+    """Classes outside the allowlist that a file built (with --allow-unknown-classes) or only named."""
+
+    built: set[str] = field(default_factory=set)
+    named: set[str] = field(default_factory=set)
+
+    def add(self, u: RestrictedUnpickler) -> None:
+        self.built |= {q for q in u.built if not data_class(q)}
+        self.named |= {q for q in u.named if not data_class(q)}
+
+    @property
+    def referenced(self) -> list[str]:
+        """Named, never built."""
+        return sorted(self.named - self.built)
+
+    def notes(self) -> list[tuple[str, str]]:
+        """(finding code, message) for the audit report."""
+        out = []
+        if self.built:
+            out.append(("LIP030", "objects of classes outside the allowlist were read as inert placeholders "
+                        f"(--allow-unknown-classes): {_names(sorted(self.built))}; a full torch.load "
+                        "would call them"))
+        if self.referenced:
+            out.append(("LIP031", f"the checkpoint names classes it does not build: {_names(self.referenced)}"))
+        return out
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(visible(n, 100) for n in names[:20])
+    return shown + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+
+
+def unpickle(f: Any, limits: Limits, persistent: Callable[[object], object] | None = None,
+             classes: Classes | None = None) -> Any:
+    """The object of the pickle at the file's position; classes collects what it built or named."""
     u = RestrictedUnpickler(f, limits, persistent)
-    return u.load(), u.opaque
+    root = u.load()
+    if classes is not None:
+        classes.add(u)
+    return root

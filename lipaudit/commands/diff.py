@@ -49,6 +49,14 @@ def audit_to_dict(key: str | None, method: str, rtol: float | None) -> Any:
     return run
 
 
+def _readable(path: str) -> None:
+    """A FIFO or a device would block the open or the read forever: only files and folders are inputs."""
+    from lipaudit.checkpoint.sniff import regular_file_size
+
+    if not os.path.isdir(path):
+        regular_file_size(Path(path), visible(path))
+
+
 @click.command()
 @click.argument("old")
 @click.argument("new")
@@ -78,6 +86,7 @@ def diff(
     def run() -> int:
         for path in (old, new):
             preflight.exists(path)
+            _readable(path)
         if output is not None:
             preflight.refuse_output_over_inputs([old, new], output)
         result = diff_paths(old, new, audit_to_dict(key, method, rtol), max_increase, __version__)

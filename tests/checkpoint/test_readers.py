@@ -13,6 +13,7 @@ import types
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -63,15 +64,30 @@ def test_lightning_checkpoint_with_arbitrary_objects(tmp_path: Path, legacy: boo
     torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
     plain = tmp_path / "plain.pt"
     torch.save(ckpt["state_dict"], plain)
-    doc = report_of(path)
+    code, refused = run_json(str(path))
+    assert code == 3 and f"{StandIn.__module__}.StandIn" in refused["error"]["message"]
+    assert "--allow-unknown-classes" in refused["error"]["message"]
+    doc = report_of(path, "--allow-unknown-classes")
     assert doc["checkpoint"]["key"] == "state_dict"
     assert _norms(doc) == _norms(report_of(plain))
+    [warned] = [f for f in doc["findings"] if f["code"] == "LIP030"]
+    assert warned["severity"] == "warning" and f"{StandIn.__module__}.StandIn" in warned["message"]
+    assert "Namespace" not in warned["message"] and "PosixPath" not in warned["message"]  # data classes
     reasons = {s["tensor"]: s["reason"] for s in doc["skipped"]}
     assert f"{StandIn.__module__}.StandIn" in reasons["hyper_parameters.cfg"]
     assert "holding 1 tensors" in reasons["hyper_parameters.cfg"]
     assert "argparse.Namespace" in reasons["hyper_parameters.ns"]
     assert "optimizer state" in reasons["optimizer_states"]
-    assert report_of(path, "--key", "state_dict")["checkpoint"]["key"] == "state_dict"
+    assert report_of(path, "--key", "state_dict", "--allow-unknown-classes")["checkpoint"]["key"] == "state_dict"
+
+
+def test_data_classes_need_no_flag(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    torch.save(_lightning({"ns": argparse.Namespace(a=1), "path": Path("/data"), "n": np.float64(2.5),
+                           "arr": np.arange(3)}), path)
+    doc = report_of(path)
+    assert not [f for f in doc["findings"] if f["code"] == "LIP030"]
+    assert len(doc["layers"]) == 2
 
 
 def test_omegaconf_hyper_parameters(tmp_path: Path) -> None:
@@ -96,7 +112,8 @@ def test_unknown_classes_are_never_imported(tmp_path: Path) -> None:
         torch.save({"w.weight": torch.eye(2), "probe": probe}, path)
     finally:
         del sys.modules[mod.__name__]
-    doc = report_of(path)
+    assert run_json(str(path))[0] == 3
+    doc = report_of(path, "--allow-unknown-classes")
     assert mod.__name__ not in sys.modules
     assert any("lipaudit_probe_never_imported.Probe" in s["reason"] for s in doc["skipped"])
 
@@ -105,7 +122,8 @@ def test_rewriting_a_file_with_unread_objects_is_refused(tmp_path: Path) -> None
     path = tmp_path / "last.ckpt"
     torch.save(_lightning({"cfg": StandIn()}), path)
     out = tmp_path / "out.ckpt"
-    result = run("normalize", path, "-o", out)
+    assert run("normalize", path, "-o", out).exit_code == 3
+    result = run("normalize", path, "-o", out, "--allow-unknown-classes")
     assert result.exit_code == 4 and "state_dict()" in result.stderr
     assert not out.exists()
 

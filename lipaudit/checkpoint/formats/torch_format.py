@@ -49,13 +49,15 @@ class TorchFormat(Format):
     @classmethod
     def open(cls, path: Path, shown: str, key: str | None, limits: Limits) -> Checkpoint:
         # Mapping the zip is safe even for --in-place: the output is a new file renamed over this one.
-        root = load_torch(path, shown, cls.zip_format, mmap=cls.zip_format, limits=limits)
+        loaded = load_torch(path, shown, cls.zip_format, mmap=cls.zip_format, limits=limits)
+        root = loaded.root
         nodes = check_size(root, limits, shown)
         sel = select_state_dict(root, key, shown, limits, nodes)  # budgets enforced while listing
         handle = cls(path, shown, root, sel.tensors, sel.slots, limits)
         return Checkpoint(
             path=shown, sha256=sha256_of(path), infos=[tensor_info(k, t) for k, t in sel.tensors.items()],
             handle=handle, key=sel.key, ignored=sel.ignored, alternatives=sel.alternatives,
+            notes=loaded.classes.notes(),
         )
 
     def load(self, key: str) -> torch.Tensor:
@@ -78,7 +80,7 @@ class TorchFormat(Format):
         assert isinstance(pending, _Staged)
         [staged] = pending.files
         got = load_torch(Path(staged.readable_path), self.shown, self.zip_format, mmap=self.zip_format,
-                         limits=self.limits)
+                         limits=self.limits).root
         why = difference(pending.root, got)
         if why is not None:
             raise OutputError(f"{self.shown}: the written file does not read back as intended ({why})", self.shown)

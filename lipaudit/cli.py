@@ -290,6 +290,9 @@ def cli(ctx: click.Context) -> None:
               help="Graphs: run the network to measure a lower end of its Lipschitz constant.")
 @click.option("--measure-seconds", type=PositiveFloat(), default=20.0, show_default=True,
               help="Time for the measured lower end.")
+@click.option("--assume", type=click.Choice(["chain"]), default=None,
+              help="State dicts: assert the covered layers form a plain chain, so their product is certified "
+                   "under that assertion (recorded in the report). Without it, or a graph, it is an estimate.")
 @click.option("--input-size", "input_sizes", type=InputSize(), multiple=True,
               help="Input size of the convolutions (32x32, or layer=32x32; repeatable): adds their exact "
                    "circular-padding norm and a zero-padding bracket at that size.")
@@ -307,13 +310,13 @@ def inspect(**params: Any) -> None:
 def _inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None, fail_above: float | None,
              fail_layer_above: float | None, allow_uncertified: bool, ignore: tuple[tuple[str, ...], ...],
              fail_on: str, debug: bool, quiet: bool, graph_archive: str | None, measure: bool,
-             measure_seconds: float, **p: Any) -> None:
+             measure_seconds: float, assume: str | None = None, **p: Any) -> None:
 
     def run() -> int:
         settings = _settings(
             p, method, fail_above=fail_above, fail_layer_above=fail_layer_above,
             allow_uncertified=allow_uncertified, ignore=tuple(c for group in ignore for c in group),
-            fail_on=Severity(fail_on), heatmaps=FORMATS[fmt].heatmaps,
+            fail_on=Severity(fail_on), heatmaps=FORMATS[fmt].heatmaps, assume=(assume,) if assume else (),
         )
         files = expand_paths(paths)
         _refuse_input_as_output(files, output)
@@ -384,7 +387,7 @@ def _audit_path(path: str, settings: Settings, progress: Callable[[int, int, str
         by = strategy("graph", archive=g.archive, keys=[i.key for i in ckpt.infos], load=ckpt.load,
                       shown=ckpt.path, **measure)
     elif ckpt.format == PT2:
-        by = strategy("graph", archive=path, **measure)
+        by = strategy("graph", arch=getattr(ckpt.handle, "arch", None), archive=path, **measure)
     else:
         by = strategy("chain")
     return audit(ckpt, settings, progress, by)

@@ -85,6 +85,7 @@ CHECKS: dict[str, Callable[[str, object], Any]] = {
     "input-size": _sizes,
     "method": _choice("auto", "exact", "fast"),
     "format": _choice("table", "json", "markdown", "github", "sarif", "html"),
+    "assume": _choice("chain"),
 }
 
 

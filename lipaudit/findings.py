@@ -39,6 +39,7 @@ RULES = {
         Rule("LIP019", Severity.WARNING, "no layer of the network could be bounded"),
         Rule("LIP020", Severity.INFO, "normalize: divide mode scaled layers up to the target"),
         Rule("LIP024", Severity.INFO, "spectral_norm layout of a square weight not known: both layouts covered"),
+        Rule("LIP025", Severity.WARNING, "--assume chain certifies a product that shapes or names hint is not a chain"),
     )
 }
 

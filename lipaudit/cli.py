@@ -290,6 +290,11 @@ def cli(ctx: click.Context) -> None:
               help="Graphs: run the network to measure a lower end of its Lipschitz constant.")
 @click.option("--measure-seconds", type=PositiveFloat(), default=20.0, show_default=True,
               help="Time for the measured lower end.")
+@click.option("--model", default=None,
+              help="MODULE:CALLABLE building your model (imported from your environment, called with no "
+                   "arguments): the checkpoint is loaded into it strictly, exported with torch.export at "
+                   "--input-shape, and the network is bounded over its real graph. Runs the code you name.")
+@click.option("--input-shape", default=None, help="--model: the input shape to export at, like 1x3x64x64.")
 @click.option("--assume", type=click.Choice(["chain"]), default=None,
               help="State dicts: assert the covered layers form a plain chain, so their product is certified "
                    "under that assertion (recorded in the report). Without it, or a graph, it is an estimate.")
@@ -310,7 +315,8 @@ def inspect(**params: Any) -> None:
 def _inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None, fail_above: float | None,
              fail_layer_above: float | None, allow_uncertified: bool, ignore: tuple[tuple[str, ...], ...],
              fail_on: str, debug: bool, quiet: bool, graph_archive: str | None, measure: bool,
-             measure_seconds: float, assume: str | None = None, **p: Any) -> None:
+             measure_seconds: float, assume: str | None = None, model: str | None = None,
+             input_shape: str | None = None, **p: Any) -> None:
 
     def run() -> int:
         settings = _settings(
@@ -320,7 +326,8 @@ def _inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None,
         )
         files = expand_paths(paths)
         _refuse_input_as_output(files, output)
-        graph = GraphOptions(graph_archive, measure, measure_seconds)
+        graph = GraphOptions(graph_archive, measure, measure_seconds, _model_spec(model, input_shape, graph_archive),
+                             debug)
         if len(files) == 1:
             return _inspect_one(files[0], settings, fmt, output, quiet, graph)
         return _inspect_many(files, settings, fmt, output, quiet, graph)
@@ -372,25 +379,51 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _model_spec(model: str | None, input_shape: str | None, graph_archive: str | None) -> Any:
+    if model is None:
+        if input_shape is not None:
+            raise UsageError("--input-shape needs --model")
+        return None
+    from lipaudit.modelcode import ModelSpec, parse_shape
+
+    if input_shape is None:
+        raise UsageError("--model needs --input-shape (the shape to export at, like 1x3x64x64)")
+    if graph_archive is not None:
+        raise UsageError("--model and --graph both give the architecture; pass one")
+    return ModelSpec(model, parse_shape(input_shape))
+
+
 def _audit_path(path: str, settings: Settings, progress: Callable[[int, int, str], None] | None,
                 graph: GraphOptions | None = None) -> Report:
-    """A .pt2 archive (or a state dict with --graph) is bounded over its graph; anything else as a chain."""
+    """A .pt2 archive (or a state dict with --graph or --model) is bounded over its graph; anything
+    else as a chain."""
     from lipaudit.audit import audit
-    from lipaudit.bound import strategy
     from lipaudit.checkpoint import open_checkpoint
-    from lipaudit.checkpoint.pt2 import FORMAT as PT2
 
     ckpt = open_checkpoint(path, settings.key, limits=settings.limits)
-    g = graph or GraphOptions()
+    with _strategy(ckpt, graph or GraphOptions()) as by:
+        return audit(ckpt, settings, progress, by)
+
+
+@contextmanager
+def _strategy(ckpt: Any, g: GraphOptions) -> Iterator[Any]:
+    from lipaudit.bound import strategy
+    from lipaudit.checkpoint.pt2 import FORMAT as PT2
+
     measure = {"measure": g.measure, "measure_seconds": g.measure_seconds}
-    if g.archive is not None:
-        by = strategy("graph", archive=g.archive, keys=[i.key for i in ckpt.infos], load=ckpt.load,
-                      shown=ckpt.path, **measure)
+    if g.model is not None:
+        from lipaudit.modelcode import exported
+
+        with exported(g.model, ckpt, g.debug) as archive:
+            yield strategy("graph", archive=str(archive), keys=[i.key for i in ckpt.infos], load=ckpt.load,
+                           shown=ckpt.path, source=g.model.to_dict(), **measure)
+    elif g.archive is not None:
+        yield strategy("graph", archive=g.archive, keys=[i.key for i in ckpt.infos], load=ckpt.load,
+                       shown=ckpt.path, **measure)
     elif ckpt.format == PT2:
-        by = strategy("graph", arch=getattr(ckpt.handle, "arch", None), archive=path, **measure)
+        yield strategy("graph", arch=getattr(ckpt.handle, "arch", None), archive=ckpt.path, **measure)
     else:
-        by = strategy("chain")
-    return audit(ckpt, settings, progress, by)
+        yield strategy("chain")
 
 
 @dataclass(frozen=True)
@@ -398,6 +431,8 @@ class GraphOptions:
     archive: str | None = None  # --graph: the exported architecture a state dict is audited on
     measure: bool = True  # run the graph to measure a lower end of the network's constant
     measure_seconds: float = 20.0
+    model: Any = None  # --model: a lipaudit.modelcode.ModelSpec
+    debug: bool = False  # errors from the user's --model code keep their traceback
 
 
 def _summary(report: Report) -> str:

@@ -86,6 +86,15 @@ def _measure_all(jobs: list[Job], path: str, settings: Settings,
         torch.set_num_threads(threads)
 
 
+def measure_operators(by: Measuring, plan: Plan, settings: Settings, path: str,
+                      progress: Progress | None = None) -> None:
+    """A strategy's own operators alone, in the pool (normalize re-measures what it will write)."""
+    operators = by.operators(plan, settings)
+    done = _measure_all([(op.spec, op.load, op.settings) for op in operators], path, settings, progress)
+    by.use({op.spec.tensor: m for op, (m, _) in zip(operators, done, strict=True)},
+           frozenset(op.spec.tensor for op in operators if op.table is not None))
+
+
 def _peak_rss() -> int | None:
     try:
         import resource

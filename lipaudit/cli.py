@@ -531,29 +531,29 @@ def _error_text(fmt: str, message: str, path: str) -> str:
               help="Write even when a covered layer cannot be brought to the target (it is reported, exit 1).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--network-target", type=PositiveFloat(), default=None,
-              help="torch.export .pt2 archives: scale the covered layers evenly (in log space) so that the certified "
-                   "graph bound of the whole network is at most L.")
+              help="Graphs (.pt2, or --model): scale every conv/linear weight by one factor so that the certified "
+                   "graph bound of the whole network is at most L; the result is measured again before writing.")
+@click.option("--model", default=None,
+              help="MODULE:CALLABLE building your model, as for inspect (runs the code you name).")
+@click.option("--input-shape", default=None, help="--model: the input shape to export at, like 1x3x64x64.")
 @click.option("--format", "fmt", type=click.Choice(NORMALIZE_FORMAT_NAMES), default="table", show_default=True,
               help="Report format.")
 @common_options
 def normalize(path: str, output: Path | None, target: float, mode: str, conv_norm: str, include: tuple[str, ...],
               exclude: tuple[str, ...], bake: bool, in_place: bool, force: bool, partial: bool, dry_run: bool,
-              network_target: float | None, fmt: str, debug: bool, quiet: bool, **p: Any) -> None:
+              network_target: float | None, fmt: str, debug: bool, quiet: bool, model: str | None = None,
+              input_shape: str | None = None, **p: Any) -> None:
     """Rescale the covered layers so that each certified norm is at most --target."""
 
     def run() -> int:
         from lipaudit.settings import NormalizeSettings
 
-        if network_target is not None:
-            dest = _output_path(path, output, in_place, dry_run, force)
-            return _normalize_graph(path, dest, target, mode, network_target, _settings(p, "exact"), in_place,
-                                    dry_run, fmt, quiet)
-
         settings = NormalizeSettings(
             target=target, mode=Mode(mode), conv_norm=ConvNorm(conv_norm), include=include, exclude=exclude,
-            bake=bake, partial=partial, audit=_settings(p, "exact"),
+            bake=bake, partial=partial, audit=_settings(p, "exact"), network_target=network_target,
         )
-        return _normalize(path, _output_path(path, output, in_place, dry_run, force), settings, fmt, quiet)
+        graph = GraphOptions(measure=False, model=_model_spec(model, input_shape, None), debug=debug)
+        return _normalize(path, _output_path(path, output, in_place, dry_run, force), settings, fmt, quiet, graph)
 
     _guarded(run, path, fmt, debug)
 
@@ -577,14 +577,18 @@ def _output_path(path: str, output: Path | None, in_place: bool, dry_run: bool, 
     return None if dry_run else output
 
 
-def _normalize(path: str, output: Path | None, settings: NormalizeSettings, fmt: str, quiet: bool) -> int:
+def _normalize(path: str, output: Path | None, settings: NormalizeSettings, fmt: str, quiet: bool,
+               graph: GraphOptions) -> int:
+    from lipaudit.bound.chain import Chain
     from lipaudit.checkpoint import open_checkpoint
     from lipaudit.formats import render
     from lipaudit.normalize import normalize as run
 
     ckpt = open_checkpoint(path, settings.audit.key, for_writing=True, limits=settings.audit.limits)
-    with _progress(not quiet, "normalizing") as tick:
-        report = run(ckpt, settings, output, tick)
+    with _progress(not quiet, "normalizing") as tick, _strategy(ckpt, graph) as by:
+        # per layer, the network bound shown is the chain product unless the graph is asked for
+        chosen = by if settings.network_target is not None or graph.model is not None else Chain()
+        report = run(ckpt, settings, output, tick, chosen)
     _emit(render(report, fmt, _options(None)), fmt, None)
     if not quiet:
         scaled = sum(c.action == "scaled" for c in report.changes)
@@ -594,28 +598,6 @@ def _normalize(path: str, output: Path | None, settings: NormalizeSettings, fmt:
         click.echo(f"lipaudit: {visible(report.checkpoint.path)}: {scaled} layers rescaled{up}, {where}: "
                    f"{'passed' if report.passed else 'FAILED'}", err=True)
     return report.exit_code
-
-
-def _normalize_graph(path: str, output: Path | None, target: float, mode: str, network_target: float,
-                     settings: Settings, in_place: bool, dry_run: bool, fmt: str, quiet: bool) -> int:
-    """--network-target: one factor for every covered weight of a .pt2 archive, from its graph bound."""
-    from lipaudit.formats.json_format import dumps
-    from lipaudit.graph import GraphSettings
-    from lipaudit.graph.normalize import normalize_archive
-
-    result = normalize_archive(path, None if output is None else str(output), target, mode, network_target,
-                               GraphSettings.from_settings(settings, measure=False), in_place, dry_run)
-    doc = result.to_dict()
-    after = result.after if result.after is not None else result.before
-    passed = after.certified and after.log10_upper is not None and after.log10_upper <= math.log10(network_target)
-    if fmt == "json":
-        _emit(dumps({**doc, "passed": bool(passed or dry_run)}), fmt, None)
-    else:
-        before_up, after_up = result.before.to_dict()["lipschitz_upper"], after.to_dict()["lipschitz_upper"]
-        _emit(f"lipaudit normalize {visible(path)}: graph bound {before_up} -> {after_up} "
-              f"(target {network_target:g}); {len(result.changes)} layers; "
-              f"{'written to ' + visible(str(result.written)) if result.written else 'nothing written'}\n", fmt, None)
-    return 0 if passed or dry_run else 1
 
 
 def _format_in(argv: list[str]) -> str:

@@ -95,6 +95,8 @@ class NormalizeSettings:
     bake: bool = False
     partial: bool = False  # write even when a covered layer could not be brought to the target
     audit: Settings = field(default_factory=lambda: Settings(method=Method.EXACT))
+    # One common factor for every conv/linear weight so the certified graph bound is at most this.
+    network_target: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -106,4 +108,5 @@ class NormalizeSettings:
             "bake": self.bake,
             "partial": self.partial,
             "audit": self.audit.to_dict(),
+            "network_target": self.network_target,
         }

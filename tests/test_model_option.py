@@ -134,3 +134,32 @@ def test_model_from_the_current_folder_and_config(tmp_path: Path, monkeypatch: p
     with pytest.raises(SystemExit) as stop:
         main()
     assert stop.value.code == 0
+
+
+def test_normalize_to_a_network_target_with_model(tmp_path: Path, weights: Path) -> None:
+    """normalize --model --network-target writes the state dict (torch format, through the registry)
+    whose certified graph bound, measured again, is at most the target; one schema for the report."""
+    import jsonschema
+
+    from lipaudit.report import schema
+
+    out = tmp_path / "o.pt"
+    result = run("normalize", weights, "-o", out, "--model", "tests.models.small:make", "--input-shape",
+                 "1x3x16x16", "--network-target", "0.25", "--format", "json", "-q")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    jsonschema.Draft202012Validator(schema("normalize")).validate(doc)
+    assert doc["network"]["method"] == "graph" and doc["network"]["target"] == 0.25
+    assert doc["network"]["certified"] and doc["network"]["after"]["lipschitz_upper"] <= 0.25
+    again = run("inspect", out, "--model", "tests.models.small:make", *ARGS)
+    net = json.loads(again.stdout)["network"]
+    assert net["certified"] and net["lipschitz_upper"] <= 0.25 * (1 + 1e-9)
+    model = make()
+    model.load_state_dict(torch.load(out, weights_only=True))
+    assert _jacobian_lower(model, seed=5) <= net["lipschitz_upper"]
+
+
+def test_network_target_needs_a_graph(tmp_path: Path, weights: Path) -> None:
+    result = run("normalize", weights, "-o", tmp_path / "o.pt", "--network-target", "1", "-q")
+    assert result.exit_code == 2 and "needs the network's graph" in result.stderr
+    assert not (tmp_path / "o.pt").exists()

@@ -27,7 +27,7 @@ from lipaudit.spectral import Interval
 if TYPE_CHECKING:
     from lipaudit.checkpoint.pt2 import Pt2Archive
     from lipaudit.graph import GraphBound, GraphSettings, Loaded
-    from lipaudit.graph.bound import LinearOp
+    from lipaudit.graph.bound import LinearOp, Result
     from lipaudit.kinds import Plan
     from lipaudit.kinds.base import LayerKind, Measured
     from lipaudit.settings import Settings
@@ -206,13 +206,13 @@ class GraphStrategy:
                                            s.upper_method or s.method, s.certified)
 
     # -- walk 2: the bound ------------------------------------------------------------------
-    def run(self, settings: Settings) -> GraphBound:
-        from lipaudit.graph import bound_loaded, lower_end, summarise
+    def walk(self, settings: Settings, factors: dict[str, float] | None = None) -> Result:
+        """The bound from the measured operators; `factors` scale named graph parameters (normalize
+        plans with them: the operators stay the same, their norms scale)."""
+        from lipaudit.graph import bound_loaded
         from lipaudit.graph.bound import Uncovered
 
         planned = self.plan(settings)
-        loaded = self.loaded(settings)
-        gs = self.graph_settings(settings)
         calls = iter(planned.keys)
         measured = self._measured
         if not measured and planned.ops:
@@ -233,8 +233,34 @@ class GraphStrategy:
                 raise Uncovered("the operator's norm could not be measured")
             return iv
 
-        res = bound_loaded(loaded, gs, norm=lookup, unverified=self._unverified)
-        return summarise(res, lower_end(loaded, gs))
+        return bound_loaded(self.loaded(settings), self.graph_settings(settings), factors, {}, norm=lookup,
+                            unverified=self._unverified)
+
+    def run(self, settings: Settings) -> GraphBound:
+        from lipaudit.graph import lower_end, summarise
+
+        res = self.walk(settings)
+        return summarise(res, lower_end(self.loaded(settings), self.graph_settings(settings)))
+
+    def key_of(self, param: str) -> str:
+        """The checkpoint key of a graph parameter (the same name in a .pt2; matched for --graph/--model)."""
+        keys = self._loaded.keys if self._loaded is not None else None
+        return (keys or {}).get(param, param)
+
+    def with_weights(self, values: dict[str, torch.Tensor], settings: Settings) -> GraphStrategy:
+        """The same graph with some checkpoint tensors replaced (what normalize is about to write)."""
+        from lipaudit.graph import Loaded
+
+        loaded = self.loaded(settings)
+        by_name = {name: values[self.key_of(fqn)] for name, fqn in loaded.graph.params.items()
+                   if self.key_of(fqn) in values}
+
+        def load(name: str) -> torch.Tensor:
+            return by_name[name] if name in by_name else loaded.load(name)
+
+        other = GraphStrategy(self.archive, shown=self.shown, measure=False, arch=loaded.archive, source=self.source)
+        other._loaded = Loaded(loaded.archive, loaded.graph, load, loaded.keys)
+        return other
 
     def bound(self, layers: list[Layer], plan: Plan, settings: Settings) -> Bound:
         g = self.result = self.run(settings)

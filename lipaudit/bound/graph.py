@@ -81,7 +81,6 @@ class _Planned:
 
     keys: list[tuple[Any, ...]] = field(default_factory=list)  # one per norm call, in call order
     ops: dict[tuple[Any, ...], LinearOp] = field(default_factory=dict)  # distinct operators
-    nodes: dict[tuple[Any, ...], str] = field(default_factory=dict)
 
 
 class GraphStrategy:

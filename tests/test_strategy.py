@@ -92,3 +92,14 @@ def test_settings_reach_the_graph_operators(archive: Path) -> None:
     loose, _ = _audit(archive, Settings(jobs=1, conv_rtol=0.3))
     a, b = tight.report.network.upper, loose.report.network.upper
     assert a is not None and b is not None and a <= b * (1 + 1e-9)
+
+
+def test_the_time_budget_reaches_the_graph_operators(archive: Path) -> None:
+    """--layer-time-budget applies to the graph's own operators (BatchNorm-folded kernels) too: past
+    it a looser, still certified bound stands, and LIP015 names the operator."""
+    full, _ = _audit(archive, Settings(jobs=1))
+    cut, _ = _audit(archive, Settings(jobs=1, layer_time_s=1e-9))
+    messages = [f.message for f in cut.report.findings if f.code == "LIP015"]
+    assert any(m.startswith("graph operator stem.weight+bn.weight") for m in messages)
+    a, b = full.report.network.upper, cut.report.network.upper
+    assert cut.report.network.certified and a is not None and b is not None and a <= b * (1 + 1e-9)

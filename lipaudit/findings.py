@@ -41,6 +41,10 @@ RULES = {
         Rule("LIP040", Severity.ERROR, "diff: a bound rose by more than --max-increase"),
         Rule("LIP030", Severity.WARNING, "objects of classes outside the allowlist were read as inert placeholders"),
         Rule("LIP031", Severity.INFO, "the checkpoint names classes it does not build"),
+        Rule("LIP024", Severity.INFO, "spectral_norm layout of a square weight not known: both layouts covered"),
+        Rule("LIP025", Severity.WARNING, "--assume chain certifies a product that shapes or names hint is not a chain"),
+        Rule("LIP026", Severity.ERROR, "normalize --network-target: the rescaled network's certified bound is above "
+             "the target; nothing written"),
     )
 }
 

@@ -137,17 +137,19 @@ def test_wide_kernels_stay_within_the_work_cap() -> None:
 
 
 @cache
-def _report_json(name: str, fail_above: float | None) -> str:
+def _report_json(name: str, fail_above: float | None, assume: tuple[str, ...] = ()) -> str:
     from lipaudit.audit import audit
     from lipaudit.checkpoint import open_checkpoint
     from lipaudit.report import Settings
 
     ckpt = open_checkpoint(str(ROOT / "fixtures" / name), None)
-    return json.dumps(audit(ckpt, Settings(fail_above=fail_above)).to_dict())
+    return json.dumps(audit(ckpt, Settings(fail_above=fail_above, assume=assume)).to_dict())
 
 
-def _report(name: str = "demo_sn_cnn.pt", fail_above: float | None = 5.0) -> dict[str, Any]:
-    return json.loads(_report_json(name, fail_above))  # type: ignore[no-any-return]
+def _report(name: str = "demo_sn_cnn.pt", fail_above: float | None = 5.0,
+            assume: tuple[str, ...] = ("chain",)) -> dict[str, Any]:
+    """The demo is a plain chain, so its product is certified under --assume chain."""
+    return json.loads(_report_json(name, fail_above, assume))  # type: ignore[no-any-return]
 
 
 def _heatmaps(report: dict[str, Any]) -> dict[str, Any]:

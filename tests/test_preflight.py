@@ -143,7 +143,7 @@ def test_overrides_match_each_file_found_in_a_folder(tmp_path: Path, monkeypatch
     shutil.copy(FIXTURES / "mlp.pt", tmp_path / "models" / "loose.pt")
     shutil.copy(FIXTURES / "mlp.pt", tmp_path / "models" / "strict" / "tight.pt")
     (tmp_path / "pyproject.toml").write_text(
-        '[tool.lipaudit]\nfail-above = 1000\n\n[[tool.lipaudit.overrides]]\npaths = ["models/strict/*"]\n'
+        '[tool.lipaudit]\nfail-above = 1000\nassume = "chain"\n\n[[tool.lipaudit.overrides]]\npaths = ["models/strict/*"]\n'
         "fail-above = 0.001\n")
     monkeypatch.chdir(tmp_path)
     result = run("inspect", "models", "--format", "json")

@@ -143,8 +143,8 @@ def test_overrides_match_each_file_found_in_a_folder(tmp_path: Path, monkeypatch
     shutil.copy(FIXTURES / "mlp.pt", tmp_path / "models" / "loose.pt")
     shutil.copy(FIXTURES / "mlp.pt", tmp_path / "models" / "strict" / "tight.pt")
     (tmp_path / "pyproject.toml").write_text(
-        '[tool.lipaudit]\nfail-above = 1000\nassume = "chain"\n\n[[tool.lipaudit.overrides]]\npaths = ["models/strict/*"]\n'
-        "fail-above = 0.001\n")
+        '[tool.lipaudit]\nfail-above = 1000\nassume = "chain"\n\n'
+        '[[tool.lipaudit.overrides]]\npaths = ["models/strict/*"]\nfail-above = 0.001\n')
     monkeypatch.chdir(tmp_path)
     result = run("inspect", "models", "--format", "json")
     doc = validate(json.loads(result.stdout))

@@ -177,7 +177,10 @@ def test_pre_commit_try_repo(tmp_path: Path) -> None:
     (repo / "README.md").write_text("not a checkpoint\n", encoding="utf-8")
     env = {**os.environ, "PRE_COMMIT_HOME": str(tmp_path / "cache"), "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+           "GIT_COMMITTER_EMAIL": "t@example.invalid",
+           # the hook's own environment installs torch: the CPU wheel, not gigabytes of CUDA libraries
+           "PIP_INDEX_URL": os.environ.get("PIP_INDEX_URL", "https://download.pytorch.org/whl/cpu"),
+           "PIP_EXTRA_INDEX_URL": os.environ.get("PIP_EXTRA_INDEX_URL", "https://pypi.org/simple")}
     for cmd in (["git", "init", "-q"], ["git", "add", "."], ["git", "commit", "-q", "-m", "init"]):
         subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
     run = subprocess.run(["pre-commit", "try-repo", str(ROOT), "lipaudit", "--all-files", "--verbose"],

@@ -100,6 +100,20 @@ class Groups(click.ParamType):  # type: ignore[type-arg]
         return (name, int(n))
 
 
+class WriteSpec(click.ParamType):  # type: ignore[type-arg]
+    """FORMAT=FILE: one more output of the same audit."""
+
+    name = "FORMAT=FILE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, Path]:
+        if isinstance(value, tuple):
+            return value
+        fmt, sep, path = str(value).partition("=")
+        if not sep or not path or fmt not in FORMATS:
+            self.fail(f"{value!r}: expected FORMAT=FILE with FORMAT one of {', '.join(FORMATS)}", param, ctx)
+        return (fmt, Path(path))
+
+
 class Codes(click.ParamType):  # type: ignore[type-arg]
     """LIP003,LIP011: finding codes."""
 
@@ -298,6 +312,8 @@ def cli(ctx: click.Context) -> None:
 @click.option("--recursive/--no-recursive", default=True, show_default=True,
               help="Search folders given as PATHS in their subfolders too.")
 @click.option("-v", "--verbose", is_flag=True, help="List the assumptions behind the network bound.")
+@click.option("--write", type=WriteSpec(), multiple=True,
+              help="Also write the report as FORMAT to FILE (markdown=summary.md; repeatable), from the same audit.")
 @revision_option
 @common_options
 def inspect(**params: Any) -> None:
@@ -309,8 +325,8 @@ def inspect(**params: Any) -> None:
 
 
 def _inspect(ctx: click.Context, paths: tuple[str, ...], fmt: str, output: Path | None, debug: bool, quiet: bool,
-             verbose: bool, recursive: bool, revision: str | None, graph_archive: str | None, measure: bool,
-             measure_seconds: float, **p: Any) -> None:
+             verbose: bool, recursive: bool, revision: str | None, write: tuple[tuple[str, Path], ...],
+             graph_archive: str | None, measure: bool, measure_seconds: float, **p: Any) -> None:
 
     def run() -> int:
         found = preflight.inputs(paths, recursive, revision)
@@ -320,16 +336,20 @@ def _inspect(ctx: click.Context, paths: tuple[str, ...], fmt: str, output: Path 
         note = found.passed_over_text()
         if note and not quiet:
             click.echo(f"lipaudit: {note}", err=True)
+        for _, extra in write:
+            preflight.refuse_output_over_inputs(found.files, extra)
+        outputs: Outputs = [(fmt, output, _options(output, verbose=verbose, brief=quiet and fmt == "table"))]
+        outputs += [(f, extra, RenderOptions(verbose=verbose)) for f, extra in write]
+        heatmaps = max(FORMATS[f].heatmaps for f, _, _ in outputs)
         jobs = []
         for f in found.files:
             q = _params_for(ctx, f, p)  # --model and --input-shape may be set per path in the config
             graph = GraphOptions(graph_archive, measure, measure_seconds,
                                  _model_spec(q.get("model"), q.get("input_shape"), graph_archive), debug)
-            jobs.append((f, _inspect_settings(q, fmt), graph))
-        options = _options(output, verbose=verbose, brief=quiet and fmt == "table")
+            jobs.append((f, _inspect_settings(q, heatmaps), graph))
         if len(jobs) == 1:
-            return _inspect_one(*jobs[0], fmt, output, quiet, options)
-        return _inspect_many(jobs, fmt, output, quiet, options)
+            return _inspect_one(*jobs[0], outputs, quiet)
+        return _inspect_many(jobs, outputs, quiet)
 
     _guarded(run, paths[0] if len(paths) == 1 else None, fmt, debug)
 
@@ -345,11 +365,11 @@ def _params_for(ctx: click.Context, path: str, given: dict[str, Any]) -> dict[st
     return q
 
 
-def _inspect_settings(q: dict[str, Any], fmt: str) -> Settings:
+def _inspect_settings(q: dict[str, Any], heatmaps: int) -> Settings:
     return _settings(
         q, q["method"], fail_above=q["fail_above"], fail_layer_above=q["fail_layer_above"],
         allow_uncertified=q["allow_uncertified"], ignore=tuple(c for group in q["ignore"] for c in group),
-        fail_on=Severity(q["fail_on"]), heatmaps=FORMATS[fmt].heatmaps,
+        fail_on=Severity(q["fail_on"]), heatmaps=heatmaps,
         assume=(q["assume"],) if q.get("assume") else (),
     )
 
@@ -415,25 +435,26 @@ class GraphOptions:
     debug: bool = False  # errors from the user's --model code keep their traceback
 
 
-def _inspect_one(path: str, settings: Settings, graph: GraphOptions, fmt: str, output: Path | None, quiet: bool,
-                 options: RenderOptions) -> int:
+Outputs = list[tuple[str, Path | None, RenderOptions]]  # (format, -o or --write file or stdout, options)
+
+
+def _inspect_one(path: str, settings: Settings, graph: GraphOptions, outputs: Outputs, quiet: bool) -> int:
     from lipaudit.formats import render, summary_line
 
     with _progress(not quiet, "auditing") as tick:
         report = _audit_path(path, settings, tick, graph)
-    _emit(render(report, fmt, options), fmt, output)
+    for fmt, output, options in outputs:
+        _emit(render(report, fmt, options), fmt, output)
     if not quiet:
         click.echo(f"lipaudit: {summary_line(report)}", err=True)
     return report.exit_code
 
 
-def _inspect_many(jobs: list[tuple[str, Settings, GraphOptions]], fmt: str, output: Path | None, quiet: bool,
-                  options: RenderOptions) -> int:
+def _inspect_many(jobs: list[tuple[str, Settings, GraphOptions]], outputs: Outputs, quiet: bool) -> int:
     """Files in parallel (each with one job); one document, or one output per file; the worst exit code."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lipaudit.formats import failing, plural, render, summary_line
-    from lipaudit.report import error_document
+    from lipaudit.formats import failing, plural, summary_line
 
     def job(item: tuple[str, Settings, GraphOptions]) -> Report | LipauditError:
         path, settings, graph = item
@@ -447,45 +468,52 @@ def _inspect_many(jobs: list[tuple[str, Settings, GraphOptions]], fmt: str, outp
     workers = max(1, min(jobs[0][1].jobs, len(jobs)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(job, jobs))
-    codes = []
-    parts: list[str] = []
-    docs: list[dict[str, Any]] = []
-    assumptions: list[str] = []
     errors = failed_files = 0
-    each = replace(options, assumptions=False)
-    for (path, _, _), r in zip(jobs, results, strict=True):
+    for r in results:
         if isinstance(r, LipauditError):
-            codes.append(r.exit_code)
             errors += 1
             failed_files += 1
-            msg = visible(r.message, 1000)
-            docs.append(error_document(__version__, r.code, r.exit_code, msg, path))
-            parts.append(_error_text(fmt, msg, path))
             if not quiet:
-                click.echo(f"lipaudit: error: {msg}", err=True)
+                click.echo(f"lipaudit: error: {visible(r.message, 1000)}", err=True)
             continue
-        codes.append(r.exit_code)
-        docs.append(r.to_dict())
-        parts.append(render(r, fmt, each))
-        assumptions += [a for a in r.network.assumptions if a not in assumptions]
         if not r.passed:
             errors += len(failing(r))
             failed_files += 1
         if not quiet:
             click.echo(f"lipaudit: {summary_line(r)}", err=True)
-    f = FORMATS[fmt]
-    if f.one_document:
-        text = f.render_documents(docs)
-    else:
-        text = "".join(parts) + ("" if options.brief else f.render_assumptions(assumptions, options))
     verdict = (f"Found {plural(errors, 'error')} in {plural(failed_files, 'file')} (of {len(jobs)} audited)"
                if failed_files else f"All {len(jobs)} files passed")
-    if options.brief:  # --quiet tables: the summary lines are the report
-        text += verdict + "\n"
-    _emit(text, fmt, output)
+    paths = [p for p, _, _ in jobs]
+    for fmt, output, options in outputs:
+        text = _combined(paths, results, fmt, options)
+        if options.brief:  # --quiet tables: the summary lines are the report
+            text += verdict + "\n"
+        _emit(text, fmt, output)
     if not quiet:
         click.echo(f"lipaudit: {verdict}", err=True)
-    return max(codes)
+    return max(r.exit_code for r in results)
+
+
+def _combined(paths: list[str], results: list[Report | LipauditError], fmt: str, options: RenderOptions) -> str:
+    """Several reports in one format: one document (json, sarif, html), or one part per file with
+    the assumptions once at the end."""
+    from lipaudit.formats import render
+    from lipaudit.report import error_document
+
+    f = FORMATS[fmt]
+    if f.one_document:
+        return f.render_documents([
+            error_document(__version__, r.code, r.exit_code, visible(r.message, 1000), path)
+            if isinstance(r, LipauditError) else r.to_dict() for path, r in zip(paths, results, strict=True)])
+    each = replace(options, assumptions=False)
+    parts, assumptions = [], []
+    for path, r in zip(paths, results, strict=True):
+        if isinstance(r, LipauditError):
+            parts.append(_error_text(fmt, visible(r.message, 1000), path))
+            continue
+        parts.append(render(r, fmt, each))
+        assumptions += [a for a in r.network.assumptions if a not in assumptions]
+    return "".join(parts) + ("" if options.brief else f.render_assumptions(assumptions, options))
 
 
 def _error_text(fmt: str, message: str, path: str) -> str:

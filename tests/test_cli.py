@@ -205,3 +205,16 @@ def test_cuda_gives_the_same_numbers() -> None:
     assert code == code2 == 0
     for a, b in zip(cpu["layers"], gpu["layers"], strict=True):
         assert b["sigma"]["upper"] == pytest.approx(a["sigma"]["upper"], rel=1e-9)
+
+
+def test_write_adds_outputs_of_the_same_audit(tmp_path: Path) -> None:
+    md, doc, page = tmp_path / "s.md", tmp_path / "r.json", tmp_path / "r.html"
+    result = run("inspect", DEMO, "--format", "github", "--write", f"markdown={md}", "--write", f"json={doc}",
+                 "--write", f"html={page}", "-q")
+    assert result.exit_code == 0 and result.stdout.startswith("::")
+    upper = json.loads(doc.read_text())["network"]["lipschitz_upper"]
+    assert f"{upper:.5g}" in md.read_text() and f"{upper:.5g}" in page.read_text()
+    assert 'class="chart heatmaps"' in page.read_text()  # the html output still gets its heatmaps
+    bad = run("inspect", DEMO, "--write", "pdf=x.pdf")
+    assert bad.exit_code == 2 and "FORMAT=FILE" in bad.output
+    assert run("inspect", DEMO, "--write", f"json={DEMO}").exit_code == 2  # never over an input

@@ -182,6 +182,10 @@ def test_short_names_keep_block_index_and_leaf() -> None:
     assert all(s.endswith("dense") for s in short)
     assert middle("encoder.layer.3.attention.self.query", 24).endswith("3.…query") or "3" in middle(
         "encoder.layer.3.attention.self.query", 24)
+    leaves = ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense")
+    minilm = [middle(f"bert.encoder.layer.{i}.{leaf}", 20) for i in range(6) for leaf in leaves]
+    assert len(set(minilm)) == 24 and all(len(s) <= 20 for s in minilm)
+    assert middle("bert.encoder.layer.0.intermediate.dense", 20) == "…0.interm.dense"
     assert middle("short", 30) == "short"
     assert len(middle("x" * 80, 20)) == 20
 

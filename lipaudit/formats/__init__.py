@@ -174,25 +174,29 @@ def ratio_text(layer: Layer) -> str:
 
 
 def middle(text: str, width: int) -> str:
-    """A long dotted name shortened where it differs least: the leaf and the block indices stay
-    (encoder.layer.11.attention.output.dense -> …layer.11.attention.…dense), then the middle goes."""
+    """A long dotted name shortened where it differs least: the words before the last block index
+    go first, then the words between it and the leaf are cut to their first letters; indices and
+    the leaf stay (encoder.layer.11.attention.output.dense -> …11.atte.outp.dense)."""
     if len(text) <= width:
         return text
     parts = text.split(".")
     numeric = [i for i, x in enumerate(parts) if x.isdigit()]
     last_index = numeric[-1] if numeric else 0
-    # droppable, in order: words before the last block index (left first), then words between
-    # it and the leaf (longest first); indices and the leaf are never dropped
-    before = [i for i in range(0, last_index) if not parts[i].isdigit()]
-    after = sorted((i for i in range(last_index + 1, len(parts) - 1) if not parts[i].isdigit()),
-                   key=lambda i: -len(parts[i]))
     dropped: set[int] = set()
-    for i in before + after:
+    for i in (i for i in range(0, last_index) if not parts[i].isdigit()):
         dropped.add(i)
         short = _joined(parts, dropped)
         if len(short) <= width:
             return short
-    short = _joined(parts, dropped) if dropped else text
+    inner = [i for i in range(last_index + 1, len(parts) - 1) if not parts[i].isdigit()]
+    cut = list(parts)
+    for keep in range(6, 0, -1):
+        for i in inner:
+            cut[i] = parts[i][:keep]
+        short = _joined(cut, dropped)
+        if len(short) <= width:
+            return short
+    short = _joined(cut, dropped | set(inner))
     if len(short) <= width:
         return short
     keep = width - 1

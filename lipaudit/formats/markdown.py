@@ -49,7 +49,8 @@ def render(report: Report, options: RenderOptions) -> str:
         "",
         f"**Network Lipschitz bound:** {md(bound_text(net), 1000)} - **{md(verdict_text(report), 1000)}**",
         "",
-        f"{ck.format}, {ck.tensors} tensors, {ck.parameters} parameters, sha256 `{ck.sha256[:12]}`"
+        f"{ck.format}, {plural(ck.tensors, 'tensor')}, {plural(ck.parameters, 'parameter')}, "
+        f"sha256 `{ck.sha256[:12]}`"
         + (f", key {md(ck.key)}" if ck.key else ""),
         "",
         "| layer | kind | shape | sigma lower | sigma upper | certified | reshape sigma | ratio | in L |",

@@ -127,7 +127,8 @@ def render(report: Report, options: RenderOptions) -> str:
     head = Text(f"lipaudit {report.tool_version}  ", style="bold")
     head.append(visible(ck.path))
     console.print(head)
-    details = f"{ck.format}, {ck.tensors} tensors, {ck.parameters:,} parameters, sha256 {ck.sha256[:12]}"
+    details = (f"{ck.format}, {plural(ck.tensors, 'tensor')}, {ck.parameters:,} "
+               f"parameter{'' if ck.parameters == 1 else 's'}, sha256 {ck.sha256[:12]}")
     console.print(Text(details + (f", key {visible(ck.key)}" if ck.key else "")))
 
     name_width = max(16, options.width - 100)

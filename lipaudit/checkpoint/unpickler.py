@@ -11,6 +11,7 @@ a full (not weights-only) torch.load would run it. Containers are filled through
 from __future__ import annotations
 
 import _compat_pickle
+import collections
 import pickle
 import pickletools
 import struct
@@ -68,7 +69,7 @@ def danger(module: str, name: str) -> bool:
 # Classes a checkpoint may build: plain data whose construction runs nothing but its own
 # container code. They are still never imported: building one gives an inert Opaque record.
 DATA_CLASSES = frozenset({
-    "collections.Counter", "argparse.Namespace",
+    "argparse.Namespace",
     "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePath", "pathlib.PurePosixPath",
     "pathlib.PureWindowsPath", "pathlib._local.Path", "pathlib._local.PosixPath", "pathlib._local.WindowsPath",
     "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath",
@@ -271,14 +272,14 @@ class Builder:
     def rebuild_tensor_v2(self, storage: object, offset: object, size: object, stride: object,
                           requires_grad: object, hooks: object, metadata: object = None) -> torch.Tensor:
         _hooks_and_metadata(hooks, metadata)
-        return self.tensor(storage, offset, size, stride)
+        return _grad(self.tensor(storage, offset, size, stride), requires_grad)
 
     def rebuild_tensor_v3(self, storage: object, offset: object, size: object, stride: object,
                           requires_grad: object, hooks: object, dtype: object, metadata: object = None) -> torch.Tensor:
         _hooks_and_metadata(hooks, metadata)
         if not isinstance(dtype, torch.dtype):
             raise MalformedInputError("tensor dtype is not a dtype")
-        return self.tensor(storage, offset, size, stride, dtype)
+        return _grad(self.tensor(storage, offset, size, stride, dtype), requires_grad)
 
     def rebuild_parameter(self, data: object, requires_grad: object, hooks: object) -> torch.Tensor:
         _hooks_and_metadata(hooks, None)
@@ -323,6 +324,13 @@ class Builder:
         return method(self, *args)
 
 
+def _grad(t: torch.Tensor, requires_grad: object) -> torch.Tensor:
+    # kept as torch keeps it, so that normalize writes back what it read
+    if requires_grad is True and (t.is_floating_point() or t.is_complex()):
+        t.requires_grad_(True)
+    return t
+
+
 def _hooks_and_metadata(hooks: object, metadata: object) -> None:
     # Hooks are never serialized (torch writes an empty OrderedDict, old versions None); not read.
     if hooks is not None and not isinstance(hooks, dict):
@@ -345,6 +353,19 @@ def _ordered_dict(_self: Builder, *args: object) -> object:
         if type(pair) not in (list, tuple) or len(pair) != 2 or not _plain_key(pair[0]):
             raise MalformedInputError("OrderedDict built from something other than (key, value) pairs")
         OrderedDict.__setitem__(out, pair[0], pair[1])
+    return out
+
+
+def _counter(_self: Builder, *args: object) -> object:
+    # collections.Counter(mapping): a dict subclass whose construction only adds up plain keys
+    counts = args[0] if args else {}
+    if len(args) > 1 or not isinstance(counts, dict) or type(counts) is not dict:
+        raise MalformedInputError("collections.Counter built from something other than a dict")
+    out: collections.Counter[Any] = collections.Counter()
+    for k, v in dict.items(counts):
+        if not _plain_key(k):
+            raise MalformedInputError(f"a Counter key of type {type(k).__name__}")
+        dict.__setitem__(out, k, v)
     return out
 
 
@@ -418,6 +439,7 @@ _BUILDERS: dict[str, Callable[..., object]] = {
     "torch._utils._rebuild_xla_tensor": _unread("xla"),
     "torch._utils._rebuild_mlc_tensor": _unread("mlc"),
     "collections.OrderedDict": _ordered_dict,
+    "collections.Counter": _counter,
     "torch.Size": _torch_size,
     "torch.device": _device,
     "torch.serialization._get_layout": _layout,

@@ -18,7 +18,7 @@ from lipaudit.checkpoint.model import Checkpoint, StorageId, tensor_identity
 from lipaudit.checkpoint.select import check_size, select_state_dict
 from lipaudit.checkpoint.torch_reader import load_torch, tensor_info
 from lipaudit.checkpoint.writer import Edits, Pending, Staged
-from lipaudit.errors import OutputError
+from lipaudit.errors import MalformedInputError, OutputError
 from lipaudit.text import visible
 
 
@@ -128,8 +128,8 @@ class TorchFormat(Format):
             try:
                 with torch.no_grad():
                     view.copy_(new)
-            except RuntimeError:  # an expanded or self-overlapping view
-                raise OutputError(
+            except RuntimeError:  # an expanded or self-overlapping view, as stored in the file
+                raise MalformedInputError(
                     f"{self.shown}: cannot write {visible(key, 80)!r}: several of its elements share memory", self.shown
                 ) from None
         swap: dict[int, torch.Tensor] = {}

@@ -272,3 +272,18 @@ def test_config_cannot_silence_a_command_line_gate(tmp_path: Path, monkeypatch: 
     (tmp_path / "pyproject.toml").write_text('[tool.lipaudit]\nfail-above = 2\nignore = ["LIP003"]\n')
     monkeypatch.delenv("LIPAUDIT_IGNORE")
     assert run("inspect", path, "-q").exit_code == 1
+
+
+def test_a_tensor_subclass_counts_as_built(tmp_path: Path) -> None:
+    mod = types.ModuleType("lipaudit_hostile3_sub")
+    exec("import torch\nclass Sub(torch.Tensor):\n    pass\n", mod.__dict__)
+    sys.modules[mod.__name__] = mod
+    try:
+        path = tmp_path / "sub.pt"
+        torch.save({"w.weight": torch.eye(2), "s": torch.ones(2).as_subclass(mod.Sub)}, path)
+    finally:
+        del sys.modules[mod.__name__]
+    code, err = audit(path)
+    assert code == 3 and "lipaudit_hostile3_sub.Sub" in err
+    code, doc = _report(path, "--allow-unknown-classes")
+    assert code == 0 and "lipaudit_hostile3_sub.Sub" in _codes(doc)["LIP030"]

@@ -90,6 +90,16 @@ DATA_MODULES = frozenset({
 })
 
 
+# Allowed builders that make an instance of a class passed as an argument (at this position): a
+# tensor subclass, an ndarray subclass. That class counts as built, so it must be allowed too.
+INSTANTIATES: dict[str, int] = {
+    "torch._tensor._rebuild_from_type_v2": 1,
+    "torch._utils._rebuild_wrapper_subclass": 0,
+    "numpy.core.multiarray._reconstruct": 0,
+    "numpy._core.multiarray._reconstruct": 0,
+}
+
+
 def data_class(qualname: str) -> bool:
     """Whether a checkpoint may build the class (inertly) without --allow-unknown-classes."""
     return qualname in DATA_CLASSES or qualname.rpartition(".")[0] in DATA_MODULES
@@ -562,12 +572,19 @@ class RestrictedUnpickler(pickle._Unpickler):
         if not isinstance(args, tuple):
             raise MalformedInputError("call arguments are not a tuple")
         self._count()
+        name = func.qualname if isinstance(func, Global) else None
+        at = INSTANTIATES.get(name or "")
+        if at is not None and len(args) > at and isinstance(args[at], Global):
+            self._build(args[at].qualname)  # a full load would make an instance of that class
         result = self.builder.call(func, args)
         if isinstance(result, Opaque):
-            if not data_class(result.qualname) and not self.limits.allow_unknown_classes:
-                raise unknown_class(result.qualname)
-            self.built.add(result.qualname)
+            self._build(result.qualname)
         return result
+
+    def _build(self, qualname: str) -> None:
+        if not data_class(qualname) and not self.limits.allow_unknown_classes:
+            raise unknown_class(qualname)
+        self.built.add(qualname)
 
     def load_reduce(self) -> None:
         args = self.stack.pop()

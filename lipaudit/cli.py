@@ -323,7 +323,7 @@ def _inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None,
             fail_on=Severity(fail_on), heatmaps=FORMATS[fmt].heatmaps,
         )
         files = expand_paths(paths)
-        _refuse_input_as_output(files, output)
+        _refuse_input_as_output([*files, *([graph_archive] if graph_archive else [])], output)
         graph = GraphOptions(graph_archive, measure, measure_seconds)
         if len(files) == 1:
             return _inspect_one(files[0], settings, fmt, output, quiet, graph)

@@ -212,6 +212,11 @@ def test_no_report_onto_a_shard_or_index(tmp_path: Path, target: str) -> None:
         result = run(*args)
         assert result.exit_code == 2, (args, result.output)
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    graph = FIXTURES / "linear_chain.pt2"
+    copy = tmp_path / "graph.pt2"
+    copy.write_bytes(graph.read_bytes())
+    assert run("inspect", folder, "--graph", copy, "-o", copy).exit_code == 2
+    assert copy.read_bytes() == graph.read_bytes()
     # a new file beside the shards is fine
     assert run("inspect", folder, "-o", folder / "report.txt", "-q").exit_code == 0
 
@@ -287,3 +292,15 @@ def test_a_tensor_subclass_counts_as_built(tmp_path: Path) -> None:
     assert code == 3 and "lipaudit_hostile3_sub.Sub" in err
     code, doc = _report(path, "--allow-unknown-classes")
     assert code == 0 and "lipaudit_hostile3_sub.Sub" in _codes(doc)["LIP030"]
+
+
+def test_diff_takes_the_trust_flag(tmp_path: Path) -> None:
+    mod = _unknown_module()
+    sys.modules[mod.__name__] = mod
+    try:
+        path = tmp_path / "cfg.pt"
+        torch.save({"state_dict": {"w.weight": torch.eye(2) * 3}, "cfg": mod.Config()}, path)
+    finally:
+        del sys.modules[mod.__name__]
+    assert run("diff", path, path, "-q").exit_code == 3
+    assert run("diff", path, path, "-q", "--allow-unknown-classes").exit_code == 0

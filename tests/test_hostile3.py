@@ -304,3 +304,15 @@ def test_diff_takes_the_trust_flag(tmp_path: Path) -> None:
         del sys.modules[mod.__name__]
     assert run("diff", path, path, "-q").exit_code == 3
     assert run("diff", path, path, "-q", "--allow-unknown-classes").exit_code == 0
+
+
+def test_read_back_compares_metadata_and_grad() -> None:
+    a: collections.OrderedDict[str, object] = collections.OrderedDict(w=torch.ones(1))
+    b: collections.OrderedDict[str, object] = collections.OrderedDict(w=a["w"])
+    a._metadata = {"": {"version": 2}}  # type: ignore[attr-defined]
+    b._metadata = {"": {"version": 1}}  # type: ignore[attr-defined]
+    assert difference(a, b) is not None
+    b._metadata = {"": {"version": 2}}  # type: ignore[attr-defined]
+    assert difference(a, b) is None
+    t = torch.ones(2, requires_grad=True)
+    assert difference({"t": t}, {"t": t.detach()}) is not None

@@ -310,7 +310,7 @@ class Builder:
         shape = _ints(size, "size")
         strides = _ints(stride, "stride", len(shape))
         checked_shape(shape)
-        return torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+        return _grad(torch.empty_strided(shape, strides, dtype=dtype, device="meta"), requires_grad)
 
     def rebuild_from_type(self, func: object, new_type: object, args: object, state: object) -> object:
         plain = ("torch.Tensor", "torch.nn.parameter.Parameter")

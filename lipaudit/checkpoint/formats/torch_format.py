@@ -326,8 +326,11 @@ def difference(expected: object, got: object) -> str | None:
             keys = list(dict.keys(e))
             if keys != list(dict.keys(g)) or [type(k) for k in keys] != [type(k) for k in dict.keys(g)]:
                 return f"{here}: keys"
-            if set(getattr(e, "__dict__", {})) != set(getattr(g, "__dict__", {})):
+            attrs = dict(getattr(e, "__dict__", {}))
+            if set(attrs) != set(getattr(g, "__dict__", {})):
                 return f"{here}: attributes"
+            if attrs:  # a state dict's _metadata (versions that load_state_dict acts on)
+                stack.append((attrs, dict(vars(g)), f"{where}/@attributes"))
             stack.extend((dict.__getitem__(e, k), dict.__getitem__(g, k), f"{where}/{k}") for k in keys)
         else:
             assert isinstance(e, (list, tuple)) and isinstance(g, (list, tuple))

@@ -419,7 +419,7 @@ def _device(_self: Builder, *args: object) -> object:
         raise MalformedInputError("torch.device with an odd index")
     try:
         return torch.device(*args)  # type: ignore[call-overload]
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):
         raise MalformedInputError(f"torch.device of unknown type {visible(args[0], 40)!r}") from None
 
 

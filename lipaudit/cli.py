@@ -330,14 +330,15 @@ def _inspect(ctx: click.Context, paths: tuple[str, ...], fmt: str, output: Path 
 
     def run() -> int:
         found = preflight.inputs(paths, recursive, revision)
-        preflight.refuse_output_over_inputs(found.files, output)
+        read = [*found.files, *([graph_archive] if graph_archive else [])]
+        preflight.refuse_output_over_inputs(read, output)
         if graph_archive is not None:
             preflight.exists(graph_archive, "--graph ")
         note = found.passed_over_text()
         if note and not quiet:
             click.echo(f"lipaudit: {note}", err=True)
         for _, extra in write:
-            preflight.refuse_output_over_inputs(found.files, extra)
+            preflight.refuse_output_over_inputs(read, extra)
         outputs: Outputs = [(fmt, output, _options(output, verbose=verbose, brief=quiet and fmt == "table"))]
         outputs += [(f, extra, RenderOptions(verbose=verbose)) for f, extra in write]
         heatmaps = max(FORMATS[f].heatmaps for f, _, _ in outputs)

@@ -14,6 +14,14 @@ if TYPE_CHECKING:
     from lipaudit.checkpoint.writer import Edits
 
 
+# Float dtypes torch converts to float64, the only way a weight enters the math. Newer packed
+# formats (float4_e2m1fn_x2, ...) have no conversion: such tensors are skipped with a reason.
+NUMERIC_FLOATS = frozenset({
+    "float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
+    "float8_e5m2fnuz", "float8_e8m0fnu",
+})
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """What is known about a tensor before its data is read."""
@@ -45,7 +53,7 @@ class TensorInfo:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype.startswith(("float", "bfloat")) and not self.is_quantized
+        return self.dtype in NUMERIC_FLOATS and not self.is_quantized
 
 
 @dataclass(frozen=True)

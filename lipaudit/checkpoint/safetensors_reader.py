@@ -112,12 +112,12 @@ def header_of(fd: int, shown: str, limits: Limits) -> tuple[dict[str, Any], dict
     for name, entry in header.items():
         ok = (
             isinstance(entry, dict)
-            and entry.get("dtype") in _DTYPES
+            and isinstance(entry.get("dtype"), str) and entry["dtype"] in _DTYPES
             and isinstance(entry.get("shape"), list)
-            and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+            and all(type(d) is int and d >= 0 for d in entry["shape"])
             and isinstance(entry.get("data_offsets"), list)
             and len(entry["data_offsets"]) == 2
-            and all(isinstance(o, int) for o in entry["data_offsets"])
+            and all(type(o) is int for o in entry["data_offsets"])
         )
         if not ok:
             raise MalformedInputError(f"{shown}: bad safetensors entry {visible(name, 80)!r}", shown)

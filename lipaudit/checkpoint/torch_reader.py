@@ -158,6 +158,7 @@ def _read_storage(f: Any, offset: int, nbytes: int) -> torch.UntypedStorage:
 
 
 def _swap(storage: torch.UntypedStorage, itemsize: int) -> torch.UntypedStorage:
+    """Little-endian bytes of a big-endian storage; itemsize is that of one real number."""
     if itemsize == 1 or not storage.nbytes():
         return storage
     raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
@@ -211,7 +212,9 @@ def _load_zip(path: Path, shown: str, mmap: bool, limits: Limits, classes: Class
             else:
                 with open(path, "rb") as f:
                     raw = _read_storage(f, member.offset, member.size)
-                loaded[key] = _swap(raw, itemsize) if byteorder == "big" else raw
+                # complex numbers are swapped per part, as torch does
+                part = itemsize // 2 if dtype.is_complex else itemsize
+                loaded[key] = _swap(raw, part) if byteorder == "big" else raw
         return Storage(loaded[key], dtype)
 
     try:

@@ -11,6 +11,7 @@ a full (not weights-only) torch.load would run it. Containers are filled through
 from __future__ import annotations
 
 import _compat_pickle
+import collections
 import pickle
 import pickletools
 import struct
@@ -68,7 +69,7 @@ def danger(module: str, name: str) -> bool:
 # Classes a checkpoint may build: plain data whose construction runs nothing but its own
 # container code. They are still never imported: building one gives an inert Opaque record.
 DATA_CLASSES = frozenset({
-    "collections.Counter", "argparse.Namespace",
+    "argparse.Namespace",
     "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePath", "pathlib.PurePosixPath",
     "pathlib.PureWindowsPath", "pathlib._local.Path", "pathlib._local.PosixPath", "pathlib._local.WindowsPath",
     "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath",
@@ -87,6 +88,16 @@ DATA_MODULES = frozenset({
     "pytorch_lightning.utilities.enums", "lightning.pytorch.utilities.enums", "pytorch_lightning.trainer.states",
     "lightning.pytorch.trainer.states",
 })
+
+
+# Allowed builders that make an instance of a class passed as an argument (at this position): a
+# tensor subclass, an ndarray subclass. That class counts as built, so it must be allowed too.
+INSTANTIATES: dict[str, int] = {
+    "torch._tensor._rebuild_from_type_v2": 1,
+    "torch._utils._rebuild_wrapper_subclass": 0,
+    "numpy.core.multiarray._reconstruct": 0,
+    "numpy._core.multiarray._reconstruct": 0,
+}
 
 
 def data_class(qualname: str) -> bool:
@@ -271,14 +282,14 @@ class Builder:
     def rebuild_tensor_v2(self, storage: object, offset: object, size: object, stride: object,
                           requires_grad: object, hooks: object, metadata: object = None) -> torch.Tensor:
         _hooks_and_metadata(hooks, metadata)
-        return self.tensor(storage, offset, size, stride)
+        return _grad(self.tensor(storage, offset, size, stride), requires_grad)
 
     def rebuild_tensor_v3(self, storage: object, offset: object, size: object, stride: object,
                           requires_grad: object, hooks: object, dtype: object, metadata: object = None) -> torch.Tensor:
         _hooks_and_metadata(hooks, metadata)
         if not isinstance(dtype, torch.dtype):
             raise MalformedInputError("tensor dtype is not a dtype")
-        return self.tensor(storage, offset, size, stride, dtype)
+        return _grad(self.tensor(storage, offset, size, stride, dtype), requires_grad)
 
     def rebuild_parameter(self, data: object, requires_grad: object, hooks: object) -> torch.Tensor:
         _hooks_and_metadata(hooks, None)
@@ -299,7 +310,7 @@ class Builder:
         shape = _ints(size, "size")
         strides = _ints(stride, "stride", len(shape))
         checked_shape(shape)
-        return torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+        return _grad(torch.empty_strided(shape, strides, dtype=dtype, device="meta"), requires_grad)
 
     def rebuild_from_type(self, func: object, new_type: object, args: object, state: object) -> object:
         plain = ("torch.Tensor", "torch.nn.parameter.Parameter")
@@ -321,6 +332,13 @@ class Builder:
         if method is None:
             raise UnsafeInputError(f"the pickle calls a {type(func).__name__}, which is not a constructor")
         return method(self, *args)
+
+
+def _grad(t: torch.Tensor, requires_grad: object) -> torch.Tensor:
+    # kept as torch keeps it, so that normalize writes back what it read
+    if requires_grad is True and (t.is_floating_point() or t.is_complex()):
+        t.requires_grad_(True)
+    return t
 
 
 def _hooks_and_metadata(hooks: object, metadata: object) -> None:
@@ -345,6 +363,19 @@ def _ordered_dict(_self: Builder, *args: object) -> object:
         if type(pair) not in (list, tuple) or len(pair) != 2 or not _plain_key(pair[0]):
             raise MalformedInputError("OrderedDict built from something other than (key, value) pairs")
         OrderedDict.__setitem__(out, pair[0], pair[1])
+    return out
+
+
+def _counter(_self: Builder, *args: object) -> object:
+    # collections.Counter(mapping): a dict subclass whose construction only adds up plain keys
+    counts = args[0] if args else {}
+    if len(args) > 1 or not isinstance(counts, dict) or type(counts) is not dict:
+        raise MalformedInputError("collections.Counter built from something other than a dict")
+    out: collections.Counter[Any] = collections.Counter()
+    for k, v in dict.items(counts):
+        if not _plain_key(k):
+            raise MalformedInputError(f"a Counter key of type {type(k).__name__}")
+        dict.__setitem__(out, k, v)
     return out
 
 
@@ -388,7 +419,7 @@ def _device(_self: Builder, *args: object) -> object:
         raise MalformedInputError("torch.device with an odd index")
     try:
         return torch.device(*args)  # type: ignore[call-overload]
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):
         raise MalformedInputError(f"torch.device of unknown type {visible(args[0], 40)!r}") from None
 
 
@@ -418,6 +449,7 @@ _BUILDERS: dict[str, Callable[..., object]] = {
     "torch._utils._rebuild_xla_tensor": _unread("xla"),
     "torch._utils._rebuild_mlc_tensor": _unread("mlc"),
     "collections.OrderedDict": _ordered_dict,
+    "collections.Counter": _counter,
     "torch.Size": _torch_size,
     "torch.device": _device,
     "torch.serialization._get_layout": _layout,
@@ -540,12 +572,19 @@ class RestrictedUnpickler(pickle._Unpickler):
         if not isinstance(args, tuple):
             raise MalformedInputError("call arguments are not a tuple")
         self._count()
+        name = func.qualname if isinstance(func, Global) else None
+        at = INSTANTIATES.get(name or "")
+        if at is not None and len(args) > at and isinstance(args[at], Global):
+            self._build(args[at].qualname)  # a full load would make an instance of that class
         result = self.builder.call(func, args)
         if isinstance(result, Opaque):
-            if not data_class(result.qualname) and not self.limits.allow_unknown_classes:
-                raise unknown_class(result.qualname)
-            self.built.add(result.qualname)
+            self._build(result.qualname)
         return result
+
+    def _build(self, qualname: str) -> None:
+        if not data_class(qualname) and not self.limits.allow_unknown_classes:
+            raise unknown_class(qualname)
+        self.built.add(qualname)
 
     def load_reduce(self) -> None:
         args = self.stack.pop()

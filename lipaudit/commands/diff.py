@@ -29,16 +29,18 @@ class Percent(click.ParamType):  # type: ignore[type-arg]
             self.fail(e.message, param, ctx)
 
 
-def audit_to_dict(key: str | None, method: str, rtol: float | None) -> Any:
+def audit_to_dict(key: str | None, method: str, rtol: float | None, allow_unknown_classes: bool = False) -> Any:
     """audit_path for the diff: open the checkpoint, audit it, return Report.to_dict()."""
 
     def run(path: str) -> dict[str, Any]:
         from lipaudit.audit import audit
         from lipaudit.checkpoint import open_checkpoint
+        from lipaudit.checkpoint.limits import Limits
         from lipaudit.report import Settings
 
         base = Settings()
-        given: dict[str, Any] = {"key": key, "jobs": max(1, min(8, os.cpu_count() or 1))}
+        given: dict[str, Any] = {"key": key, "jobs": max(1, min(8, os.cpu_count() or 1)),
+                                 "limits": Limits(allow_unknown_classes=allow_unknown_classes)}
         # the field's own type (a str or a str enum) reads the choice
         given["method"] = type(base.method)(method)
         if rtol is not None:
@@ -71,11 +73,13 @@ def _readable(path: str) -> None:
               help="Dense-layer method, for checkpoint inputs.")
 @click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Relative width of the brackets, for checkpoint inputs.")
+@click.option("--allow-unknown-classes", is_flag=True,
+              help="Read pickles that build classes outside the allowlist, keeping them inert (trusted files only).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
 def diff(
     old: str, new: str, max_increase: float | None, fmt: str, output: Path | None, key: str | None, method: str,
-    rtol: float | None, quiet: bool, debug: bool,
+    rtol: float | None, allow_unknown_classes: bool, quiet: bool, debug: bool,
 ) -> None:
     """Compare two checkpoints (or two JSON reports from inspect --format json), layer by layer and
     for the network. Layers are matched by tensor key, then by name."""
@@ -89,7 +93,8 @@ def diff(
             _readable(path)
         if output is not None:
             preflight.refuse_output_over_inputs([old, new], output)
-        result = diff_paths(old, new, audit_to_dict(key, method, rtol), max_increase, __version__)
+        audit_path = audit_to_dict(key, method, rtol, allow_unknown_classes)
+        result = diff_paths(old, new, audit_path, max_increase, __version__)
         emit(render_diff(result, fmt, terminal_options(output)), fmt, output)
         if not quiet:
             click.echo(f"lipaudit: diff {visible(old)} -> {visible(new)}: {diff_verdict(result)}", err=True)

@@ -18,7 +18,7 @@ from lipaudit.checkpoint.model import Checkpoint, StorageId, tensor_identity
 from lipaudit.checkpoint.select import check_size, select_state_dict
 from lipaudit.checkpoint.torch_reader import load_torch, tensor_info
 from lipaudit.checkpoint.writer import Edits, Pending, Staged
-from lipaudit.errors import OutputError
+from lipaudit.errors import MalformedInputError, OutputError
 from lipaudit.text import visible
 
 
@@ -128,8 +128,8 @@ class TorchFormat(Format):
             try:
                 with torch.no_grad():
                     view.copy_(new)
-            except RuntimeError:  # an expanded or self-overlapping view
-                raise OutputError(
+            except RuntimeError:  # an expanded or self-overlapping view, as stored in the file
+                raise MalformedInputError(
                     f"{self.shown}: cannot write {visible(key, 80)!r}: several of its elements share memory", self.shown
                 ) from None
         swap: dict[int, torch.Tensor] = {}
@@ -326,8 +326,11 @@ def difference(expected: object, got: object) -> str | None:
             keys = list(dict.keys(e))
             if keys != list(dict.keys(g)) or [type(k) for k in keys] != [type(k) for k in dict.keys(g)]:
                 return f"{here}: keys"
-            if set(getattr(e, "__dict__", {})) != set(getattr(g, "__dict__", {})):
+            attrs = dict(getattr(e, "__dict__", {}))
+            if set(attrs) != set(getattr(g, "__dict__", {})):
                 return f"{here}: attributes"
+            if attrs:  # a state dict's _metadata (versions that load_state_dict acts on)
+                stack.append((attrs, dict(vars(g)), f"{where}/@attributes"))
             stack.extend((dict.__getitem__(e, k), dict.__getitem__(g, k), f"{where}/{k}") for k in keys)
         else:
             assert isinstance(e, (list, tuple)) and isinstance(g, (list, tuple))

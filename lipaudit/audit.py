@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -17,8 +16,10 @@ from lipaudit.errors import ResourceLimitError
 from lipaudit.findings import finding
 from lipaudit.kinds import Plan, plan_layers
 from lipaudit.kinds.base import Context, LayerSpec, Measured
+from lipaudit.pool import run_all, shape_cost
 from lipaudit.report import CheckpointInfo, Finding, Layer, Network, Report, Skipped
 from lipaudit.settings import Settings
+from lipaudit.spectral import TIME_BUDGET
 
 Progress = Callable[[int, int, str], None]
 
@@ -55,28 +56,18 @@ def _measure(spec: LayerSpec, ckpt: Checkpoint, settings: Settings) -> tuple[Lay
 def _measure_all(
     specs: list[LayerSpec], ckpt: Checkpoint, settings: Settings, progress: Progress | None
 ) -> list[tuple[Layer, list[Finding]]]:
-    """Layers are independent: with several jobs each worker runs single-threaded LAPACK, which
-    keeps both cores busy through the serial parts of the conv search (about 1.2x on 2 cores)."""
+    """Layers are independent: lipaudit.pool runs them, one torch thread per worker, dearest first."""
     total = len(specs)
-    if settings.jobs <= 1 or total <= 1 or settings.device != "cpu":
-        out = []
-        for i, spec in enumerate(specs):
-            if progress:
-                progress(i, total, spec.name)
-            out.append(_measure(spec, ckpt, settings))
-        return out
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
-            futures = [pool.submit(_measure, spec, ckpt, settings) for spec in specs]
-            for i, (spec, fut) in enumerate(zip(specs, futures, strict=True)):
-                if progress:
-                    progress(i, total, spec.name)
-                fut.result()
-            return [f.result() for f in futures]
-    finally:
-        torch.set_num_threads(threads)
+    seen = [0]
+
+    def started(_: int, spec: LayerSpec) -> None:
+        if progress:
+            progress(seen[0], total, spec.name)
+        seen[0] += 1
+
+    jobs = settings.jobs if settings.device == "cpu" else 1
+    return run_all(specs, lambda spec: _measure(spec, ckpt, settings), jobs,
+                   cost=lambda spec: shape_cost(spec.shape), started=started)
 
 
 def _peak_rss() -> int | None:
@@ -127,9 +118,11 @@ def _gates(layers: list[Layer], specs: list[LayerSpec], net: Network, settings: 
                     f"{x.name}: norm upper bound {x.sigma.upper:.6g} is above {settings.fail_layer_above:g}",
                 ))
             elif not x.sigma.certified and not settings.allow_uncertified:
+                what = (TIME_BUDGET if any(n.startswith(TIME_BUDGET) for n in x.notes)
+                        else "an estimate, not a proof")
                 out.append(finding(
                     "LIP017", x.tensor,
-                    f"--fail-layer-above: {x.name}'s upper end {x.sigma.upper:.6g} is an estimate, not a proof; "
+                    f"--fail-layer-above: {x.name}'s upper end {x.sigma.upper:.6g} is {what}; "
                     "pass --allow-uncertified to gate on it anyway",
                 ))
     return out

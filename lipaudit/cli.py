@@ -216,8 +216,12 @@ def common_options(f: Any) -> Any:
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
                      help="Where the float64 linear algebra runs."),
         click.option("--layer-time-budget", type=PositiveFloat(), default=120.0, show_default=True,
-                     help="Seconds one layer's search may take; past it a looser, still certified bound stands "
-                          "(finding LIP015)."),
+                     help="Safety net for hostile inputs: seconds one layer may take; past it the layer's bound is "
+                          "reported as not certified: time budget (LIP015) and gates on it fail."),
+        click.option("--conv-points", type=click.IntRange(min=1), default=None,
+                     help="Work limit of one convolution's search, in frequency points; past it a looser, "
+                          "still certified bound stands (LIP015), the same on every machine "
+                          "[default: 1000000]."),
         click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
                      help="Layers (or files) measured at once [default: the number of CPUs, at most 8]."),
         click.option("--max-tensors", type=click.IntRange(min=1), default=None,
@@ -234,7 +238,7 @@ def common_options(f: Any) -> Any:
 
 
 def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
-    from lipaudit.settings import CONV_RTOL, DENSE_RTOL, Settings, default_jobs
+    from lipaudit.settings import CONV_POINTS, CONV_RTOL, DENSE_RTOL, Settings, default_jobs
 
     rtol = p["rtol"]
     return Settings(
@@ -242,7 +246,8 @@ def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
         conv_rtol=rtol if rtol is not None else CONV_RTOL, seed=p.get("seed", 0), device=_device(p["device"]),
         key=p["key"], bn_eps=p["bn_eps"], input_sizes=tuple(p.get("input_sizes", ())), groups=tuple(p["groups"]),
         limits=_limits(p["max_tensors"], p["max_tensor_bytes"], p["max_total_bytes"]),
-        jobs=p["jobs"] if p["jobs"] is not None else default_jobs(), layer_time_s=p["layer_time_budget"], **gates,
+        jobs=p["jobs"] if p["jobs"] is not None else default_jobs(), layer_time_s=p["layer_time_budget"],
+        conv_points=p["conv_points"] or CONV_POINTS, **gates,
     )
 
 
@@ -422,8 +427,6 @@ def _inspect_one(path: str, settings: Settings, fmt: str, output: Path | None, q
 def _inspect_many(files: list[str], settings: Settings, fmt: str, output: Path | None, quiet: bool,
                   graph: GraphOptions) -> int:
     """Files in parallel (each with one job); one document, or one output per file; the worst exit code."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from lipaudit.formats import render
     from lipaudit.report import error_document
 
@@ -437,8 +440,9 @@ def _inspect_many(files: list[str], settings: Settings, fmt: str, output: Path |
         except Exception as e:
             return _internal(e, path)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(settings.jobs, len(files)))) as pool:
-        results = list(pool.map(job, files))
+    from lipaudit.pool import run_all
+
+    results = run_all(files, job, max(1, min(settings.jobs, len(files))))
     codes = []
     parts: list[str] = []
     docs: list[dict[str, Any]] = []

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,8 +16,10 @@ from lipaudit.errors import ResourceLimitError
 from lipaudit.findings import finding
 from lipaudit.kinds import Plan, plan_layers
 from lipaudit.kinds.base import Context, LayerSpec, Measured
+from lipaudit.pool import run_all, shape_cost
 from lipaudit.report import CheckpointInfo, Finding, Layer, Network, Report, Skipped
 from lipaudit.settings import Settings
+from lipaudit.spectral import TIME_BUDGET
 
 Progress = Callable[[int, int, str], None]
 
@@ -60,30 +60,18 @@ def _measure(job: Job, path: str) -> tuple[Measured, float]:
 
 def _measure_all(jobs: list[Job], path: str, settings: Settings,
                  progress: Progress | None) -> list[tuple[Measured, float]]:
-    """Layers are independent: with several jobs each worker runs single-threaded LAPACK, which
-    keeps both cores busy through the serial parts of the conv search (about 1.2x on 2 cores)."""
+    """Layers are independent: lipaudit.pool runs them, one torch thread per worker, dearest first."""
     total = len(jobs)
-    if settings.jobs <= 1 or total <= 1 or settings.device != "cpu":
-        out = []
-        for i, job in enumerate(jobs):
-            if progress:
-                progress(i, total, job[0].name)
-            out.append(_measure(job, path))
-        return out
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
-            # the largest first, so one big layer does not start last and run alone
-            order = sorted(range(total), key=lambda i: -math.prod(jobs[i][0].shape))
-            futures = {i: pool.submit(_measure, jobs[i], path) for i in order}
-            for n, i in enumerate(order):
-                if progress:
-                    progress(n, total, jobs[i][0].name)
-                futures[i].result()
-            return [futures[i].result() for i in range(total)]
-    finally:
-        torch.set_num_threads(threads)
+    seen = [0]
+
+    def started(_: int, job: Job) -> None:
+        if progress:
+            progress(seen[0], total, job[0].name)
+        seen[0] += 1
+
+    workers = settings.jobs if settings.device == "cpu" else 1
+    return run_all(jobs, lambda job: _measure(job, path), workers,
+                   cost=lambda job: shape_cost(job[0].shape), started=started)
 
 
 def measure_operators(by: Measuring, plan: Plan, settings: Settings, path: str,
@@ -143,9 +131,11 @@ def _gates(layers: list[Layer], specs: list[LayerSpec], net: Network, settings: 
                     f"{x.name}: norm upper bound {x.sigma.upper:.6g} is above {settings.fail_layer_above:g}",
                 ))
             elif not x.sigma.certified and not settings.allow_uncertified:
+                what = (TIME_BUDGET if any(n.startswith(TIME_BUDGET) for n in x.notes)
+                        else "an estimate, not a proof")
                 out.append(finding(
                     "LIP017", x.tensor,
-                    f"--fail-layer-above: {x.name}'s upper end {x.sigma.upper:.6g} is an estimate, not a proof; "
+                    f"--fail-layer-above: {x.name}'s upper end {x.sigma.upper:.6g} is {what}; "
                     "pass --allow-uncertified to gate on it anyway",
                 ))
     return out

@@ -215,8 +215,12 @@ def common_options(f: Any) -> Any:
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
                      help="Where the float64 linear algebra runs."),
         click.option("--layer-time-budget", type=PositiveFloat(), default=120.0, show_default=True,
-                     help="Seconds one layer's search may take; past it a looser, still certified bound stands "
-                          "(finding LIP015)."),
+                     help="Safety net for hostile inputs: seconds one layer may take; past it the layer's bound is "
+                          "reported as not certified: time budget (LIP015) and gates on it fail."),
+        click.option("--conv-points", type=click.IntRange(min=1), default=None,
+                     help="Work limit of one convolution's search, in frequency points; past it a looser, "
+                          "still certified bound stands (LIP015), the same on every machine "
+                          "[default: 1000000]."),
         click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
                      help="Layers (or files) measured at once [default: the number of CPUs, at most 8]."),
         click.option("--max-tensors", type=click.IntRange(min=1), default=None,
@@ -242,7 +246,7 @@ def revision_option(f: Any) -> Any:
 
 
 def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
-    from lipaudit.settings import CONV_RTOL, DENSE_RTOL, Settings, default_jobs
+    from lipaudit.settings import CONV_POINTS, CONV_RTOL, DENSE_RTOL, Settings, default_jobs
 
     rtol = p["rtol"]
     return Settings(
@@ -250,7 +254,8 @@ def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
         conv_rtol=rtol if rtol is not None else CONV_RTOL, seed=p.get("seed", 0), device=_device(p["device"]),
         key=p["key"], bn_eps=p["bn_eps"], input_sizes=tuple(p.get("input_sizes", ())), groups=tuple(p["groups"]),
         limits=_limits(p["max_tensors"], p["max_tensor_bytes"], p["max_total_bytes"], p["allow_unknown_classes"]),
-        jobs=p["jobs"] if p["jobs"] is not None else default_jobs(), layer_time_s=p["layer_time_budget"], **gates,
+        jobs=p["jobs"] if p["jobs"] is not None else default_jobs(), layer_time_s=p["layer_time_budget"],
+        conv_points=p["conv_points"] or CONV_POINTS, **gates,
     )
 
 
@@ -453,9 +458,8 @@ def _inspect_one(path: str, settings: Settings, graph: GraphOptions, outputs: Ou
 
 def _inspect_many(jobs: list[tuple[str, Settings, GraphOptions]], outputs: Outputs, quiet: bool) -> int:
     """Files in parallel (each with one job); one document, or one output per file; the worst exit code."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from lipaudit.formats import failing, plural, summary_line
+    from lipaudit.pool import run_all
 
     def job(item: tuple[str, Settings, GraphOptions]) -> Report | LipauditError:
         path, settings, graph = item
@@ -466,9 +470,7 @@ def _inspect_many(jobs: list[tuple[str, Settings, GraphOptions]], outputs: Outpu
         except Exception as e:
             return _internal(e, path)
 
-    workers = max(1, min(jobs[0][1].jobs, len(jobs)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(job, jobs))
+    results = run_all(jobs, job, max(1, min(jobs[0][1].jobs, len(jobs))))
     errors = failed_files = 0
     for r in results:
         if isinstance(r, LipauditError):

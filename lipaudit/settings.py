@@ -16,6 +16,8 @@ def default_jobs() -> int:
 
 DENSE_RTOL = 1e-4
 CONV_RTOL = 1e-2
+# Work limit of one convolution's search, in frequency points (docs/architecture.md, "Work budgets").
+CONV_POINTS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,11 @@ class Settings:
     jobs: int = field(default_factory=default_jobs)
     # Gates given a bound that is not a proof fail, unless this is set.
     allow_uncertified: bool = False
-    # Wall-clock budget of one layer's search (seconds); past it a looser sound bound stands.
+    # Work limit of one convolution's search, in frequency points: fixed before the run, so the
+    # intervals are the same under any load, --jobs and layer order.
+    conv_points: int = CONV_POINTS
+    # Wall-clock safety net of one layer (seconds), for hostile inputs only: when it fires the layer's
+    # bound is reported as not certified (LIP015) and gates fail on it.
     layer_time_s: float = 120.0
     ignore: tuple[str, ...] = ()  # finding codes left out of the report
     fail_on: Severity = Severity.ERROR
@@ -78,6 +84,7 @@ class Settings:
             "limits": self.limits.to_dict(),
             "jobs": self.jobs,
             "allow_uncertified": self.allow_uncertified,
+            "conv_points": self.conv_points,
             "layer_time_s": self.layer_time_s,
             "ignore": list(self.ignore),
             "fail_on": str(self.fail_on),

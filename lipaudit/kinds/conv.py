@@ -79,10 +79,11 @@ class Conv(LayerKind):
             reshapes.append(r)
             simple = r if not f.dim else None
             if groups is None:
-                iv, g1 = grouping_pair(f.weight, s.conv_rtol, simple, deadline=deadline)
+                iv, g1 = grouping_pair(f.weight, s.conv_rtol, simple, deadline=deadline, max_points=s.conv_points)
                 ungrouped.append(g1)
             else:
-                iv = conv_interval(f.weight, s.conv_rtol, simple, groups=groups, deadline=deadline)
+                iv = conv_interval(f.weight, s.conv_rtol, simple, groups=groups, deadline=deadline,
+                                   max_points=s.conv_points)
             return self._at_input_size(spec, ctx, f, iv, groups, out)
 
         taps = math.prod(spec.shape[2:])
@@ -121,7 +122,7 @@ class Conv(LayerKind):
         self, spec: LayerSpec, ctx: Context, f: Formed, iv: Interval, groups: int | None, out: Measured
     ) -> Interval:
         """With a known input size: the circular norm exactly, and a bracket for zero 'same' padding."""
-        from lipaudit.spectral.conv import grid_bound, same_padding, zero_padded_lower
+        from lipaudit.spectral.conv import OutOfTime, grid_bound, same_padding, timed_out, zero_padded_lower
 
         s = ctx.settings
         size = s.input_size_for((spec.name, spec.tensor, spec.module), self.dims)
@@ -134,13 +135,18 @@ class Conv(LayerKind):
         padded = tuple(n + k - 1 for n, k in zip(size, w.shape[2:], strict=True))
         zero_up = grid_bound(w, padded, GRID_RTOL, groups=groups, deadline=time.monotonic() + s.layer_time_s,
                              upper_cap=iv.upper)
-        zero_lo = min(zero_padded_lower(w, size, pads, seed=s.seed, groups=groups,
-                                        deadline=time.monotonic() + s.layer_time_s), zero_up.upper)
+        timed = not (circ.certified and zero_up.certified)
+        try:
+            zero_lo = zero_padded_lower(w, size, pads, seed=s.seed, groups=groups,
+                                        deadline=time.monotonic() + s.layer_time_s)
+        except OutOfTime as exc:
+            zero_lo, timed = exc.lower, True
+        zero_lo = min(zero_lo, zero_up.upper)
         out.at_input_size = {
             "size": list(size),
-            "circular": {"lower": circ.lower, "upper": circ.upper, "certified": True},
+            "circular": {"lower": circ.lower, "upper": circ.upper, "certified": circ.certified},
             "zero_padding": {"lower": zero_lo, "upper": zero_up.upper, "padding": "same", "stride": 1,
-                             "certified": True},
+                             "certified": not timed},
         }
         out.notes.append(
             f"at input size {'x'.join(map(str, size))}: circular padding in [{circ.lower:.6g}, {circ.upper:.6g}]; "
@@ -149,9 +155,10 @@ class Conv(LayerKind):
         # Every size's norm is at most S, so these raise the lower end of S too.
         best = max(iv.lower, circ.lower, zero_lo)
         if best > iv.lower:
-            return Interval(min(best, iv.upper), iv.upper, "input-size", iv.upper_method, iv.certified,
-                            loose=iv.loose)
-        return iv
+            iv = Interval(min(best, iv.upper), iv.upper, "input-size", iv.upper_method, iv.certified,
+                          loose=iv.loose)
+        # A lower end found under the safety net depends on the load: no certificate then.
+        return timed_out(iv) if timed and iv.certified else iv
 
     def rescale(self, spec: LayerSpec, measured: Sigma, ctx: Context, opts: RescaleOptions) -> Rescaling | str:
         from lipaudit.spectral.conv import conv_interval

@@ -14,8 +14,10 @@ Two certificates (docs/mathematics.md, "Certifying S(K)"):
   and for kernels whose symbol is a vector (one FFT).
 
 Every entry point scales the kernel by a power of two first, so no product can overflow or
-underflow, and honours a wall-clock deadline and a memory budget: when the deadline passes, a
-sound but looser bound comes back with Interval.loose saying by how much at most.
+underflow. Every search limit counts work fixed before the run (frequency points, exact
+eigensolves per batch, Lanczos steps), so the same kernel gives the same bits under any load and
+in any order. A wall-clock deadline stays as a safety net only: when it passes, a sound but looser
+bound comes back marked not certified, with Interval.loose starting with TIME_BUDGET.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from lipaudit.errors import ResourceLimitError
+from lipaudit.settings import CONV_POINTS
 from lipaudit.spectral import (
     ROUNDING_MARGIN,
+    TIME_BUDGET,
     Interval,
     exact,
     lanczos_top_vector,
@@ -41,15 +45,21 @@ from lipaudit.spectral import (
     unscale_lower,
     unscale_upper,
 )
-from lipaudit.spectral.dense import exact_norm, svd_error, svd_norm
+from lipaudit.spectral.dense import GRAM_EIGH_WIDTH_CONV, exact_norm, svd_error, svd_norm
 
 _EPS = float(torch.finfo(torch.float64).eps)
 # Working sets (batches of Gram matrices, grid chunks) are sized to stay near this many bytes.
 _BATCH_BYTES = 64 * 2**20
-# Bound on the work for one kernel, in Gram evaluations, when no deadline is given.
-MAX_POINTS = 1_000_000
+# Work limit of one kernel's search, in frequency points (Gram evaluations); past it the search
+# stops with the sound, looser bound it has (the same bits on every machine).
+MAX_POINTS = CONV_POINTS
 # Exact eigenvalue evaluations per batch at the last level before its open cells are split.
 _MAX_EXACT = 32
+# Work of the probes and of each ascent on one level, in n^3 (one exact eigensolve of an n x n
+# matrix each): a flat spectrum gains little from them, and wide channels make each one dear.
+_EXACT_WORK = 2**21
+# Boxes of a coarse level factored first; when none closes, the level's other boxes are not factored.
+_SAMPLE = 16
 # Aim below the requested rtol so rounding slack cannot push the result past it.
 _TARGET = 0.9
 # Error constant of a float64 FFT per level (Higham, Thm 24.2: mu + gamma_4 (sqrt 2 + mu), generous).
@@ -58,16 +68,23 @@ _FFT_ETA = 16 * _EPS
 _MAX_SHIFTS = 20_000
 
 
-class _OutOfTime(Exception):
+class OutOfTime(Exception):
+    """The wall-clock safety net fired: what comes back depends on the machine's load."""
+
     lower = 0.0  # a lower end proven before time ran out, where the raiser knows one
+
+
+_OutOfTime = OutOfTime
 
 
 @dataclass(frozen=True)
 class Budget:
-    """deadline: a time.monotonic() value; max_bytes: the largest working set allowed."""
+    """deadline: a time.monotonic() value (a safety net, not a search limit); max_bytes: the largest
+    working set allowed; max_points: the work limit of one search, in frequency points."""
 
     deadline: float | None = None
     max_bytes: int | None = None
+    max_points: int = MAX_POINTS
 
     def check(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -171,7 +188,14 @@ class GramSymbol:
         if self.autocorr:
             shifts, cos_t, sin_t, traces = self._autocorrelation(kg)
             self.shifts = shifts
-            self.cos_table, self.sin_table, self.traces = cos_t, sin_t, traces
+            self.traces = traces
+            # One real GEMM [cos | sin] @ table writes -P(w) straight into complex storage: rows of
+            # the cosines hold (-re, 0) pairs, rows of the sines (0, im) pairs.
+            h = len(shifts)
+            table = torch.zeros(2 * h, cos_t.shape[1], 2, dtype=cos_t.dtype, device=cos_t.device)
+            table[:h, :, 0] = -cos_t
+            table[h:, :, 1] = sin_t
+            self.table_ri = table.reshape(2 * h, -1)
             work = m * taps + span
         else:
             budget.need(taps * g * m * n * 8 + g * taps * taps * 8, "the convolution symbol table")
@@ -184,6 +208,28 @@ class GramSymbol:
         work += 8 + int(2 * math.pi * sum(2 * s for s in self.ks))
         self.p_error = 8 * work * _EPS * tap_sum * tap_sum + 2.0**-1000
         self.batch = max(1, budget.chunk() // (16 * max(g * n * n, g * m * n, span)))
+        # Batches reuse these (a fresh 64 MiB block is mapped and zeroed by the OS on every batch).
+        self._out: torch.Tensor | None = None
+        self._factor: torch.Tensor | None = None
+
+    def _buffer(self, points: int) -> torch.Tensor:
+        """Storage for `points` points' matrices: the shared block, or a fresh one when larger."""
+        size = points * self.g * self.n * self.n
+        if points > self.batch:
+            return torch.empty(size, dtype=torch.complex128, device=self.device)
+        if self._out is None:
+            self._out = torch.empty(self.batch * self.g * self.n * self.n, dtype=torch.complex128,
+                                    device=self.device)
+        return self._out[:size]
+
+    def factor_space(self, like: torch.Tensor) -> torch.Tensor:
+        """Where below() writes its Cholesky factors: reused across batches of the same size or less."""
+        if like.shape[0] > self.batch * self.g:
+            return torch.empty_like(like)
+        if self._factor is None:
+            self._factor = torch.empty(self.batch * self.g * self.n * self.n, dtype=torch.complex128,
+                                       device=self.device)
+        return self._factor[: like.numel()].view(like.shape)
 
     def _autocorrelation(
         self, kg: torch.Tensor
@@ -223,14 +269,17 @@ class GramSymbol:
         out: torch.Tensor = t.max(dim=1).values.cpu()
         return out
 
-    def negated(self, w: torch.Tensor) -> torch.Tensor:
-        """w: (B, d) frequencies -> -P_j(w), (B * g, n, n), point-major."""
+    def negated(self, w: torch.Tensor, reuse: bool = False) -> torch.Tensor:
+        """w: (B, d) frequencies -> -P_j(w), (B * g, n, n), point-major. reuse: in the shared block,
+        valid until the next reuse call."""
         c, s = self._phases(w)
         m, n = self.m, self.n
         if self.autocorr:
-            re = (c @ self.cos_table).reshape(-1, n, n)
-            im = (s @ self.sin_table).reshape(-1, n, n)
-            return torch.complex(-re, im)
+            buf = self._buffer(len(w)) if reuse else torch.empty(len(w) * self.g * n * n, dtype=torch.complex128,
+                                                                 device=self.device)
+            out = torch.view_as_real(buf).view(len(w), -1)
+            torch.matmul(torch.cat([c, s], dim=1), self.table_ri, out=out)
+            return buf.view(-1, n, n)
         sym = torch.complex(c @ self.table, -(s @ self.table)).reshape(-1, m, n)
         return -(sym.mH @ sym)
 
@@ -241,7 +290,8 @@ def top_eigenvalue(neg: torch.Tensor) -> torch.Tensor:
     return top
 
 
-def below(neg: torch.Tensor, t2: float, p_error: float, groups: int = 1) -> torch.Tensor:
+def below(neg: torch.Tensor, t2: float, p_error: float, groups: int = 1,
+          space: torch.Tensor | None = None) -> torch.Tensor:
     """Per point (groups consecutive matrices): lambda_max(P) < t2 for every group, proven by a
     Cholesky factorisation of (t2 - slack) I - P. neg holds -P and is restored afterwards. The
     slack covers the rounding of P and of the factorisation (Higham, Thm 10.3)."""
@@ -253,7 +303,11 @@ def below(neg: torch.Tensor, t2: float, p_error: float, groups: int = 1) -> torc
     diag = neg.diagonal(dim1=-2, dim2=-1)
     saved = diag.clone()
     diag.add_(t2 - slack)
-    _, info = torch.linalg.cholesky_ex(neg)
+    if space is None:
+        _, info = torch.linalg.cholesky_ex(neg)
+    else:
+        info = torch.empty(neg.shape[0], dtype=torch.int32, device=neg.device)
+        torch.linalg.cholesky_ex(neg, out=(space, info))
     diag.copy_(saved)
     ok: torch.Tensor = (info == 0).reshape(points, groups).all(dim=1).cpu()
     return ok
@@ -424,11 +478,22 @@ class _Search:
         if bool(cheap.any()):
             self.upper = max(self.upper, cap)
         todo = torch.nonzero(~cheap).flatten()
-        opened = []
-        for sl in _chunks(len(todo), self.sym.batch):
+        sample = min(len(todo), self.sym.batch, _SAMPLE)
+        chunks = _chunks(len(todo), self.sym.batch)
+        if not final and len(todo) > sample:
+            # Coarse levels: try the likeliest to close (smallest trace) first; when none of them
+            # closes, the spectrum is too flat for this level, and the rest stay open unfactored.
+            todo = torch.cat([todo[-sample:], todo[:-sample]])
+            chunks = [slice(0, sample)] + [slice(sl.start + sample, sl.stop + sample)
+                                            for sl in _chunks(len(todo) - sample, self.sym.batch)]
+        opened: list[torch.Tensor] = []
+        for n_chunk, sl in enumerate(chunks):
+            if n_chunk == 1 and not final and len(opened[0]) == sample:
+                opened.append(todo[sl.start:])
+                break
             self.budget.check()
             idx = todo[sl]
-            neg = self.sym.negated(w[idx])
+            neg = self.sym.negated(w[idx], reuse=True)
             still = torch.arange(len(idx))
             kept: list[int] = []
             tries = 0
@@ -437,7 +502,7 @@ class _Search:
                 if factor > 0:
                     part = neg if len(still) == len(idx) else neg.reshape(len(idx), g, *neg.shape[1:])[still].reshape(
                         -1, *neg.shape[1:])
-                    closed = below(part, (cap * factor) ** 2, self.sym.p_error, g)
+                    closed = below(part, (cap * factor) ** 2, self.sym.p_error, g, self.sym.factor_space(part))
                     if bool(closed.any()):
                         self.upper = max(self.upper, cap)
                         still = still[~closed]
@@ -550,7 +615,7 @@ def _vector_grid(kg: torch.Tensor, sizes: Sequence[int], dil: Sequence[int], bud
 def _matrix(k: torch.Tensor, groups: int = 1) -> Interval:
     """A kernel with one tap is a (block-diagonal) matrix at every frequency."""
     kg = k.reshape(groups, k.shape[0] // groups, k.shape[1])
-    ivs = [exact_norm(kg[j]) for j in range(groups)]
+    ivs = [exact_norm(kg[j], GRAM_EIGH_WIDTH_CONV) for j in range(groups)]
     return Interval(max(i.lower for i in ivs), max(i.upper for i in ivs) * (1 + ROUNDING_MARGIN), "svd", "svd", True)
 
 
@@ -590,6 +655,11 @@ def _loose(lower: float, upper: float, why: str) -> str:
     return f"{why}: the upper end is loose ({at_most})"
 
 
+def timed_out(iv: Interval) -> Interval:
+    """The safety net fired: the bound is sound but hangs on the load, so it is no certificate."""
+    return replace(iv, certified=False, loose=f"{TIME_BUDGET}; {iv.loose}" if iv.loose else TIME_BUDGET)
+
+
 def _fallback(k: torch.Tensor, groups: int, lower: float, level: float, reshape: float | None,
               budget: Budget, why: str) -> Interval:
     """The taps bound (or the best box bound so far, if smaller): sound, within sqrt(prod k) of S."""
@@ -619,11 +689,12 @@ def conv_bound(
     groups: int = 1,
     deadline: float | None = None,
     max_bytes: int | None = None,
+    max_points: int = MAX_POINTS,
 ) -> ConvResult:
     """Certified bracket of max_j S(K_j) over the groups of a float64 kernel (c_out, c_in/groups,
     k_1, ..., k_d); reshape, when the caller has it and groups == 1, is LAPACK's
     ||K.reshape(c_out, -1)||_2 (it saves an SVD for the fallback bound)."""
-    budget = Budget(deadline, max_bytes)
+    budget = Budget(deadline, max_bytes, max_points)
     if k.shape[0] % groups:
         raise ValueError(f"groups={groups} does not divide {k.shape[0]} output channels")
     budget.need(k.numel() * 8 * 3, "the kernel")
@@ -660,7 +731,8 @@ def _conv_bound(k: torch.Tensor, rtol: float, reshape: float | None, groups: int
         search = _Search(sym, target, budget)
         return _branch_and_bound(k, kg, sym, search, spatial, target, reshape, groups, budget)
     except _OutOfTime:
-        return ConvResult(_fallback(k, groups, lower, math.inf, reshape, budget, "time budget exhausted"), 0, 0)
+        iv = _fallback(k, groups, lower, math.inf, reshape, budget, "time budget exhausted")
+        return ConvResult(timed_out(iv), 0, 0)
 
 
 def _branch_and_bound(k: torch.Tensor, kg: torch.Tensor, sym: GramSymbol, search: _Search,
@@ -679,22 +751,23 @@ def _branch_and_bound(k: torch.Tensor, kg: torch.Tensor, sym: GramSymbol, search
     ascended: torch.Tensor | None = None
     try:
         while len(cells):
-            if budget.deadline is None and search.points + len(cells) > MAX_POINTS:
+            if search.points + len(cells) > budget.max_points:
                 iv = _fallback(k, groups, math.sqrt(max(search.lower2, 0)), level, reshape, budget,
                                f"search stopped after {search.points} points")
                 return ConvResult(iv, search.points, search.exact_points)
             # (wide channels: trace tests close most boxes cheaply, grid points each need a factorisation)
-            if sym.n <= 64 and search.points + len(cells) > grid_points and grid_points <= MAX_POINTS:
+            if len(cells) > grid_points and search.points + grid_points <= budget.max_points:
                 return _uniform(search, grid, spatial, budget)
             tau = cover.tau(b)
             factor = 1 - tau * tau / 2 if tau < math.sqrt(2) else 0.0
             opened = search.settle(cover.frequencies(cells), factor, final=factor * (1 + target) >= 1 - 1e-12)
-            probes = min(64, 2**24 // sym.n**3)  # exact values cost n^3 each: few for wide channels
+            probes = min(64, _EXACT_WORK // sym.n**3)  # exact values cost n^3 each: few for wide channels
             if factor * (1 + target) < 1 - 1e-12 and len(opened) and probes > 0:
                 pick = torch.linspace(0, len(opened) - 1, min(len(opened), probes)).round().long()
                 search.probe(cover.frequencies(cells[opened[pick]]))
-            if factor * (1 + target) < 1 - 1e-12 and search.best_w is not ascended and sym.n <= 128:
-                search.ascend()  # from each level's best point: a new peak may have shown up
+            steps = min(48, _EXACT_WORK // (2 * len(spatial) * sym.n**3))
+            if factor * (1 + target) < 1 - 1e-12 and search.best_w is not ascended and steps > 0:
+                search.ascend(steps)  # from each level's best point: a new peak may have shown up
                 ascended = search.best_w
             if factor > 0:
                 level = max(search.upper, math.sqrt(search.open_trace + sym.p_error) / factor if len(opened) else 0)
@@ -703,7 +776,7 @@ def _branch_and_bound(k: torch.Tensor, kg: torch.Tensor, sym: GramSymbol, search
     except _OutOfTime:
         iv = _fallback(k, groups, math.sqrt(max(search.lower2, 0)), level, reshape, budget,
                        "time budget exhausted")
-        return ConvResult(iv, search.points, search.exact_points)
+        return ConvResult(timed_out(iv), search.points, search.exact_points)
     iv = search.interval("freq-bnb")
     if groups == 1:
         simple = taps_bound(k, reshape)
@@ -769,6 +842,7 @@ def conv_interval(
     groups: int | None = None,
     deadline: float | None = None,
     max_bytes: int | None = None,
+    max_points: int = MAX_POINTS,
 ) -> Interval:
     """The layer's norm for every padding, stride and input size.
 
@@ -777,8 +851,8 @@ def conv_interval(
     end the best single output channel's (valid for every g); grouping_assumed says so."""
     if groups is not None:
         return conv_bound(k, rtol, reshape if groups == 1 else None, groups=groups, deadline=deadline,
-                          max_bytes=max_bytes).interval
-    return grouping_pair(k, rtol, reshape, deadline=deadline, max_bytes=max_bytes)[0]
+                          max_bytes=max_bytes, max_points=max_points).interval
+    return grouping_pair(k, rtol, reshape, deadline=deadline, max_bytes=max_bytes, max_points=max_points)[0]
 
 
 def grouping_pair(
@@ -788,22 +862,24 @@ def grouping_pair(
     *,
     deadline: float | None = None,
     max_bytes: int | None = None,
+    max_points: int = MAX_POINTS,
 ) -> tuple[Interval, Interval]:
     """(the interval for an unknown grouping, the ungrouped reading's interval), sharing one search."""
-    iv = conv_bound(k, rtol, reshape, groups=1, deadline=deadline, max_bytes=max_bytes).interval
+    iv = conv_bound(k, rtol, reshape, groups=1, deadline=deadline, max_bytes=max_bytes,
+                    max_points=max_points).interval
     if k.shape[0] == 1:
         return iv, iv
-    budget = Budget(deadline, max_bytes)
+    budget = Budget(deadline, max_bytes, max_points)
+    timed = False
     try:
         lower, _ = row_lower(k, rtol, budget)
     except _OutOfTime:
-        lower = 0.0
+        lower, timed = 0.0, True
     lower = min(lower, iv.upper)
-    loose = iv.loose
-    if loose is not None:
-        loose = _loose(lower, iv.upper, loose.split(":")[0])
-    unknown = Interval(lower, iv.upper, "row-grid", iv.upper_method, iv.certified, loose=loose,
+    unknown = Interval(lower, iv.upper, "row-grid", iv.upper_method, iv.certified, loose=iv.loose,
                        grouping_assumed=True)
+    if timed and iv.certified:
+        unknown = timed_out(unknown)
     return unknown, iv
 
 
@@ -850,9 +926,9 @@ def grid_bound(
         if cap is None:
             raise ResourceLimitError("the time budget ran out before the grid at the input size was done; "
                                      "raise the per-layer time budget") from None
-        iv = Interval(min(known, cap), cap, "grid-partial", "operator-bound", True,
-                      loose=_loose(known, cap, "time budget exhausted at the input size"),
-                      grouping_assumed=groups is None and k.shape[0] > 1)
+        iv = timed_out(Interval(min(known, cap), cap, "grid-partial", "operator-bound", True,
+                                 loose=_loose(known, cap, "time budget exhausted at the input size"),
+                                 grouping_assumed=groups is None and k.shape[0] > 1))
     return unscale_interval(iv, e)
 
 
@@ -898,6 +974,8 @@ def zero_padded_lower(
 ) -> float:
     """||A x|| / ||x|| (less its rounding) for a Lanczos vector x of the zero-padded, stride-1
     convolution A with per-axis (left, right) pads (default: torch's 'same'): a lower bound of ||A||.
+    The work is `steps` products with A^T A; when the deadline (a safety net) passes first,
+    OutOfTime comes up with the lower end of the vector reached so far.
 
     groups None: the best single output channel's operator, a row block of every grouping."""
     budget = Budget(deadline, max_bytes)
@@ -907,12 +985,14 @@ def zero_padded_lower(
     if k.numel() == 0 or not bool(torch.any(k != 0)):
         return 0.0
     ks, e = scaled(k)
+    timed = False
     if groups is None:
         if ks.shape[0] > 1:
             try:
                 _, o = row_lower(ks, 1e-2, budget)
             except _OutOfTime:
                 o = int(torch.argmax(torch.linalg.vector_norm(ks.reshape(ks.shape[0], -1), dim=1)))
+                timed = True
             ks = ks[o : o + 1]
         groups = 1
     c_in = ks.shape[1] * groups
@@ -931,18 +1011,12 @@ def zero_padded_lower(
     basis_cap = _BATCH_BYTES if budget.max_bytes is None else budget.max_bytes // 2
     lanczos = 8 * n * (steps + 1) <= basis_cap
 
-    last = [0.0]  # seconds the previous step took: stop before a step that would pass the deadline
-
     def gram(x: torch.Tensor) -> torch.Tensor:
         budget.check()
-        if budget.deadline is not None and time.monotonic() + 2 * last[0] > budget.deadline:
-            raise _OutOfTime
-        t0 = time.monotonic()
         with torch.enable_grad():
             v = x.detach().reshape(shape).requires_grad_(True)
             y = apply(v)
             (grad,) = torch.autograd.grad(y, v, grad_outputs=y.detach())
-        last[0] = time.monotonic() - t0
         return grad.reshape(-1)
 
     gen = torch.Generator().manual_seed(seed)
@@ -958,8 +1032,13 @@ def zero_padded_lower(
                     break
                 x = z / zn
     except _OutOfTime:
-        pass
-    return unscale_lower(_rayleigh(apply, ks, x, groups), e)
+        timed = True
+    lower = unscale_lower(_rayleigh(apply, ks, x, groups), e)
+    if timed:
+        late = OutOfTime()
+        late.lower = lower
+        raise late
+    return lower
 
 
 def _rayleigh(apply: Callable[[torch.Tensor], torch.Tensor], k: torch.Tensor, x: torch.Tensor, groups: int) -> float:

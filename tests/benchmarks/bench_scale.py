@@ -4,12 +4,15 @@ Run by hand (they build large files under a temporary folder):
   python tests/benchmarks/bench_scale.py memory      # 1.6 GB safetensors of 1024x1024 matrices: peak RSS
   python tests/benchmarks/bench_scale.py dense       # BERT-base-shaped matrices: --method exact vs bare LAPACK
   python tests/benchmarks/bench_scale.py resnet50    # certified conv audit vs reshape SVD, ResNet-50 widths
+  python tests/benchmarks/bench_scale.py resnet18    # the same at ResNet-18 widths
+  python tests/benchmarks/bench_scale.py convs       # both in one run (issue 18: at most 5x and 3x)
   python tests/benchmarks/bench_scale.py wide --matrices 4   # 4096-wide matrices: auto and fast vs LAPACK
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -109,56 +112,102 @@ def wide(args: argparse.Namespace) -> None:
         print("WeightWatcher: not installed, no comparison")
 
 
-def resnet50(args: argparse.Namespace) -> None:
-    """The whole default audit (load, plan, certify, report) of a saved checkpoint."""
-    import os
+def resnet_shapes(depth: int) -> dict[str, tuple[int, ...]]:
+    """The conv kernels of torchvision's resnet18 (basic blocks) or resnet50 (bottlenecks)."""
+    shapes: dict[str, tuple[int, ...]] = {"conv1.weight": (64, 3, 7, 7)}
+    c_in = 64
+    blocks = (2, 2, 2, 2) if depth == 18 else (3, 4, 6, 3)
+    for stage, (width, count) in enumerate(zip((64, 128, 256, 512), blocks, strict=True), start=1):
+        out = width if depth == 18 else 4 * width
+        for b in range(count):
+            pre = f"layer{stage}.{b}"
+            if depth == 18:
+                shapes |= {f"{pre}.conv1.weight": (width, c_in, 3, 3), f"{pre}.conv2.weight": (width, width, 3, 3)}
+            else:
+                shapes |= {f"{pre}.conv1.weight": (width, c_in, 1, 1), f"{pre}.conv2.weight": (width, width, 3, 3),
+                           f"{pre}.conv3.weight": (out, width, 1, 1)}
+            if b == 0 and (c_in != out or stage > 1):
+                shapes[f"{pre}.downsample.0.weight"] = (out, c_in, 1, 1)
+            c_in = out
+    return shapes
 
+
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def _resnet(depth: int, repeat: int, jobs: int | None = None) -> tuple[float, float, int]:
+    """Medians of the reshape SVD (torch.linalg.svdvals, as a user would run it, on `jobs` torch
+    threads) and of the whole default audit (load, plan, certify, report; `jobs` layers at once)
+    of the same saved checkpoint, interleaved."""
     from lipaudit.audit import audit
     from lipaudit.checkpoint import open_checkpoint
     from lipaudit.report import Settings
-    from lipaudit.spectral.conv import reshape_sigma
 
     g = torch.Generator().manual_seed(2)
-    shapes = {"conv1.weight": (64, 3, 7, 7)}
-    c_in = 64
-    for stage, (width, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3)), start=1):
-        for b in range(blocks):
-            pre = f"layer{stage}.{b}"
-            shapes |= {f"{pre}.conv1.weight": (width, c_in, 1, 1), f"{pre}.conv2.weight": (width, width, 3, 3),
-                       f"{pre}.conv3.weight": (4 * width, width, 1, 1)}
-            if b == 0:
-                shapes[f"{pre}.downsample.0.weight"] = (4 * width, c_in, 1, 1)
-            c_in = 4 * width
-    sd = {k: torch.randn(*s, generator=g) * (2 / (s[0] * s[2] * s[3])) ** 0.5 for k, s in shapes.items()}
-    jobs = max(1, min(8, os.cpu_count() or 1))
+    sd = {k: torch.randn(*s, generator=g) * (2 / (s[0] * s[2] * s[3])) ** 0.5
+          for k, s in resnet_shapes(depth).items()}
+    jobs = jobs or max(1, min(8, os.cpu_count() or 1))
+    torch.set_num_threads(jobs)
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "resnet50.pt"
+        path = Path(d) / f"resnet{depth}.pt"
         torch.save(sd, path)
-        base, cert = [], []
-        for _ in range(args.repeat):
-            t = time.perf_counter()
+        base, cert, cpu_base, cpu_cert = [], [], [], []
+        for _ in range(repeat):
+            t, c = time.perf_counter(), time.process_time()
             for k in sd.values():
-                reshape_sigma(k.double())
+                float(torch.linalg.svdvals(k.double().reshape(k.shape[0], -1))[0])
             base.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            report = audit(open_checkpoint(str(path)), Settings(jobs=jobs))
+            cpu_base.append(time.process_time() - c)
+            t, c = time.perf_counter(), time.process_time()
+            # the wall-clock safety net off: on a shared machine it could fire and mark layers
+            report = audit(open_checkpoint(str(path)), Settings(jobs=jobs, layer_time_s=1e6))
             cert.append(time.perf_counter() - t)
-            assert report.network.certified
+            cpu_cert.append(time.process_time() - c)
+            bad = [(x.name, x.notes) for x in report.layers if not x.sigma.certified]
+            assert not bad, bad
+        _, rss, rc = _child_peak([sys.executable, "-m", "lipaudit", "inspect", str(path), "-q", "--format", "json",
+                                  "--layer-time-budget", "1000000", "--jobs", str(jobs)])
     b, c = statistics.median(base), statistics.median(cert)
-    print(f"{len(sd)} conv layers of ResNet-50 widths (random), medians of {args.repeat}, {jobs} jobs")
-    print(f"reshape SVD: {b:.2f} s; certified default audit: {c:.2f} s = {c / b:.1f}x")
-    print("issue #6: at most 20x (goal 5x)")
+    print(f"ResNet-{depth} widths (random, {len(sd)} conv layers), medians of {repeat}, {jobs} jobs; {_load()}")
+    print(f"  reshape SVD: {b:.2f} s; certified default audit: {c:.2f} s = {c / b:.2f}x "
+          f"(runs: {', '.join(f'{x:.1f}' for x in cert)} s vs {', '.join(f'{x:.2f}' for x in base)} s)")
+    cb, cc = statistics.median(cpu_base), statistics.median(cpu_cert)
+    print(f"  CPU time (all threads): reshape SVD {cb:.2f} s, audit {cc:.2f} s = {cc / cb:.2f}x")
+    print(f"  lipaudit inspect in a fresh process: exit {rc}, peak RSS {rss:.0f} MiB")
+    return b, c, jobs
+
+
+def resnet50(args: argparse.Namespace) -> None:
+    _resnet(50, args.repeat, args.jobs)
+    print("issue 18: at most 5x")
+
+
+def resnet18(args: argparse.Namespace) -> None:
+    _resnet(18, args.repeat, args.jobs)
+    print("issue 18: at most 3x")
+
+
+def convs(args: argparse.Namespace) -> None:
+    print(_load())
+    _resnet(18, args.repeat, args.jobs)
+    _resnet(50, args.repeat, args.jobs)
+    print(f"issue 18: ResNet-50 at most 5x, ResNet-18 at most 3x; {_load()}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", choices=["memory", "dense", "resnet50", "wide"])
+    ap.add_argument("which", choices=["memory", "dense", "resnet50", "resnet18", "convs", "wide"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--matrices", type=int, default=400)
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="resnet modes: layers at once, and torch threads of the baseline [default: CPUs, at most 8]")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    {"memory": memory, "dense": dense, "resnet50": resnet50, "wide": wide}[args.which](args)
+    {"memory": memory, "dense": dense, "resnet50": resnet50, "resnet18": resnet18, "convs": convs,
+     "wide": wide}[args.which](args)
 
 
 if __name__ == "__main__":

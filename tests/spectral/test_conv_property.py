@@ -1,6 +1,7 @@
 """Property test: certified conv intervals against the explicit operator of the real torch module.
 
-CI runs a bounded number of examples; LIPAUDIT_LONG=1 runs many more (by hand)."""
+CI runs a bounded number of examples; LIPAUDIT_LONG=1 runs many more (by hand), LIPAUDIT_EXAMPLES=N
+exactly N."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lipaudit.spectral.conv import circular_interval, conv_interval, same_paddin
 from tests.spectral.conv_reference import module_matrix, op_norm
 
 LONG = os.environ.get("LIPAUDIT_LONG") == "1"
-EXAMPLES = 3000 if LONG else 40
+EXAMPLES = int(os.environ.get("LIPAUDIT_EXAMPLES", 3000 if LONG else 40))
 
 _DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _LOG_RANGE = {"fp64": 300, "fp32": 30, "fp16": 3, "bf16": 30}

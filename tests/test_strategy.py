@@ -96,10 +96,12 @@ def test_settings_reach_the_graph_operators(archive: Path) -> None:
 
 def test_the_time_budget_reaches_the_graph_operators(archive: Path) -> None:
     """--layer-time-budget applies to the graph's own operators (BatchNorm-folded kernels) too: past
-    it a looser, still certified bound stands, and LIP015 names the operator."""
+    it a looser bound stands, still sound but not certified (the time budget is a safety net, never a
+    silently looser number), and LIP015 names the operator."""
     full, _ = _audit(archive, Settings(jobs=1))
     cut, _ = _audit(archive, Settings(jobs=1, layer_time_s=1e-9))
     messages = [f.message for f in cut.report.findings if f.code == "LIP015"]
     assert any(m.startswith("graph operator stem.weight+bn.weight") for m in messages)
     a, b = full.report.network.upper, cut.report.network.upper
-    assert cut.report.network.certified and a is not None and b is not None and a <= b * (1 + 1e-9)
+    assert full.report.network.certified and not cut.report.network.certified
+    assert a is not None and b is not None and a <= b * (1 + 1e-9)

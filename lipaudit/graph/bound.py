@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lipaudit.graph import rules
+from lipaudit.graph import rules, tighten
 from lipaudit.graph.interpret import Evaluator
 from lipaudit.graph.model import Arg, Graph, Node
 from lipaudit.spectral import Interval
@@ -150,6 +150,7 @@ class Result:
     certified_norms: bool
     seconds: float
     partial: list[dict[str, Any]] = field(default_factory=list)
+    blocks: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Uncovered(Exception):
@@ -222,6 +223,8 @@ class Bounder:
         self.chain: list[float] = []
         self.norms: dict[tuple[Any, ...], Interval] = {}
         self.factors: dict[str, float] = {}  # state-dict name -> planned rescaling of that weight
+        self.hooks: dict[str, list[tighten.BlockBound]] = {}  # exit tensor -> tighter block bounds
+        self.blocks: list[dict[str, Any]] = []
 
     # -- helpers -----------------------------------------------------------------------
     def lip(self, name: str) -> Lip:
@@ -403,11 +406,48 @@ class Bounder:
                 continue
             try:
                 self.visit(node, outs)
+                for o in outs:
+                    for blk in self.hooks.get(o, []):
+                        self.tighten_at(node, blk)
             except Uncovered as e:
                 self.uncover(node, outs, e.reason)
             except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
                 # arguments of a shape no rule expects: left out, never guessed
                 self.uncover(node, outs, f"arguments could not be analysed ({type(e).__name__})")
+
+    def lin_norm(self, w: tighten.Lin) -> Interval:
+        """A composite map's norm, uncached (its kernel has no name)."""
+        d = w.d
+        op = LinearOp("dense" if d == 0 else "conv", w.kernel, "", (), stride=w.stride, dilation=(1,) * d)
+        if not bool(torch.isfinite(w.kernel).all()):
+            raise ValueError("weights hold NaN or Inf")
+        if self.norm is not None:
+            return self.norm(op)
+        if d == 0:
+            return rules.dense_norm(w.kernel, self.rtol, self.seed)
+        return rules.conv_norm(w.kernel, w.stride, (1,) * d, 1, self.conv_rtol)
+
+    def tighten_at(self, node: Node, blk: tighten.BlockBound) -> None:
+        """The exit's bound becomes the entry's times the block's, where that is lower."""
+        here, entry = self.lip(blk.exit), self.lip(blk.entry)
+        g = _lg(blk.upper)
+        before = here.get(INPUT)
+        lowered = {k: min(here.get(k, math.inf), v + g) for k, v in entry.items()}
+        self.lips[blk.exit] = {k: v for k, v in here.items() if k not in lowered} | lowered
+        after = self.lips[blk.exit].get(INPUT)
+        used = before is not None and after is not None and after < before
+        if used:
+            self.mark(blk.exit, blk.entry)
+            for info in reversed(self.nodes):
+                if info.node == node.name:
+                    info.bound = after
+                    info.note = (info.note + "; " if info.note else "") + f"block bound: {blk.rule}"
+                    break
+        e = entry.get(INPUT)
+        self.blocks.append(blk.to_dict() | {
+            "log10_before": None if before is None or e is None else before - e,
+            "log10_upper": g, "used": used,
+        })
 
     def uncover(self, node: Node, outs: list[str], reason: str) -> None:
         self.uncovered.append((node.name, reason))
@@ -972,12 +1012,13 @@ class Bounder:
 def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, seed: int,
                 factors: dict[str, float] | None = None,
                 norms: dict[tuple[Any, ...], Interval] | None = None,
-                norm: Callable[[LinearOp], Interval] | None = None) -> Result:
+                norm: Callable[[LinearOp], Interval] | None = None, blocks: bool = True) -> Result:
     """The bound; factors rescale named weights (as normalize plans to), norms caches operator norms.
 
     `norm` measures one linear operator (a layer's weight, a BatchNorm-folded or merged kernel); by
     default it is computed here. The set of operators the walk asks for does not depend on the values
-    returned, so a first walk with a recording `norm` lists every operator to measure up front."""
+    returned, so a first walk with a recording `norm` lists every operator to measure up front.
+    `blocks` bounds blocks as a whole where that is tighter (lipaudit/graph/tighten.py)."""
     t0 = time.perf_counter()
     b = Bounder(graph, consts, rtol, conv_rtol, seed, norm)
     if factors:
@@ -985,6 +1026,11 @@ def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, 
     if norms is not None:
         b.norms = norms
     b.partial_in = {}
+    if blocks and not factors:  # planned rescalings change the kernels the blocks were composed from
+        found, ok = tighten.bound_blocks(graph, consts.value, b.lin_norm)
+        b.certified &= ok
+        for blk in found:
+            b.hooks.setdefault(blk.exit, []).append(blk)
     b.run()
     outs = [o for o in graph.outputs if graph.dtypes.get(o, 7) in (6, 7, 8, 13)]
     for o in graph.outputs:
@@ -1015,5 +1061,5 @@ def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, 
     return Result(
         lips=b.lips, layers=b.layers, nodes=b.nodes, uncovered=b.uncovered, assumptions=b.assumptions,
         outputs=total, chain_log10=chain if math.isfinite(chain) or chain == -math.inf else None, path=path,
-        certified_norms=b.certified, seconds=time.perf_counter() - t0, partial=partial,
+        certified_norms=b.certified, seconds=time.perf_counter() - t0, partial=partial, blocks=b.blocks,
     )

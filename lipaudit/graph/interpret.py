@@ -1,44 +1,26 @@
-"""Run an exported graph on an allowlisted set of aten ops, in float64, for constant folding and as
-the function whose Jacobian the measured lower end differentiates (lipaudit/graph/lower.py)."""
+"""Run an exported graph on an allowlisted set of aten ops, in float64, for constant folding and
+as the function whose Jacobian the measured lower end differentiates (lipaudit/graph/lower.py)."""
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.pt2 import DTYPES
+from lipaudit.errors import ResourceLimitError
+from lipaudit.graph import ops
 from lipaudit.graph.model import Arg, Graph, Node
-from lipaudit.text import clean_message
-
-# Ops the interpreter may call: pure functions of their arguments (no in-place variants, no I/O).
-ALLOWED: frozenset[str] = frozenset("""
-conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d convolution _convolution
-linear addmm mm matmul bmm baddbmm addmv mv t transpose permute view _unsafe_view reshape flatten unflatten
-squeeze unsqueeze contiguous clone alias detach lift_fresh_copy _to_copy to type_as view_as reshape_as expand
-expand_as broadcast_to repeat tile repeat_interleave flip roll movedim swapaxes numpy_T mT pixel_shuffle
-pixel_unshuffle channel_shuffle slice select narrow split split_with_sizes chunk unbind tensor_split diagonal
-index_select index gather cat concat concatenate stack hstack vstack pad constant_pad_nd reflection_pad1d
-reflection_pad2d reflection_pad3d replication_pad1d replication_pad2d replication_pad3d _pad_circular
-relu relu6 leaky_relu prelu _prelu_kernel gelu silu mish sigmoid hardsigmoid hardswish hardtanh tanh elu selu
-celu softplus logsigmoid softsign tanhshrink hardshrink softshrink threshold erf sin cos atan abs neg clamp
-clip clamp_min clamp_max maximum minimum where add sub rsub mul div true_divide pow exp log sqrt rsqrt
-reciprocal square sum mean amax amin max min logsumexp softmax _softmax log_softmax _log_softmax
-batch_norm _native_batch_norm_legit_no_training native_batch_norm _native_batch_norm_legit layer_norm
-native_layer_norm group_norm native_group_norm rms_norm instance_norm dropout native_dropout feature_dropout
-alpha_dropout feature_alpha_dropout max_pool1d max_pool2d max_pool3d max_pool2d_with_indices
-max_pool3d_with_indices avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
-adaptive_avg_pool3d _adaptive_avg_pool2d _adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d
-adaptive_max_pool3d upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d
-_upsample_nearest_exact2d _upsample_nearest_exact3d upsample_linear1d upsample_bilinear2d upsample_trilinear3d
-upsample_bicubic2d scaled_dot_product_attention embedding copy slice_scatter select_scatter
-empty zeros ones full arange scalar_tensor zeros_like ones_like full_like empty_like new_zeros new_ones
-new_full new_empty iota eq ne lt le gt ge floor ceil round remainder fmod floor_divide bitwise_and bitwise_or
-logical_and logical_not logical_or sign einsum var std var_mean
-""".split())
+from lipaudit.graph.ops.registry import inplace_hazard, runs_as
+from lipaudit.text import clean_message, visible
 
 _FACTORIES = {"empty", "empty_like", "new_empty"}  # uninitialised memory: filled with zeros here
+# ops whose output size comes from their arguments alone
+_MADE = frozenset("empty zeros ones full arange scalar_tensor new_zeros new_ones new_full new_empty".split())
 
 
 class CannotRun(Exception):
@@ -52,15 +34,88 @@ def _dtype(code: int) -> torch.dtype:
     return torch.float64 if dt.is_floating_point else dt
 
 
-def resolve(node: Node) -> Callable[..., Any]:
-    """The aten overload for an allowlisted op name; nothing else is ever looked up."""
-    if node.namespace != "aten" or node.op not in ALLOWED:
+def allowed() -> frozenset[str]:
+    """The aten names the interpreter may run: the registry's (an in-place name runs as its
+    out-of-place op, so nothing it is given is ever changed in place)."""
+    return frozenset(name for name, e in ops.REGISTRY.items() if e.spec.run)
+
+
+def resolve(node: Node, graph: Graph | None = None) -> Callable[..., Any]:
+    """The aten overload for a registered op name; nothing else is ever looked up."""
+    entry = ops.lookup(node.op, node.overload) if node.namespace == "aten" else None
+    if entry is None or not entry.spec.run:
         raise CannotRun(f"{node.target} is not on the interpreter's allowlist")
-    packet = getattr(torch.ops.aten, node.op)
-    if node.overload not in packet.overloads():
+    if entry.inplace_of is not None and graph is not None:
+        why = inplace_hazard(graph, node)
+        if why:
+            raise CannotRun(f"{node.target}: {why}")
+    target = runs_as(entry, node.overload)
+    if target is None:
         raise CannotRun(f"{node.target}: unknown overload")
-    fn: Callable[..., Any] = getattr(packet, node.overload)
+    fn: Callable[..., Any] = getattr(getattr(torch.ops.aten, target[0]), target[1])
     return fn
+
+
+# float64 in the interpreter, whatever the graph declares
+_ITEM = 8
+
+
+def _declared_bytes(graph: Graph, name: str) -> int | None:
+    shape = graph.shapes.get(name) or graph.hints.get(name)
+    if shape is None:
+        return None
+    return math.prod(shape) * _ITEM
+
+
+class Budget:
+    """Sizes the interpreter refuses before allocating: one tensor over `tensor_bytes`, a tensor made
+    from sizes alone (a factory: no data in the archive backs it) over `made_bytes`, or all tensors of
+    one pass over `total_bytes`. A refusal is a resource limit (exit 5)."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        lim = limits or Limits()
+        self.tensor_bytes = lim.tensor_bytes
+        self.made_bytes = lim.expanded_bytes
+        self.total_bytes = lim.total_bytes
+        self.used = 0
+
+    def check(self, what: str, size: int, made: bool) -> None:
+        cap = self.made_bytes if made else self.tensor_bytes
+        if size > cap:
+            raise ResourceLimitError(f"graph tensor {visible(what, 80)!r} would take {size} bytes, over the "
+                                     f"limit of {cap}")
+        self.used += size
+        if self.used > self.total_bytes:
+            raise ResourceLimitError(f"running the graph would take over {self.total_bytes} bytes")
+
+
+def _meta_arg(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.to("meta") if not v.is_meta else v
+    if isinstance(v, list):
+        return [_meta_arg(t) for t in v]
+    return v
+
+
+def _output_bytes(node: Node, graph: Graph | None, fn: Callable[..., Any], args: list[Any],
+                  kwargs: dict[str, Any]) -> list[tuple[str, int]]:
+    """Each output's size in bytes: by running the op on shapes only (declared shapes can lie), else
+    as declared."""
+    names = [n for n in node.outputs if n is not None]
+    kw = dict(kwargs)
+    if node.op in _MADE:
+        kw["device"] = "meta"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = fn(*[_meta_arg(a) for a in args], **{k: _meta_arg(v) for k, v in kw.items()})
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        return [(n, v.numel() * _ITEM) for n, v in zip(names, outs, strict=False) if isinstance(v, torch.Tensor)]
+    except Exception:  # no meta kernel, or arguments it refuses: run_node reports the real error
+        pass
+    if graph is None:
+        return []
+    return [(n, int(b)) for n in names if (b := _declared_bytes(graph, n)) is not None]
 
 
 def _value(a: Arg, env: dict[str, torch.Tensor]) -> Any:
@@ -87,9 +142,11 @@ def _value(a: Arg, env: dict[str, torch.Tensor]) -> Any:
     raise CannotRun("an argument of an unsupported kind")
 
 
-def run_node(node: Node, env: dict[str, torch.Tensor]) -> None:
-    """Evaluate one node into env (float dtypes become float64)."""
-    fn = resolve(node)
+def run_node(node: Node, env: dict[str, torch.Tensor], graph: Graph | None = None,
+             budget: Budget | None = None) -> None:
+    """Evaluate one node into env (float dtypes become float64), after checking the sizes of its
+    outputs against the budget."""
+    fn = resolve(node, graph)
     train = node.arg("training") or node.arg("train")
     if train is not None and train.kind == "bool" and train.value:
         raise CannotRun("training-mode op")
@@ -101,8 +158,11 @@ def run_node(node: Node, env: dict[str, torch.Tensor]) -> None:
             args.append(v)
         else:
             kwargs[name] = v
+    if budget is not None:
+        for name, size in _output_bytes(node, graph, fn, args, kwargs):
+            budget.check(name, size, node.op in _MADE)
     try:
-        if node.op == "copy" and len(args) >= 2:
+        if node.op.rstrip("_") == "copy" and len(args) >= 2:
             # aten.copy has neither forward- nor reverse-mode derivatives; this is the same value
             out = args[1].to(args[0].dtype).expand_as(args[0]).clone()
         else:
@@ -127,9 +187,10 @@ class Evaluator:
     """Values of the graph's constant tensors (parameters, buffers, lifted constants, and nodes
     computed from them only), on demand and memoised."""
 
-    def __init__(self, graph: Graph, load: Callable[[str], torch.Tensor]) -> None:
+    def __init__(self, graph: Graph, load: Callable[[str], torch.Tensor], limits: Limits | None = None) -> None:
         self.graph = graph
         self.load = load
+        self.budget = Budget(limits)
         self.env: dict[str, torch.Tensor] = {}
         self.failed: dict[str, str] = {}
 
@@ -149,23 +210,27 @@ class Evaluator:
             for dep in node.tensor_inputs():
                 if self.value(dep) is None:
                     raise CannotRun(f"input {dep} has no value")
-            run_node(node, self.env)
+            run_node(node, self.env, self.graph, self.budget)
         except CannotRun as e:
             self.failed[name] = str(e)
             return None
         return self.env.get(name)
 
 
-def check_shapes(graph: Graph, meta: Callable[[str], torch.Tensor]) -> tuple[list[str], list[str]]:
+def check_shapes(graph: Graph, meta: Callable[[str], torch.Tensor],
+                 limits: Limits | None = None) -> tuple[list[str], list[str]]:
     """Run the graph on meta tensors (shapes only, no data) and compare every tensor's shape with the
-    one the archive declares: the size-aware rules trust those. Returns (mismatched, unverified) names."""
+    one the archive declares: the size-aware rules trust those. Returns (mismatched, unverified) names.
+    A declared input, or a node's output, over the budget is a resource limit (exit 5)."""
     env: dict[str, torch.Tensor] = {}
+    budget = Budget(limits)
     for name in list(graph.params) + list(graph.constants):
         env[name] = meta(name)
     for name in graph.inputs:
         shape = graph.shapes.get(name) or graph.hints.get(name)
         if shape is None:
             continue
+        budget.check(name, math.prod(shape) * _ITEM, False)
         try:
             env[name] = torch.empty(shape, dtype=_dtype(graph.dtypes.get(name, 7)), device="meta")
         except CannotRun:
@@ -177,7 +242,7 @@ def check_shapes(graph: Graph, meta: Callable[[str], torch.Tensor]) -> tuple[lis
         if not outs:
             continue
         try:
-            run_node(node, env)
+            run_node(node, env, graph, budget)
         except CannotRun:
             unverified.append(node.name)
             continue
@@ -195,11 +260,32 @@ def check_shapes(graph: Graph, meta: Callable[[str], torch.Tensor]) -> tuple[lis
     return mismatched, unverified
 
 
-def network_function(graph: Graph, consts: Evaluator) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """f(inputs) = all float outputs, flattened and concatenated."""
+def network_function(graph: Graph, consts: Evaluator,
+                     limits: Limits | None = None) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """f(inputs) = all float outputs, flattened and concatenated. Every node must be runnable, and a
+    pass over the graph within the budget (checked on shapes before anything is allocated)."""
     for n in graph.nodes:
         if n.outputs and any(o is not None for o in n.outputs):
-            resolve(n)  # every node must be runnable
+            resolve(n, graph)
+    budget = Budget(limits)
+    shapes: dict[str, torch.Tensor] = {}
+    for name in list(graph.params) + list(graph.constants):
+        v = consts.value(name)
+        if v is not None:
+            shapes[name] = v.to("meta")
+    for name in graph.inputs:
+        shape = graph.shapes.get(name) or graph.hints.get(name)
+        if shape is not None:
+            budget.check(name, math.prod(shape) * _ITEM, False)
+            shapes[name] = torch.empty(shape, dtype=torch.float64, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for n in graph.nodes:
+            if any(o is not None for o in n.outputs):
+                run_node(n, shapes, graph, budget)
+                for o in n.outputs:
+                    if o is not None and o in shapes and not shapes[o].is_meta:
+                        shapes[o] = shapes[o].to("meta")
 
     def f(inputs: list[torch.Tensor]) -> torch.Tensor:
         env: dict[str, torch.Tensor] = {}
@@ -211,7 +297,7 @@ def network_function(graph: Graph, consts: Evaluator) -> Callable[[list[torch.Te
             env[name] = x
         for n in graph.nodes:
             if any(o is not None for o in n.outputs):
-                run_node(n, env)
+                run_node(n, env, graph)
         outs = [env[o].reshape(-1) for o in graph.outputs if o in env and env[o].is_floating_point()]
         if not outs:
             raise CannotRun("the graph has no float output")

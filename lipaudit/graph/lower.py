@@ -101,7 +101,7 @@ def measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None,
     # torch's forward-mode AD sets up its own decompositions on first use, with deprecation warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = _measure(graph, consts, samples, work, seed, starts, steps, ascent)
+        m = _measure(graph, consts, samples, work, seed, starts, steps, ascent, limits)
     return Measured(m.lower, time.perf_counter() - t0, m.starts, m.steps, m.start_from, m.note, m.work, m.budget,
                     m.seed, m.best_start, m.best_scale)
 
@@ -133,9 +133,9 @@ def start_points(shapes: list[tuple[int, ...]], samples: list[torch.Tensor] | No
 
 
 def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, work: int, seed: int,
-             starts: int, steps: int, ascent: int) -> Measured:
+             starts: int, steps: int, ascent: int, limits: Limits | None) -> Measured:
     try:
-        f = network_function(graph, consts)
+        f = network_function(graph, consts, limits)
     except CannotRun as e:
         return Measured(None, 0.0, 0, 0, "", f"not measured: {e}", 0, work, seed)
     shapes = [graph.shapes.get(n) or graph.hints.get(n) for n in graph.inputs]

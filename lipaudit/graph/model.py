@@ -44,9 +44,7 @@ class Node:
         for i, (n, a) in enumerate(self.args):
             if n == name or (index is not None and i == index and n == ""):
                 return a
-        if index is not None and index < len(self.args):
-            return self.args[index][1]
-        return None
+        return None  # a named argument left out takes its default: never another argument's value
 
     def tensor_inputs(self) -> list[str]:
         out: list[str] = []
@@ -72,11 +70,14 @@ class Graph:
     hints: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the example sizes
     producer: dict[str, Node] = field(default_factory=dict)
     consumers: dict[str, list[Node]] = field(default_factory=dict)
+    order: dict[str, int] = field(default_factory=dict)  # node name -> position
 
     def index(self) -> None:
         self.producer = {}
         self.consumers = {}
-        for n in self.nodes:
+        self.order = {}
+        for i, n in enumerate(self.nodes):
+            self.order[n.name] = i
             for o in n.outputs:
                 if o is not None:
                     self.producer[o] = n

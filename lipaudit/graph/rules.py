@@ -1,4 +1,4 @@
-"""Lipschitz constants of single ops: activations, size-aware pooling/upsampling/padding, strided convs."""
+"""Norms of the linear maps op rules build: size-aware pooling, upsampling and padding axes, strided convs."""
 
 from __future__ import annotations
 
@@ -12,54 +12,8 @@ from lipaudit.spectral import ROUNDING_MARGIN, Interval
 from lipaudit.spectral.conv import conv_interval
 from lipaudit.spectral.dense import dense_interval
 
-# sup |f'| of each activation, rounded up; tests/graph/test_rules.py checks each on a fine grid.
-GELU = 1.12891  # at x = sqrt(2): Phi(x) + x phi(x) = 1.1289041...
-GELU_TANH = 1.12900  # 1.1289931...
-SILU = 1.09984  # at x ~ 2.3994: 1.0998393...
-MISH = 1.08850  # 1.0884982...
-ERF = 1.12838  # 2 / sqrt(pi) = 1.1283792...
-SELU = 1.75810  # scale * alpha = 1.7580993...
-HARDSWISH = 1.5  # slope of x (x + 3) / 6 at x = 3
-HARDSWISH_PRODUCT = 9.0  # x * clamp(x + 3, 0, 6) before the division by 6 (core-aten spelling)
-
 # 1-D operators with more entries than this are bounded by sqrt(||A||_1 ||A||_inf) instead of an SVD.
 _DENSE_ENTRIES = 2**22
-
-
-def _float(x: object, default: float) -> float:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else default
-
-
-def activation_gain(op: str, scalars: dict[str, object]) -> float | None:
-    """sup |f'| of an elementwise op with its (constant) scalar arguments; None if not an activation."""
-    if op in ("relu", "relu_", "relu6", "hardtanh", "hardtanh_", "abs", "neg", "tanh", "softplus", "logsigmoid",
-              "softsign", "tanhshrink", "softshrink", "sin", "cos", "atan", "clamp", "clip",
-              "clamp_min", "clamp_max", "celu", "positive"):
-        return 1.0
-    if op in ("leaky_relu", "leaky_relu_"):
-        return max(1.0, abs(_float(scalars.get("negative_slope"), 0.01)))
-    if op == "gelu":
-        return GELU_TANH if scalars.get("approximate") == "tanh" else GELU
-    if op in ("silu", "silu_"):
-        return SILU
-    if op == "mish":
-        return MISH
-    if op == "sigmoid":
-        return 0.25
-    if op == "hardsigmoid":
-        return 1.0 / 6.0
-    if op in ("hardswish", "hardswish_"):
-        return HARDSWISH
-    if op == "erf":
-        return ERF
-    if op == "selu":
-        return SELU
-    if op in ("elu", "elu_"):
-        alpha = _float(scalars.get("alpha"), 1.0)
-        scale = _float(scalars.get("scale"), 1.0)
-        input_scale = _float(scalars.get("input_scale"), 1.0)
-        return abs(scale) * max(1.0, abs(alpha * input_scale))
-    return None
 
 
 # -- exact norms of small matrices ---------------------------------------------------------
@@ -242,3 +196,12 @@ def conv_norm(k: torch.Tensor, stride: tuple[int, ...], dilation: tuple[int, ...
 
 def dense_norm(w: torch.Tensor, rtol: float, seed: int) -> Interval:
     return dense_interval(w, "auto", rtol, seed)
+
+
+def cubic_matrix(n: int, out: int, align_corners: bool, scale: float | None) -> torch.Tensor:
+    """aten upsample_bicubic2d along one axis (it is separable), by pushing the basis through it."""
+    if n * out > _DENSE_ENTRIES:
+        raise ValueError("axis too long for a dense bicubic matrix")
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, 1, n, 1)
+    y: torch.Tensor = torch.ops.aten.upsample_bicubic2d.default(eye, [out, 1], align_corners, scale, None)
+    return y.reshape(n, out).T.contiguous()

@@ -276,7 +276,7 @@ def slopes(node: Node) -> tuple[float, float] | None:
     if op == "sigmoid":
         return (0.0, 0.25)
     if op == "hardsigmoid":
-        return (0.0, 1.0 / 6.0)
+        return (0.0, 0.1666666717)  # torch differentiates it with the float32 number nearest 1/6
     if op == "elu":
         alpha = _num(node.arg("alpha", 1), 1.0)
         scale = _num(node.arg("scale", 2), 1.0)

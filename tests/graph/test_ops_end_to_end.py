@@ -4,6 +4,7 @@ global constant (or not continuous) leave the network uncertified with a reason.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -138,3 +139,242 @@ def test_dynamic_batch_gets_the_static_bound(tmp_path: Path) -> None:
     static = inspect_archive(str(export_to(tmp_path / "s.pt2", model, x)), FAST)
     assert r.certified and r.log10_upper == pytest.approx(static.log10_upper, abs=1e-12)
     assert r.lipschitz_lower is not None
+
+
+# -- rules that used to certify a bound below the truth (issue: graph rules that are false) ---------
+
+
+class Gate(nn.Module):
+    def __init__(self, order: str) -> None:
+        super().__init__()
+        self.order = order
+        self.l = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.l.weight.mul_(3.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l(x)
+        return torch.sigmoid(h) * h if self.order == "sigmoid_first" else h * torch.sigmoid(h)
+
+
+@pytest.mark.parametrize("order", ["sigmoid_first", "h_first"])
+@pytest.mark.parametrize("core", [False, True])
+def test_silu_product_takes_its_factor_from_the_right_operand(tmp_path: Path, order: str, core: bool) -> None:
+    torch.manual_seed(1)
+    model = Gate(order).eval()
+    r = inspect_archive(str(export_to(tmp_path / "g.pt2", model, torch.randn(2, 3), core)), FAST)
+    assert r.certified and r.lipschitz_upper is not None
+    w = model.l.weight.detach().double()
+    b = model.l.bias.detach().double()
+    # a point where every h_i sits at the steepest slope of h sigmoid(h) (h ~ 2.4)
+    steep = torch.linalg.lstsq(w, (torch.full((3,), 2.3994, dtype=torch.float64) - b).unsqueeze(1)).solution
+    points = [steep.reshape(1, 3)] + [torch.randn(1, 3, dtype=torch.float64) * 3 for _ in range(4)]
+    for p in points:
+        assert jacobian_norm(model, p) <= r.lipschitz_upper
+
+
+class Heads(nn.Module):
+    """x @ W with W of shape (H, d, e): x is copied to every head."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.randn(*shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w
+
+
+@pytest.mark.parametrize(("x_shape", "w_shape"), [((5, 4), (6, 4, 3)), ((6, 5, 4), (6, 4, 3)),
+                                                  ((2, 1, 5, 4), (1, 3, 4, 2)), ((4,), (3, 4, 2))])
+def test_batched_constant_operand_counts_the_copies(tmp_path: Path, x_shape: tuple[int, ...],
+                                                    w_shape: tuple[int, ...]) -> None:
+    torch.manual_seed(2)
+    model = Heads(w_shape).eval()
+    x = torch.randn(*x_shape)
+    r = inspect_archive(str(export_to(tmp_path / "h.pt2", model, x)), FAST)
+    assert r.certified and r.lipschitz_upper is not None
+    truth = jacobian_norm(model, x.double())  # linear: the same everywhere
+    assert truth <= r.lipschitz_upper <= truth * (1 + 1e-3)
+
+
+class ClampWide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("lo", torch.linspace(-1, 1, 12).reshape(3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, min=self.lo, max=self.lo + 5)
+
+
+def test_clamp_with_a_tensor_bound_wider_than_x(tmp_path: Path) -> None:
+    model = ClampWide().eval()
+    r = inspect_archive(str(export_to(tmp_path / "c.pt2", model, torch.randn(4))), FAST)
+    assert r.certified and r.lipschitz_upper is not None
+    truth = jacobian_norm(model, torch.full((4,), 2.0, dtype=torch.float64))  # inside every interval
+    assert truth == pytest.approx(3**0.5) and truth <= r.lipschitz_upper <= truth * (1 + 1e-6)
+
+
+class Odd2(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.l(x)
+        if self.kind == "half":
+            return y.half().float()
+        if self.kind == "celu":
+            return F.celu(y, -0.5)
+        if self.kind == "softplus":
+            return F.softplus(y, beta=1.0, threshold=1.0)
+        if self.kind == "softplus_default":
+            return F.softplus(y)
+        if self.kind == "mutate_then_read":
+            z = y.relu_()
+            return z + y * 2
+        raise AssertionError(self.kind)
+
+
+@pytest.mark.parametrize("kind", ["half", "celu", "softplus", "softplus_default"])
+@pytest.mark.parametrize("core", [False, True])
+def test_rounding_unbounded_and_jumping_ops_are_uncovered(tmp_path: Path, kind: str, core: bool) -> None:
+    torch.manual_seed(0)
+    r = inspect_archive(str(export_to(tmp_path / "o.pt2", Odd2(kind).eval(), torch.randn(2, 4), core)), FAST)
+    assert not r.certified and r.log10_upper is None and r.uncovered
+
+
+def test_in_place_update_read_afterwards_is_never_underestimated(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Odd2("mutate_then_read").eval()
+    r = inspect_archive(str(export_to(tmp_path / "m.pt2", model, torch.randn(2, 4))), FAST)
+    if r.certified:  # the export may have made it functional; then the bound must hold
+        assert r.lipschitz_upper is not None
+        for _ in range(3):
+            assert jacobian_norm(model, torch.randn(2, 4, dtype=torch.float64)) <= r.lipschitz_upper
+
+
+# -- in-place activations in a real export ----------------------------------------------------------
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, inp: int, out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = inp * expand
+        self.skip = stride == 1 and inp == out
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU6(inplace=True), nn.Conv2d(hidden, out, 1, bias=False), nn.BatchNorm2d(out)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.skip else self.conv(x)
+
+
+class MobileNetV2ish(nn.Module):
+    """MobileNetV2's published structure, narrow: in-place ReLU6 everywhere, inverted residuals."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+            InvertedResidual(8, 8, 1, 1), InvertedResidual(8, 12, 2, 4), InvertedResidual(12, 12, 1, 4),
+            InvertedResidual(12, 16, 2, 4), InvertedResidual(16, 16, 1, 4),
+            nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(inplace=True),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+def test_mobilenet_v2_with_in_place_relu6_is_certified(tmp_path: Path) -> None:
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    model = MobileNetV2ish().eval()
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # trained-looking statistics
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    x = torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model, (x,))
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+    path = tmp_path / "mbv2.pt2"
+    path.write_bytes(buf.getvalue())
+    from lipaudit.graph import load_archive
+
+    ops_seen = {n.op for n in load_archive(str(path)).graph.nodes}
+    assert "hardtanh_" in ops_seen  # the in-place spelling real exports carry
+    r = inspect_archive(str(path), FAST)
+    assert not r.uncovered, r.uncovered[:3]
+    assert r.certified and r.lipschitz_upper is not None
+    for _ in range(2):
+        point = torch.randn(1, 3, 64, 64, generator=gen, dtype=torch.float64)
+        assert jacobian_norm(model, point) <= r.lipschitz_upper
+
+
+# -- sizes checked before anything is allocated ---------------------------------------------------
+
+
+class Filler(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.full((4,), 2.0)
+
+
+def _edit(src: Path, dst: Path, edit: Any) -> Path:
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(src) as z:
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(dst, "w") as z:
+        for name, data in members:
+            if name.endswith("models/model.json"):
+                doc = json.loads(data)
+                edit(doc)
+                data = json.dumps(doc).encode()
+            z.writestr(zipfile.ZipInfo(name), data)
+    return dst
+
+
+def test_a_huge_factory_node_is_a_resource_limit(tmp_path: Path) -> None:
+    from lipaudit.errors import ResourceLimitError
+
+    src = export_to(tmp_path / "f.pt2", Filler().eval(), torch.randn(4))
+
+    def edit(doc: dict[str, Any]) -> None:
+        for n in doc["graph_module"]["graph"]["nodes"]:
+            if "full" in n["target"]:
+                n["inputs"][0]["arg"] = {"as_ints": [100_000, 100_000, 100]}
+
+    bad = _edit(src, tmp_path / "bad.pt2", edit)
+    with pytest.raises(ResourceLimitError) as e:
+        inspect_archive(str(bad), GraphSettings(measure_seconds=1.0))
+    assert e.value.exit_code == 5
+
+
+def test_a_huge_declared_input_is_a_resource_limit(tmp_path: Path) -> None:
+    from lipaudit.errors import ResourceLimitError
+
+    src = export_to(tmp_path / "f.pt2", nn.Linear(4, 4).eval(), torch.randn(2, 4))
+
+    def edit(doc: dict[str, Any]) -> None:
+        g = doc["graph_module"]["graph"]
+        for spec in doc["graph_module"]["signature"]["input_specs"]:
+            if "user_input" in spec:
+                name = spec["user_input"]["arg"]["as_tensor"]["name"]
+                g["tensor_values"][name]["sizes"] = [{"as_int": 10**6}, {"as_int": 10**6}]
+
+    bad = _edit(src, tmp_path / "bad.pt2", edit)
+    with pytest.raises(ResourceLimitError) as e:
+        inspect_archive(str(bad), GraphSettings(measure_seconds=1.0))
+    assert e.value.exit_code == 5

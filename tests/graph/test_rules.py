@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lipaudit.graph import rules
+from lipaudit.graph.ops import Case, Uncovered, Var
+from tests.graph.test_ops_registry import Built
 
 
 def _dense(fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]) -> np.ndarray:
@@ -25,6 +27,14 @@ def _dense(fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]) -
 
 def _norm(a: np.ndarray) -> float:
     return float(np.linalg.svd(a, compute_uv=False)[0]) if a.size else 0.0
+
+
+def _gain(op: str, scalars: dict[str, object]) -> float:
+    """The registered rule's factor for aten.op on a vector, through the walk."""
+    built = Built(op, Case({"self": Var((3,), torch.float64), **scalars}))
+    x = built.draw_point(torch.Generator().manual_seed(0))
+    g, node, outs = built.graph([t.detach() for t in built.call(x)])
+    return float(10.0 ** built.factors(g, node, outs, {})["o0"]["t0"])
 
 
 @pytest.mark.parametrize(
@@ -40,10 +50,14 @@ def _norm(a: np.ndarray) -> float:
         ("hardsigmoid", {}, F.hardsigmoid),
         ("elu", {"alpha": 1.0}, F.elu),
         ("elu", {"alpha": 0.5}, lambda t: F.elu(t, 0.5)),
+        ("elu", {"alpha": -0.7, "scale": 1.5, "input_scale": 2.0},
+         lambda t: torch.ops.aten.elu(t, -0.7, 1.5, 2.0)),
+        ("celu", {"alpha": 0.3}, lambda t: F.celu(t, 0.3)),
         ("selu", {}, F.selu),
         ("leaky_relu", {"negative_slope": 0.2}, lambda t: F.leaky_relu(t, 0.2)),
         ("relu", {}, F.relu),
-        ("softplus", {}, F.softplus),
+        ("softplus", {"threshold": math.inf}, lambda t: F.softplus(t, threshold=math.inf)),
+        ("softplus", {"beta": 3.0, "threshold": math.inf}, lambda t: F.softplus(t, 3.0, math.inf)),
         ("erf", {}, torch.erf),
     ],
 )
@@ -52,18 +66,38 @@ def test_activation_constants_are_the_sup_of_the_slope(op: str, scalars: dict[st
     x = torch.linspace(-12, 12, 2_400_001, dtype=torch.float64)
     y = fn(x)
     slopes = ((y[1:] - y[:-1]) / (x[1:] - x[:-1])).abs()  # secant slopes: each is at most the constant
-    gain = rules.activation_gain(op, scalars)
-    assert gain is not None
+    gain = _gain(op, scalars)
     top = float(slopes.max())
     assert top <= gain * (1 + 1e-9)  # secants in float64 carry ~1e-12 of rounding
     assert gain <= top * (1 + 1e-4)  # and tight
+
+
+@pytest.mark.parametrize(("op", "scalars", "why"), [
+    ("celu", {"alpha": -0.5}, "unbounded"),
+    ("elu", {"input_scale": -1.0}, "unbounded"),
+    ("softplus", {}, "jumps"),
+    ("softplus", {"beta": 2.0, "threshold": 1.0}, "jumps"),
+    ("threshold", {"threshold": 0.5, "value": 0.0}, "jumps"),
+    ("hardshrink", {"lambd": 0.5}, "jumps"),
+])
+def test_parameters_that_break_continuity_or_bounds_are_uncovered(op: str, scalars: dict[str, object],
+                                                                   why: str) -> None:
+    with pytest.raises(Uncovered, match=why):
+        _gain(op, scalars)
+
+
+def test_default_softplus_really_jumps() -> None:
+    """threshold=20: log1p(exp(20)) and 20 differ by 2e-9, which float64 sees."""
+    x = torch.tensor([20.0 - 1e-12, 20.0 + 1e-12], dtype=torch.float64)
+    y = F.softplus(x)
+    assert float((y[0] - y[1]).abs()) / 2e-12 > 100
 
 
 def test_hardswish_product_constant() -> None:
     x = torch.linspace(-10, 10, 2_000_001, dtype=torch.float64)
     y = x * torch.clamp(x + 3, 0, 6)
     slopes = ((y[1:] - y[:-1]) / (x[1:] - x[:-1])).abs()
-    assert float(slopes.max()) <= rules.HARDSWISH_PRODUCT <= float(slopes.max()) * (1 + 1e-4)
+    assert float(slopes.max()) <= 9.0 <= float(slopes.max()) * (1 + 1e-4)
 
 
 @settings(max_examples=25, deadline=None)

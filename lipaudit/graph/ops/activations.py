@@ -1,0 +1,238 @@
+"""Elementwise activations: sup |f'| from the node's own parameters; discontinuous or unbounded
+cases are uncovered. Each constant is checked by tests/graph/test_ops_registry.py."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lipaudit.graph.model import Node
+from lipaudit.graph.ops.base import (
+    Case,
+    Const,
+    Context,
+    Draw,
+    Effect,
+    Gains,
+    Uncovered,
+    Var,
+    broadcastable,
+    first,
+    lg,
+    number,
+    out,
+    small_shape,
+    unary,
+)
+from lipaudit.graph.ops.registry import register
+
+# sup |f'| of each activation, rounded up (docs/mathematics.md, "Activation constants").
+GELU = 1.12891  # at x = sqrt(2): Phi(x) + x phi(x) = 1.1289041...
+GELU_TANH = 1.12900  # 1.1289931...
+SILU = 1.09984  # at x ~ 2.3994: 1.0998393...
+MISH = 1.08850  # 1.0884982...
+ERF = 1.12838  # 2 / sqrt(pi) = 1.1283792...
+SELU = 1.75810  # scale * alpha = 1.7580993...
+HARDSWISH = 1.5  # slope of x (x + 3) / 6 at x = 3
+# torch computes hardsigmoid's slope as the float32 number nearest 1/6, a little above it; the
+# bound covers what torch differentiates too, so a measured lower end never passes it.
+HARDSIGMOID = 0.1666666717
+
+
+def _x(d: Draw) -> Var:
+    return Var(small_shape(d))
+
+
+def _plain(d: Draw, name: str) -> Case:
+    if name in ("gelu",):
+        return Case({"self": _x(d), "approximate": d.choice(["none", "tanh"])})
+    return Case({"self": _x(d)}, focus=(0.0, 3.0, -3.0, 6.0, 2.4))
+
+
+_ONE = {"relu", "relu6", "abs", "neg", "positive", "tanh", "log_sigmoid", "sin", "cos",
+        "atan"}
+_CONST = {"sigmoid": 0.25, "hardsigmoid": HARDSIGMOID, "silu": SILU, "mish": MISH, "erf": ERF, "selu": SELU,
+          "hardswish": HARDSWISH}
+
+
+@register(*sorted(_ONE | set(_CONST) | {"gelu"}), sample=_plain)
+def fixed_slope(ctx: Context, node: Node) -> Effect:
+    if node.op.rstrip("_") == "gelu":
+        a = node.arg("approximate")
+        mode = a.value if a is not None and a.kind == "str" else "none"
+        return unary(ctx, node, GELU_TANH if mode == "tanh" else GELU)
+    op = node.op.rstrip("_")
+    return unary(ctx, node, 1.0 if op in _ONE else _CONST[op])
+
+
+def _leaky(d: Draw, name: str) -> Case:
+    return Case({"self": _x(d), "negative_slope": d.choice([0.01, 0.2, -0.5, 3.0, -2.0])}, focus=(0.0,))
+
+
+@register("leaky_relu", sample=_leaky)
+def leaky_relu(ctx: Context, node: Node) -> Effect:
+    return unary(ctx, node, max(1.0, abs(number(node.arg("negative_slope", 1), 0.01))))
+
+
+def _elu(d: Draw, name: str) -> Case:
+    alpha = d.choice([1.0, 0.5, -0.7, 2.0, 0.0])
+    if name.startswith("celu"):
+        return Case({"self": _x(d), "alpha": d.choice([1.0, 0.5, 2.0, -0.5])}, focus=(0.0, -4.0))
+    return Case({"self": _x(d), "alpha": alpha, "scale": d.choice([1.0, -1.5, 0.5]),
+                 "input_scale": d.choice([1.0, 2.0, -1.0, 0.3])}, focus=(0.0, -4.0))
+
+
+@register("elu", sample=_elu)
+def elu(ctx: Context, node: Node) -> Effect:
+    """scale * x above 0, scale * alpha * (exp(input_scale x) - 1) below: the slope below is
+    |scale alpha input_scale| exp(input_scale x), largest at 0 when input_scale >= 0, unbounded else."""
+    alpha = number(node.arg("alpha", 1), 1.0)
+    scale = number(node.arg("scale", 2), 1.0)
+    input_scale = number(node.arg("input_scale", 3), 1.0)
+    if input_scale < 0 and alpha != 0 and scale != 0:
+        raise Uncovered(f"elu with input_scale {input_scale:g} < 0: slope unbounded for x < 0")
+    return unary(ctx, node, abs(scale) * max(1.0, abs(alpha * input_scale)))
+
+
+@register("celu", sample=_elu)
+def celu(ctx: Context, node: Node) -> Effect:
+    """max(0, x) + min(0, alpha (exp(x / alpha) - 1)): slope exp(x / alpha) below 0, at most 1 for
+    alpha > 0; for alpha < 0 it grows without bound as x -> -inf."""
+    alpha = number(node.arg("alpha", 1), 1.0)
+    if alpha <= 0:
+        raise Uncovered(f"celu with alpha {alpha:g} <= 0: slope unbounded")
+    return unary(ctx, node, 1.0)
+
+
+def _softplus(d: Draw, name: str) -> Case:
+    beta = d.choice([1.0, 2.0, 0.5, -1.0])
+    t = d.choice([20.0, 1.0, 5.0, math.inf])
+    focus = (t / beta,) if math.isfinite(t) else (0.0,)
+    return Case({"self": _x(d), "beta": beta, "threshold": t}, focus=focus, scale=abs(focus[0]) + 2.0)
+
+
+@register("softplus", sample=_softplus)
+def softplus(ctx: Context, node: Node) -> Effect:
+    """log(1 + exp(beta x)) / beta switches to x where beta x > threshold; the two differ there by
+    log1p(exp(-threshold)) / |beta|, which is zero for no finite threshold: a jump, not Lipschitz."""
+    beta = number(node.arg("beta", 1), 1.0)
+    t = number(node.arg("threshold", 2), 20.0)
+    if beta == 0 or not math.isfinite(beta):
+        raise Uncovered(f"softplus with beta {beta:g}")
+    if not (math.isinf(t) and t > 0):
+        jump = math.log1p(math.exp(-t)) / abs(beta) if t > -700 else math.inf
+        raise Uncovered(f"softplus(beta={beta:g}, threshold={t:g}) jumps by {jump:.2g} at x = {t / beta:g}: "
+                        "not continuous")
+    return unary(ctx, node, 1.0)
+
+
+def _threshold(d: Draw, name: str) -> Case:
+    t = d.choice([0.0, 0.5, -1.0])
+    return Case({"self": _x(d), "threshold": t, "value": d.choice([t, 0.0, 2.0])}, focus=(t,))
+
+
+@register("threshold", sample=_threshold)
+def threshold(ctx: Context, node: Node) -> Effect:
+    """x above the threshold, value elsewhere: continuous (and then max(x, t)) only when value == t."""
+    t = number(node.arg("threshold", 1), 0.0)
+    v = number(node.arg("value", 2), 0.0)
+    if t != v:
+        raise Uncovered(f"threshold({t:g}, value={v:g}) jumps at {t:g}")
+    return unary(ctx, node, 1.0)
+
+
+def _shrink(d: Draw, name: str) -> Case:
+    lam = d.choice([0.5, 0.0, 1.5])
+    return Case({"self": _x(d), "lambd": lam}, focus=(lam, -lam))
+
+
+@register("hardshrink", sample=_shrink)
+def hardshrink(ctx: Context, node: Node) -> Effect:
+    lam = number(node.arg("lambd", 1), 0.5)
+    if lam != 0:
+        raise Uncovered(f"hardshrink({lam:g}) jumps by {abs(lam):g}")
+    return unary(ctx, node, 1.0)
+
+
+@register("softshrink", sample=_shrink)
+def softshrink(ctx: Context, node: Node) -> Effect:
+    lam = number(node.arg("lambd", 1), 0.5)
+    if lam < 0:
+        raise Uncovered(f"softshrink with lambd {lam:g} < 0")
+    return unary(ctx, node, 1.0)
+
+
+def _hardtanh(d: Draw, name: str) -> Case:
+    lo = d.choice([-1.0, 0.0, 2.0])
+    return Case({"self": _x(d), "min_val": lo, "max_val": lo + d.choice([2.0, 6.0, 0.0])}, focus=(lo,))
+
+
+@register("hardtanh", sample=_hardtanh)
+def hardtanh(ctx: Context, node: Node) -> Effect:
+    return unary(ctx, node, 1.0)
+
+
+def _clamp(d: Draw, name: str) -> Case:
+    shape = small_shape(d)
+    x = Var(shape)
+    base = name.split(".")[0].rstrip("_")
+
+    def bound() -> object:
+        kind = d.int(0, 3)
+        if kind == 0:
+            return d.float(-1.0, 1.0)
+        s = broadcastable(d, shape)
+        if kind == 1:
+            return Const(d.tensor(s, -1.0, 1.0))
+        if kind == 2:
+            return Var(s)
+        return None
+
+    if base == "clamp_min":
+        return Case({"self": x, "min": bound() or 0.0}, overload="Tensor" if d.bool() else "default")
+    if base == "clamp_max":
+        return Case({"self": x, "max": bound() or 0.0}, overload="Tensor" if d.bool() else "default")
+    lo, hi = bound(), bound()
+    tensors = any(isinstance(b, (Const, Var)) for b in (lo, hi))
+    if tensors:
+        lo = lo if isinstance(lo, (Const, Var)) or lo is None else Const(torch.tensor(float(lo)))  # type: ignore[arg-type]
+        hi = hi if isinstance(hi, (Const, Var)) or hi is None else Const(torch.tensor(float(hi)))  # type: ignore[arg-type]
+    if lo is None and hi is None:
+        lo = -0.5
+    return Case({"self": x, "min": lo, "max": hi}, overload="Tensor" if tensors else "default")
+
+
+@register("clamp", "clip", "clamp_min", "clamp_max", sample=_clamp)
+def clamp(ctx: Context, node: Node) -> Effect:
+    """min(max(x, lo), hi) moves each output element by at most the largest move of the x, lo or hi
+    element it reads: squares add, and each operand counts as often as broadcasting copies it."""
+    o = out(node)
+    terms = [(t, ctx.ratio(t, o)) for t in node.tensor_inputs() if not ctx.is_const(t)]
+    for t in node.tensor_inputs():
+        if ctx.is_const(t):
+            v = ctx.value(t)
+            if v.is_floating_point() and bool(torch.isnan(v).any()):
+                raise Uncovered("clamp to NaN bounds")
+    return Gains(tuple(terms), quadrature=True)
+
+
+def _prelu(d: Draw, name: str) -> Case:
+    shape = (d.int(1, 3), d.int(1, 4), d.int(1, 3))
+    w = d.tensor((d.choice([1, shape[1]]),), -3.0, 3.0)
+    if name.startswith("_prelu_kernel"):
+        w = w.reshape(-1, 1)
+    return Case({"self": Var(shape), "weight": Const(w)}, focus=(0.0,))
+
+
+@register("prelu", "_prelu_kernel", sample=_prelu)
+def prelu(ctx: Context, node: Node) -> Effect:
+    w = node.arg("weight", 1)
+    if w is None or w.kind != "tensor" or not ctx.is_const(w.value):
+        raise Uncovered("prelu with an input-dependent slope")
+    v = ctx.value(w.value)
+    slope = float(v.abs().max()) if v.numel() else 0.0
+    if not math.isfinite(slope):
+        raise Uncovered("prelu with a non-finite slope")
+    x = first(node)
+    return Gains(((x, lg(max(1.0, slope)) + ctx.ratio(x, out(node))),))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lipaudit import __version__
-from lipaudit.bound import Strategy
+from lipaudit.bound import Measuring, Strategy
 from lipaudit.bound.chain import Chain
 from lipaudit.checkpoint import Checkpoint
 from lipaudit.errors import ResourceLimitError
@@ -42,41 +43,56 @@ def _layer(spec: LayerSpec, m: Measured, time_s: float) -> Layer:
     )
 
 
-def _measure(spec: LayerSpec, ckpt: Checkpoint, settings: Settings) -> tuple[Layer, list[Finding]]:
+# One measurement: a layer spec, where its tensors come from, and the settings it runs under.
+Job = tuple[LayerSpec, Callable[[str], torch.Tensor], Settings]
+
+
+def _measure(job: Job, path: str) -> tuple[Measured, float]:
+    spec, load, settings = job
     t0 = time.perf_counter()
     try:
-        m = spec.kind.measure(spec, Context(ckpt.load, settings))
+        m = spec.kind.measure(spec, Context(load, settings))
     except (MemoryError, torch.OutOfMemoryError) as e:
         raise ResourceLimitError(f"{spec.name}: out of memory while measuring this layer ({type(e).__name__})",
-                                 ckpt.path) from None
-    return _layer(spec, m, time.perf_counter() - t0), m.findings
+                                 path) from None
+    return m, time.perf_counter() - t0
 
 
-def _measure_all(
-    specs: list[LayerSpec], ckpt: Checkpoint, settings: Settings, progress: Progress | None
-) -> list[tuple[Layer, list[Finding]]]:
+def _measure_all(jobs: list[Job], path: str, settings: Settings,
+                 progress: Progress | None) -> list[tuple[Measured, float]]:
     """Layers are independent: with several jobs each worker runs single-threaded LAPACK, which
     keeps both cores busy through the serial parts of the conv search (about 1.2x on 2 cores)."""
-    total = len(specs)
+    total = len(jobs)
     if settings.jobs <= 1 or total <= 1 or settings.device != "cpu":
         out = []
-        for i, spec in enumerate(specs):
+        for i, job in enumerate(jobs):
             if progress:
-                progress(i, total, spec.name)
-            out.append(_measure(spec, ckpt, settings))
+                progress(i, total, job[0].name)
+            out.append(_measure(job, path))
         return out
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
-            futures = [pool.submit(_measure, spec, ckpt, settings) for spec in specs]
-            for i, (spec, fut) in enumerate(zip(specs, futures, strict=True)):
+            # the largest first, so one big layer does not start last and run alone
+            order = sorted(range(total), key=lambda i: -math.prod(jobs[i][0].shape))
+            futures = {i: pool.submit(_measure, jobs[i], path) for i in order}
+            for n, i in enumerate(order):
                 if progress:
-                    progress(i, total, spec.name)
-                fut.result()
-            return [f.result() for f in futures]
+                    progress(n, total, jobs[i][0].name)
+                futures[i].result()
+            return [futures[i].result() for i in range(total)]
     finally:
         torch.set_num_threads(threads)
+
+
+def measure_operators(by: Measuring, plan: Plan, settings: Settings, path: str,
+                      progress: Progress | None = None) -> None:
+    """A strategy's own operators alone, in the pool (normalize re-measures what it will write)."""
+    operators = by.operators(plan, settings)
+    done = _measure_all([(op.spec, op.load, op.settings) for op in operators], path, settings, progress)
+    by.use({op.spec.tensor: m for op, (m, _) in zip(operators, done, strict=True)},
+           frozenset(op.spec.tensor for op in operators if op.table is not None))
 
 
 def _peak_rss() -> int | None:
@@ -163,15 +179,32 @@ def run_audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = 
         key = _tie_key(spec, ckpt)
         if key is not None:
             twin[i] = first.setdefault(key, i)
-    todo = [spec for i, spec in enumerate(plan.layers) if twin.get(i, i) == i]
-    measured = iter(_measure_all(todo, ckpt, settings, progress))
+    by = bound_by or Chain()
+    operators = by.operators(plan, settings) if isinstance(by, Measuring) else []
+    reported = {op.table: n for n, op in enumerate(operators) if op.table is not None}
+    todo = [i for i, spec in enumerate(plan.layers) if twin.get(i, i) == i and spec.tensor not in reported]
+    jobs: list[Job] = [(plan.layers[i], ckpt.load, settings) for i in todo]
+    jobs += [(op.spec, op.load, op.settings) for op in operators]
+    done = _measure_all(jobs, ckpt.path, settings, progress)
+    own = dict(zip(todo, done, strict=False))
+    extra = done[len(todo):]
+    if isinstance(by, Measuring):
+        by.use({op.spec.tensor: m for op, (m, _) in zip(operators, extra, strict=True)},
+               frozenset(op.spec.tensor for op in operators if op.table is not None))
     results: dict[int, tuple[Layer, list[Finding]]] = {}
     layers: list[Layer] = []
     findings: list[Finding] = []
     for i, spec in enumerate(plan.layers):
         j = twin.get(i, i)
         if j == i:
-            results[i] = next(measured)
+            if spec.tensor in reported:
+                op = operators[reported[spec.tensor]]
+                m, t = extra[reported[spec.tensor]]
+                m = replace(m, notes=[*op.spec.notes, *m.notes],
+                            findings=[replace(f, tensor=spec.tensor) for f in m.findings])
+            else:
+                m, t = own[i]
+            results[i] = (_layer(spec, m, t), m.findings)
             layer, found = results[i]
         else:
             src = results[j][0]
@@ -190,7 +223,7 @@ def run_audit(ckpt: Checkpoint, settings: Settings, progress: Progress | None = 
             "store the same shapes): lower ends hold for every grouping, upper ends too; pin it with "
             "--groups NAME=N (or '*=1' when no layer is grouped) for tighter lower ends",
         ))
-    bound = (bound_by or Chain()).bound(layers, plan, settings)
+    bound = by.bound(layers, plan, settings)
     net = bound.network
     findings.extend(bound.findings)
     if ckpt.alternatives:

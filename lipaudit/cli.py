@@ -290,6 +290,14 @@ def cli(ctx: click.Context) -> None:
               help="Graphs: run the network to measure a lower end of its Lipschitz constant.")
 @click.option("--measure-seconds", type=PositiveFloat(), default=20.0, show_default=True,
               help="Time for the measured lower end.")
+@click.option("--model", default=None,
+              help="MODULE:CALLABLE building your model (imported from your environment, called with no "
+                   "arguments): the checkpoint is loaded into it strictly, exported with torch.export at "
+                   "--input-shape, and the network is bounded over its real graph. Runs the code you name.")
+@click.option("--input-shape", default=None, help="--model: the input shape to export at, like 1x3x64x64.")
+@click.option("--assume", type=click.Choice(["chain"]), default=None,
+              help="State dicts: assert the covered layers form a plain chain, so their product is certified "
+                   "under that assertion (recorded in the report). Without it, or a graph, it is an estimate.")
 @click.option("--input-size", "input_sizes", type=InputSize(), multiple=True,
               help="Input size of the convolutions (32x32, or layer=32x32; repeatable): adds their exact "
                    "circular-padding norm and a zero-padding bracket at that size.")
@@ -307,17 +315,19 @@ def inspect(**params: Any) -> None:
 def _inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None, fail_above: float | None,
              fail_layer_above: float | None, allow_uncertified: bool, ignore: tuple[tuple[str, ...], ...],
              fail_on: str, debug: bool, quiet: bool, graph_archive: str | None, measure: bool,
-             measure_seconds: float, **p: Any) -> None:
+             measure_seconds: float, assume: str | None = None, model: str | None = None,
+             input_shape: str | None = None, **p: Any) -> None:
 
     def run() -> int:
         settings = _settings(
             p, method, fail_above=fail_above, fail_layer_above=fail_layer_above,
             allow_uncertified=allow_uncertified, ignore=tuple(c for group in ignore for c in group),
-            fail_on=Severity(fail_on), heatmaps=FORMATS[fmt].heatmaps,
+            fail_on=Severity(fail_on), heatmaps=FORMATS[fmt].heatmaps, assume=(assume,) if assume else (),
         )
         files = expand_paths(paths)
         _refuse_input_as_output(files, output)
-        graph = GraphOptions(graph_archive, measure, measure_seconds)
+        graph = GraphOptions(graph_archive, measure, measure_seconds, _model_spec(model, input_shape, graph_archive),
+                             debug)
         if len(files) == 1:
             return _inspect_one(files[0], settings, fmt, output, quiet, graph)
         return _inspect_many(files, settings, fmt, output, quiet, graph)
@@ -369,25 +379,51 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _model_spec(model: str | None, input_shape: str | None, graph_archive: str | None) -> Any:
+    if model is None:
+        if input_shape is not None:
+            raise UsageError("--input-shape needs --model")
+        return None
+    from lipaudit.modelcode import ModelSpec, parse_shape
+
+    if input_shape is None:
+        raise UsageError("--model needs --input-shape (the shape to export at, like 1x3x64x64)")
+    if graph_archive is not None:
+        raise UsageError("--model and --graph both give the architecture; pass one")
+    return ModelSpec(model, parse_shape(input_shape))
+
+
 def _audit_path(path: str, settings: Settings, progress: Callable[[int, int, str], None] | None,
                 graph: GraphOptions | None = None) -> Report:
-    """A .pt2 archive (or a state dict with --graph) is bounded over its graph; anything else as a chain."""
+    """A .pt2 archive (or a state dict with --graph or --model) is bounded over its graph; anything
+    else as a chain."""
     from lipaudit.audit import audit
-    from lipaudit.bound import strategy
     from lipaudit.checkpoint import open_checkpoint
-    from lipaudit.checkpoint.pt2 import FORMAT as PT2
 
     ckpt = open_checkpoint(path, settings.key, limits=settings.limits)
-    g = graph or GraphOptions()
+    with _strategy(ckpt, graph or GraphOptions()) as by:
+        return audit(ckpt, settings, progress, by)
+
+
+@contextmanager
+def _strategy(ckpt: Any, g: GraphOptions) -> Iterator[Any]:
+    from lipaudit.bound import strategy
+    from lipaudit.checkpoint.pt2 import FORMAT as PT2
+
     measure = {"measure": g.measure, "measure_seconds": g.measure_seconds}
-    if g.archive is not None:
-        by = strategy("graph", archive=g.archive, keys=[i.key for i in ckpt.infos], load=ckpt.load,
-                      shown=ckpt.path, **measure)
+    if g.model is not None:
+        from lipaudit.modelcode import exported
+
+        with exported(g.model, ckpt, g.debug) as archive:
+            yield strategy("graph", archive=str(archive), keys=[i.key for i in ckpt.infos], load=ckpt.load,
+                           shown=ckpt.path, source=g.model.to_dict(), **measure)
+    elif g.archive is not None:
+        yield strategy("graph", archive=g.archive, keys=[i.key for i in ckpt.infos], load=ckpt.load,
+                       shown=ckpt.path, **measure)
     elif ckpt.format == PT2:
-        by = strategy("graph", archive=path, **measure)
+        yield strategy("graph", arch=getattr(ckpt.handle, "arch", None), archive=ckpt.path, **measure)
     else:
-        by = strategy("chain")
-    return audit(ckpt, settings, progress, by)
+        yield strategy("chain")
 
 
 @dataclass(frozen=True)
@@ -395,6 +431,8 @@ class GraphOptions:
     archive: str | None = None  # --graph: the exported architecture a state dict is audited on
     measure: bool = True  # run the graph to measure a lower end of the network's constant
     measure_seconds: float = 20.0
+    model: Any = None  # --model: a lipaudit.modelcode.ModelSpec
+    debug: bool = False  # errors from the user's --model code keep their traceback
 
 
 def _summary(report: Report) -> str:
@@ -493,29 +531,29 @@ def _error_text(fmt: str, message: str, path: str) -> str:
               help="Write even when a covered layer cannot be brought to the target (it is reported, exit 1).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--network-target", type=PositiveFloat(), default=None,
-              help="torch.export .pt2 archives: scale the covered layers evenly (in log space) so that the certified "
-                   "graph bound of the whole network is at most L.")
+              help="Graphs (.pt2, or --model): scale every conv/linear weight by one factor so that the certified "
+                   "graph bound of the whole network is at most L; the result is measured again before writing.")
+@click.option("--model", default=None,
+              help="MODULE:CALLABLE building your model, as for inspect (runs the code you name).")
+@click.option("--input-shape", default=None, help="--model: the input shape to export at, like 1x3x64x64.")
 @click.option("--format", "fmt", type=click.Choice(NORMALIZE_FORMAT_NAMES), default="table", show_default=True,
               help="Report format.")
 @common_options
 def normalize(path: str, output: Path | None, target: float, mode: str, conv_norm: str, include: tuple[str, ...],
               exclude: tuple[str, ...], bake: bool, in_place: bool, force: bool, partial: bool, dry_run: bool,
-              network_target: float | None, fmt: str, debug: bool, quiet: bool, **p: Any) -> None:
+              network_target: float | None, fmt: str, debug: bool, quiet: bool, model: str | None = None,
+              input_shape: str | None = None, **p: Any) -> None:
     """Rescale the covered layers so that each certified norm is at most --target."""
 
     def run() -> int:
         from lipaudit.settings import NormalizeSettings
 
-        if network_target is not None:
-            dest = _output_path(path, output, in_place, dry_run, force)
-            return _normalize_graph(path, dest, target, mode, network_target, _settings(p, "exact"), in_place,
-                                    dry_run, fmt, quiet)
-
         settings = NormalizeSettings(
             target=target, mode=Mode(mode), conv_norm=ConvNorm(conv_norm), include=include, exclude=exclude,
-            bake=bake, partial=partial, audit=_settings(p, "exact"),
+            bake=bake, partial=partial, audit=_settings(p, "exact"), network_target=network_target,
         )
-        return _normalize(path, _output_path(path, output, in_place, dry_run, force), settings, fmt, quiet)
+        graph = GraphOptions(measure=False, model=_model_spec(model, input_shape, None), debug=debug)
+        return _normalize(path, _output_path(path, output, in_place, dry_run, force), settings, fmt, quiet, graph)
 
     _guarded(run, path, fmt, debug)
 
@@ -539,14 +577,18 @@ def _output_path(path: str, output: Path | None, in_place: bool, dry_run: bool, 
     return None if dry_run else output
 
 
-def _normalize(path: str, output: Path | None, settings: NormalizeSettings, fmt: str, quiet: bool) -> int:
+def _normalize(path: str, output: Path | None, settings: NormalizeSettings, fmt: str, quiet: bool,
+               graph: GraphOptions) -> int:
+    from lipaudit.bound.chain import Chain
     from lipaudit.checkpoint import open_checkpoint
     from lipaudit.formats import render
     from lipaudit.normalize import normalize as run
 
     ckpt = open_checkpoint(path, settings.audit.key, for_writing=True, limits=settings.audit.limits)
-    with _progress(not quiet, "normalizing") as tick:
-        report = run(ckpt, settings, output, tick)
+    with _progress(not quiet, "normalizing") as tick, _strategy(ckpt, graph) as by:
+        # per layer, the network bound shown is the chain product unless the graph is asked for
+        chosen = by if settings.network_target is not None or graph.model is not None else Chain()
+        report = run(ckpt, settings, output, tick, chosen)
     _emit(render(report, fmt, _options(None)), fmt, None)
     if not quiet:
         scaled = sum(c.action == "scaled" for c in report.changes)
@@ -556,28 +598,6 @@ def _normalize(path: str, output: Path | None, settings: NormalizeSettings, fmt:
         click.echo(f"lipaudit: {visible(report.checkpoint.path)}: {scaled} layers rescaled{up}, {where}: "
                    f"{'passed' if report.passed else 'FAILED'}", err=True)
     return report.exit_code
-
-
-def _normalize_graph(path: str, output: Path | None, target: float, mode: str, network_target: float,
-                     settings: Settings, in_place: bool, dry_run: bool, fmt: str, quiet: bool) -> int:
-    """--network-target: one factor for every covered weight of a .pt2 archive, from its graph bound."""
-    from lipaudit.formats.json_format import dumps
-    from lipaudit.graph import GraphSettings
-    from lipaudit.graph.normalize import normalize_archive
-
-    result = normalize_archive(path, None if output is None else str(output), target, mode, network_target,
-                               GraphSettings.from_settings(settings, measure=False), in_place, dry_run)
-    doc = result.to_dict()
-    after = result.after if result.after is not None else result.before
-    passed = after.certified and after.log10_upper is not None and after.log10_upper <= math.log10(network_target)
-    if fmt == "json":
-        _emit(dumps({**doc, "passed": bool(passed or dry_run)}), fmt, None)
-    else:
-        before_up, after_up = result.before.to_dict()["lipschitz_upper"], after.to_dict()["lipschitz_upper"]
-        _emit(f"lipaudit normalize {visible(path)}: graph bound {before_up} -> {after_up} "
-              f"(target {network_target:g}); {len(result.changes)} layers; "
-              f"{'written to ' + visible(str(result.written)) if result.written else 'nothing written'}\n", fmt, None)
-    return 0 if passed or dry_run else 1
 
 
 def _format_in(argv: list[str]) -> str:

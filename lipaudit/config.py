@@ -47,6 +47,12 @@ def _words(value: object) -> list[str]:
     raise ValueError("expected a list of strings")
 
 
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a string")
+    return value
+
+
 def _choice(*allowed: str) -> Callable[[str, object], str]:
     def check(key: str, value: object) -> str:
         if not isinstance(value, str) or value not in allowed:
@@ -85,6 +91,9 @@ CHECKS: dict[str, Callable[[str, object], Any]] = {
     "input-size": _sizes,
     "method": _choice("auto", "exact", "fast"),
     "format": _choice("table", "json", "markdown", "github", "sarif", "html"),
+    "assume": _choice("chain"),
+    "model": lambda k, v: _text(v),
+    "input-shape": lambda k, v: _text(v),
 }
 
 

@@ -38,6 +38,10 @@ RULES = {
         Rule("LIP018", Severity.INFO, "convolution grouping unknown: lower ends hold for every grouping"),
         Rule("LIP019", Severity.WARNING, "no layer of the network could be bounded"),
         Rule("LIP020", Severity.INFO, "normalize: divide mode scaled layers up to the target"),
+        Rule("LIP024", Severity.INFO, "spectral_norm layout of a square weight not known: both layouts covered"),
+        Rule("LIP025", Severity.WARNING, "--assume chain certifies a product that shapes or names hint is not a chain"),
+        Rule("LIP026", Severity.ERROR, "normalize --network-target: the rescaled network's certified bound is above "
+             "the target; nothing written"),
     )
 }
 

@@ -1,8 +1,10 @@
-"""Rescale a checkpoint's covered layers so their certified norms are at most a target.
+"""Rescale a checkpoint so that certified norms are at most a target: one policy per layer
+(`--target`), or one for the whole network (`--network-target`, over a graph).
 
 The guarantee is about what is written: each new tensor is computed in float64, cast to the
 tensor's own dtype, measured again as cast, and shrunk further while rounding leaves it above
-the target. Layers are measured once, by the audit; each kind says how it is rescaled.
+the target. Layers are measured once, by the audit; each kind says how it is rescaled. Both
+policies write through the checkpoint format registry and report in one schema.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lipaudit import __version__
-from lipaudit.audit import Progress, run_audit
-from lipaudit.bound import log10_product
+from lipaudit.audit import Progress, measure_operators, run_audit
+from lipaudit.bound import Strategy, log10_product
 from lipaudit.checkpoint import Checkpoint
 from lipaudit.checkpoint.writer import Edits, Value
 from lipaudit.findings import finding
@@ -24,6 +27,9 @@ from lipaudit.kinds.base import Context, LayerSpec, RescaleOptions, Rescaling
 from lipaudit.report import CheckpointInfo, Finding, Gated, Layer, finite
 from lipaudit.settings import NormalizeSettings
 from lipaudit.types import ConvNorm, Mode
+
+if TYPE_CHECKING:
+    from lipaudit.bound.graph import GraphStrategy
 
 __all__ = ["Change", "NormalizeReport", "NormalizeSettings", "normalize"]
 
@@ -79,6 +85,7 @@ class NormalizeReport(Gated):
     certified: bool
     findings: tuple[Finding, ...]
     fail_on: str = "error"
+    method: str = "chain"  # how the network bounds were computed: chain or graph
 
     def to_dict(self) -> dict[str, object]:
         from lipaudit.report import SCHEMA_VERSION, bound_dict
@@ -95,6 +102,8 @@ class NormalizeReport(Gated):
                 "before": bound_dict(self.log10_before),
                 "after": bound_dict(self.log10_after),
                 "certified": self.certified,
+                "method": self.method,
+                "target": self.settings.network_target,
             },
             "findings": [f.to_dict() for f in self.findings],
             "passed": self.passed,
@@ -201,13 +210,24 @@ def _recompute(
 
 
 def normalize(
-    ckpt: Checkpoint, settings: NormalizeSettings, output: Path | None = None, progress: Progress | None = None
+    ckpt: Checkpoint, settings: NormalizeSettings, output: Path | None = None, progress: Progress | None = None,
+    bound_by: Strategy | None = None,
 ) -> NormalizeReport:
     """Audit once, rescale what the settings ask, and write to output (None: a dry run).
 
     Nothing is written when a covered layer could not be brought to the target, unless
-    settings.partial; what was written is part of the returned report."""
-    result = run_audit(ckpt, settings.audit, progress)
+    settings.partial; what was written is part of the returned report. With
+    settings.network_target the graph strategy `bound_by` is required (network policy)."""
+    if settings.network_target is not None:
+        from lipaudit.bound.graph import GraphStrategy
+
+        if not isinstance(bound_by, GraphStrategy):
+            from lipaudit.errors import UsageError
+
+            raise UsageError(f"{ckpt.path}: --network-target needs the network's graph: a .pt2 archive, --graph "
+                             "ARCH.pt2 or --model", ckpt.path)
+        return _normalize_network(ckpt, settings, output, progress, bound_by)
+    result = run_audit(ckpt, settings.audit, progress, bound_by)
     report = result.report
     ctx = Context(ckpt.load, settings.audit)
     dtypes = {i.key: i.dtype for i in ckpt.infos}
@@ -293,3 +313,115 @@ def _metadata(settings: NormalizeSettings) -> str:
 def write_output(ckpt: Checkpoint, edits: Edits, target: Path) -> None:
     """Stage, read back and check, then move into place; on any failure nothing changes."""
     ckpt.write(edits, target)
+
+
+# --- the network policy -------------------------------------------------------------------------
+
+_SCALABLE = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+# written weights are rounded to their dtype: aim this much below the network target
+_HEADROOM = 1e-5
+_NETWORK_TRIES = 6
+
+
+def _normalize_network(ckpt: Checkpoint, settings: NormalizeSettings, output: Path | None,
+                       progress: Progress | None, by: GraphStrategy) -> NormalizeReport:
+    """One common factor c for every conv/linear weight the graph uses, the largest with the
+    certified graph bound at most the target; the rounded weights are measured again, as they will
+    be written, and nothing is written unless their certified bound is at most the target."""
+    import math
+
+    from lipaudit.errors import UsageError
+
+    target = settings.network_target
+    assert target is not None
+    result = run_audit(ckpt, settings.audit, progress, by)
+    report = result.report
+    shown = ckpt.path
+    if not report.network.certified or report.network.log10_upper is None or by.result is None:
+        why = "; ".join(report.network.not_certified_because) or "see the findings"
+        raise UsageError(f"{shown}: the network bound is not certified ({why}); --network-target needs a "
+                         "certified graph bound", shown)
+    dtypes = {i.key: i.dtype for i in ckpt.infos}
+    params = {b.param: by.key_of(b.param) for b in by.result.layers.values()
+              if b.kind in _SCALABLE and by.key_of(b.param) in dtypes
+              and getattr(torch, dtypes[by.key_of(b.param)], None) in (torch.float16, torch.bfloat16, torch.float32,
+                                                                         torch.float64)}
+    if not params:
+        raise UsageError(f"{shown}: no conv or linear weights to rescale", shown)
+    goal = math.log10(target) + math.log10(1 - _HEADROOM)
+
+    def bound_at(log_c: float) -> float:
+        res = by.walk(settings.audit, {p: 10.0**log_c for p in params})
+        return float(res.outputs.get("input", math.inf))
+
+    now = report.network.log10_upper
+    lo, hi = min(0.0, goal - now), max(0.0, goal - now)
+    steps = 0
+    while bound_at(lo) > goal:
+        lo -= max(1.0, hi - lo)
+        steps += 1
+        if steps > 40:
+            raise UsageError(f"{shown}: the bound cannot reach {target:g} by scaling the layers (a path without "
+                             "weights, such as an identity skip, already exceeds it)", shown)
+    if bound_at(hi) <= goal:
+        lo = hi
+    else:
+        while hi - lo > 1e-9:
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if bound_at(mid) <= goal else (lo, mid)
+    scale = 10.0**lo
+    keys = sorted(set(params.values()))
+    after_log: float | None = None
+    certified = False
+    values: dict[str, torch.Tensor] = {}
+    for attempt in range(_NETWORK_TRIES):
+        values = {k: (ckpt.load(k).to(torch.float64) * scale).to(getattr(torch, dtypes[k])) for k in keys}
+        if not all(bool(torch.isfinite(v).all()) for v in values.values()):
+            raise UsageError(f"{shown}: rescaling overflows a weight's dtype", shown)
+        again = by.with_weights(values, settings.audit)
+        measure_operators(again, result.plan, settings.audit, shown)
+        res = again.walk(settings.audit)
+        after_log = None if res.uncovered or "input" not in res.outputs else res.outputs["input"] + math.log10(
+            1 + 1e-9)
+        certified = after_log is not None and res.certified_norms
+        if after_log is not None and after_log <= math.log10(target):
+            break
+        if after_log is None or attempt == _NETWORK_TRIES - 1:
+            break
+        scale *= 10.0 ** (math.log10(target) - after_log) * (1 - 4 * _HEADROOM)
+    rows = {x.tensor: x for x in report.layers}
+    changes: list[Change] = []
+    for spec, layer in zip(result.plan.layers, report.layers, strict=True):
+        up = layer.sigma.upper
+        if spec.tensor in values:
+            changes.append(Change(spec.tensor, spec.name, str(spec.kind.kind), "scaled",
+                                  "network target: one factor for every conv/linear weight of the graph", up,
+                                  None if up is None else up * scale, scale, layer.sigma.certified,
+                                  (spec.tensor,)))
+        else:
+            changes.append(Change(spec.tensor, spec.name, str(spec.kind.kind), "unchanged",
+                                  "not a conv or linear weight of the graph", up, up, None, layer.sigma.certified))
+    for k in keys:
+        if k not in rows:  # a weight the graph uses that the table does not list
+            changes.append(Change(k, k, "graph weight", "scaled", "network target", None, None, scale, certified,
+                                  (k,)))
+    findings: list[Finding] = []
+    reached = certified and after_log is not None and after_log <= math.log10(target)
+    written = False
+    if not reached:
+        findings.append(finding(
+            "LIP026", None,
+            f"--network-target {target:g}: the certified graph bound of the rescaled weights is "
+            f"{'unknown' if after_log is None else f'{10.0 ** after_log:.6g}'}, above the target; nothing written",
+        ))
+    elif output is not None:
+        edits = Edits(metadata={"lipaudit": _metadata(settings)})
+        edits.values.update(values)
+        write_output(ckpt, edits, output)
+        written = True
+    findings = [f for f in findings if f.code not in settings.audit.ignore]
+    return NormalizeReport(
+        __version__, report.checkpoint, None if output is None else str(output), written, settings,
+        tuple(changes), report.network.log10_upper, after_log, certified, tuple(findings),
+        fail_on=str(settings.audit.fail_on), method="graph",
+    )

@@ -44,6 +44,8 @@ class Settings:
     ignore: tuple[str, ...] = ()  # finding codes left out of the report
     fail_on: Severity = Severity.ERROR
     heatmaps: int = 0  # frequency responses of this many of the worst convolutions (for html)
+    # What the user asserts about the network (--assume chain): the chain product is certified under it.
+    assume: tuple[str, ...] = ()
 
     def input_size_for(self, names: tuple[str, ...], dims: int) -> tuple[int, ...] | None:
         for key, size in self.input_sizes:
@@ -79,6 +81,7 @@ class Settings:
             "layer_time_s": self.layer_time_s,
             "ignore": list(self.ignore),
             "fail_on": str(self.fail_on),
+            "assume": list(self.assume),
         }
 
 
@@ -92,6 +95,8 @@ class NormalizeSettings:
     bake: bool = False
     partial: bool = False  # write even when a covered layer could not be brought to the target
     audit: Settings = field(default_factory=lambda: Settings(method=Method.EXACT))
+    # One common factor for every conv/linear weight so the certified graph bound is at most this.
+    network_target: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -103,4 +108,5 @@ class NormalizeSettings:
             "bake": self.bake,
             "partial": self.partial,
             "audit": self.audit.to_dict(),
+            "network_target": self.network_target,
         }

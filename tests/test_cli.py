@@ -48,9 +48,12 @@ def test_github_annotations_are_workflow_commands() -> None:
 
 
 def test_fail_above_gates_on_the_network_bound() -> None:
-    code, doc = run_json(str(DEMO), "--fail-above", "1000")
-    assert code == 0 and doc["passed"]
-    code, doc = run_json(str(DEMO), "--fail-above", "1.0")
+    code, doc = run_json(str(DEMO), "--fail-above", "1000")  # a state dict's product is not a proof
+    assert code == 1 and [f["code"] for f in doc["findings"] if f["severity"] == "error"] == ["LIP017"]
+    code, doc = run_json(str(DEMO), "--fail-above", "1000", "--assume", "chain")
+    assert code == 0 and doc["passed"] and doc["settings"]["assume"] == ["chain"]
+    assert "asserted by the user" in doc["network"]["assumptions"][0]
+    code, doc = run_json(str(DEMO), "--fail-above", "1.0", "--assume", "chain")
     assert code == 1 and not doc["passed"]
     assert [f["code"] for f in doc["findings"] if f["severity"] == "error"] == ["LIP001"]
 

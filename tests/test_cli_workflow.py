@@ -94,14 +94,15 @@ def test_html_report_holds_charts(tmp_path: Path) -> None:
 
 def test_pyproject_gate_decides_the_exit_code(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "pyproject.toml").write_text('[tool.lipaudit]\nfail-above = 0.001\n\n[[tool.lipaudit.overrides]]\n'
-                                             'paths = ["ok/*"]\nfail-above = 1e12\n')
+                                             'paths = ["ok/*"]\nfail-above = 1e12\nassume = "chain"\n')
     (tmp_path / "ok").mkdir()
     shutil.copy(FIXTURES / "mlp.pt", tmp_path / "m.pt")
     shutil.copy(FIXTURES / "mlp.pt", tmp_path / "ok" / "m.pt")
     monkeypatch.chdir(tmp_path)
     assert run("inspect", "m.pt", "-q").exit_code == 1
     assert run("inspect", "ok/m.pt", "-q").exit_code == 0
-    assert run("inspect", "m.pt", "-q", "--fail-above", "1e12").exit_code == 0
+    assert run("inspect", "m.pt", "-q", "--fail-above", "1e12").exit_code == 1  # the wiring is not known
+    assert run("inspect", "m.pt", "-q", "--fail-above", "1e12", "--assume", "chain").exit_code == 0
     (tmp_path / "pyproject.toml").write_text("[tool.lipaudit]\nfail-abov = 1\n")
     assert run("inspect", "m.pt", "-q").exit_code == 2
 

@@ -180,7 +180,7 @@ def test_a_file_gate_decides_the_real_inspect_exit_code(
 ) -> None:
     from lipaudit.cli import cli
 
-    _write(tmp_path, f"[tool.lipaudit]\nfail-above = {file_gate!r}\nformat = \"json\"\n")
+    _write(tmp_path, f"[tool.lipaudit]\nfail-above = {file_gate!r}\nformat = \"json\"\nassume = \"chain\"\n")
     cfg = load_config(tmp_path, env={})
     inspect = cli.get_command(click.Context(cli), "inspect")
     assert inspect is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lipaudit.audit import _gates, run_audit
-from lipaudit.bound.chain import Chain, _chain_break
+from lipaudit.bound.chain import UNKNOWN_WIRING, Chain, _chain_break
 from lipaudit.checkpoint.model import TensorInfo
 from lipaudit.kinds import plan_layers
 from lipaudit.kinds.channelwise import BatchNorm, Norm
@@ -57,9 +57,14 @@ def test_chain_product_and_reasons() -> None:
     plan = plan_layers([_info("a.weight", 8, 4), _info("b.weight", 3, 8)])
     layers = [_layer(s) for s in plan.layers]
     b = Chain().bound(layers, plan, Settings())
+    assert not b.network.certified and b.network.not_certified_because == (UNKNOWN_WIRING,)
+    assert abs(b.network.upper - 4.0) < 1e-12  # type: ignore[operator]
+    chain = Settings(assume=("chain",))
+    b = Chain().bound(layers, plan, chain)
     assert b.network.certified and abs(b.network.upper - 4.0) < 1e-12  # type: ignore[operator]
+    assert b.network.details == {"assumed": ["chain"]} and "--assume chain" in b.network.assumptions[0]
     layers[1] = _layer(plan.layers[1], certified=False)
-    b = Chain().bound(layers, plan, Settings())
+    b = Chain().bound(layers, plan, chain)
     assert not b.network.certified and "a factor is an estimate" in b.network.not_certified_because
 
 
@@ -69,10 +74,20 @@ def test_chain_break_names_the_widths() -> None:
     assert brk is not None and brk.tensor == "b.weight" and "gives 8" in brk.message
 
 
-def test_residual_names_uncertify_the_chain() -> None:
+def test_residual_names_are_hints_not_gates() -> None:
     plan = plan_layers([_info("layer1.0.conv1.weight", 4, 4, 3, 3), _info("layer1.0.conv2.weight", 4, 4, 3, 3)])
     b = Chain().bound([_layer(s) for s in plan.layers], plan, Settings())
     assert not b.network.certified and any(f.code == "LIP011" for f in b.findings)
+    assert b.network.not_certified_because == (UNKNOWN_WIRING,)
+    b = Chain().bound([_layer(s) for s in plan.layers], plan, Settings(assume=("chain",)))
+    assert b.network.certified and {"LIP011", "LIP025"} <= {f.code for f in b.findings}
+
+
+def test_names_that_match_no_residual_pattern_are_not_certified() -> None:
+    """MobileNetV2's names (features.N.conv.M) say nothing; the product is still only an estimate."""
+    plan = plan_layers([_info("features.1.conv.0.weight", 4, 4, 3, 3), _info("features.1.conv.1.weight", 4, 4, 3, 3)])
+    b = Chain().bound([_layer(s) for s in plan.layers], plan, Settings())
+    assert not b.network.certified and UNKNOWN_WIRING in b.network.not_certified_because
 
 
 def test_gates_fail_closed_on_uncertified_bounds() -> None:

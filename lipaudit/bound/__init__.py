@@ -7,13 +7,17 @@ state dict in order; a graph strategy walks a real architecture.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from lipaudit.report import Finding, Layer, Network
 
 if TYPE_CHECKING:
+    import torch
+
     from lipaudit.kinds import Plan
+    from lipaudit.kinds.base import LayerSpec, Measured
     from lipaudit.settings import Settings
 
 
@@ -23,10 +27,31 @@ class Bound:
     findings: tuple[Finding, ...]
 
 
+@dataclass(frozen=True)
+class Operator:
+    """A linear map a strategy needs measured, as a layer the kinds measure: the audit measures it
+    in its pool with the other layers, under `settings` (the audit's, with what the strategy knows,
+    such as a conv's groups). `table` names the table layer it also reports, if any."""
+
+    spec: LayerSpec
+    load: Callable[[str], torch.Tensor]
+    settings: Settings
+    table: str | None = None
+
+
 class Strategy(Protocol):
     name: str
 
     def bound(self, layers: list[Layer], plan: Plan, settings: Settings) -> Bound: ...
+
+
+@runtime_checkable
+class Measuring(Strategy, Protocol):
+    """A strategy with operators of its own to measure before it bounds (the graph)."""
+
+    def operators(self, plan: Plan, settings: Settings) -> list[Operator]: ...
+
+    def use(self, measured: dict[str, Measured], tables: frozenset[str] = frozenset()) -> None: ...
 
 
 def log10_product(uppers: list[float | None]) -> float | None:
@@ -41,8 +66,8 @@ def log10_product(uppers: list[float | None]) -> float | None:
 
 
 def strategy(name: str, **where: object) -> Strategy:
-    """The registry: chain needs nothing; graph needs the archive (`archive=PATH`, and for a state
-    dict on that architecture `keys`, `load`, `shown`)."""
+    """The registry: chain needs nothing; graph needs the archive (`archive=PATH` or `arch=` an open
+    one, and for a state dict on that architecture `keys`, `load`, `shown`)."""
     from lipaudit.bound.chain import Chain
     from lipaudit.bound.graph import GraphStrategy
 

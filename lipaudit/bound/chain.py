@@ -1,8 +1,9 @@
 """The chain strategy: a state dict's covered layers applied one after another.
 
 The product of the layers' certified upper ends bounds a chain. A state dict does not show the
-wiring, so the product is a proof only under the assumptions listed here, and only when every
-layer is covered, every factor is a proof, and the shapes do not contradict a chain.
+wiring: names and shapes can hint at residual blocks or branches but cannot prove their absence,
+so the product is an estimate unless the user asserts the network is a plain chain
+(`--assume chain`), and then it is certified only under that assertion, which the report records.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ if TYPE_CHECKING:
 
 # Suspicious tensors named one by one in findings; the rest are counted.
 _NAMED = 20
+UNKNOWN_WIRING = "the wiring is not known (export the model, or pass --model)"
+ASSERTED = ("chain (asserted by the user with --assume chain): the covered layers are applied one after another, "
+            "in the order stored; the product is certified under this assertion, which lipaudit cannot check")
 # Names that residual architectures give their blocks and shortcuts (torchvision's layer1.0.conv1,
-# downsample, timm's blocks/stages, shortcut/skip branches). Shapes cannot show a skip connection,
-# so where names say there may be one, the product is not called a proof.
+# downsample, timm's blocks/stages, shortcut/skip branches): a hint in the findings, never a proof
+# either way (MobileNetV2's features.N.conv.M has residuals and matches none of these).
 _RESIDUAL = re.compile(
     r"(^|\.)(layer\d+|blocks?|stages?|res\w*|resblocks?|residual\w*)\.\d+\.|"
     r"(^|[._])(downsample|shortcut|skip\w*|residual\w*|identity)([._]|$)",
@@ -34,7 +38,8 @@ _RESIDUAL = re.compile(
 def assumptions(layers: list[Layer], specs: list[LayerSpec], settings: Settings) -> list[str]:
     """Each line is a condition under which the product is a bound; all are true as written."""
     kinds = {s.kind.kind for s, x in zip(specs, layers, strict=True) if x.in_network_bound}
-    out = [
+    out = [ASSERTED] if "chain" in settings.assume else []
+    out += [
         "chain: the covered layers are applied one after another, in the order stored, each to the previous "
         "one's output; residual connections (x + f(x) is bounded by 1 + L_f), branches and concatenations do "
         "not show in a state dict, and where they exist the product is not a bound",
@@ -133,18 +138,26 @@ class Chain:
                                         "network bound does not include it"))
             if len(plan.suspicious) > _NAMED:
                 findings.append(finding("LIP016", None, f"{len(plan.suspicious) - _NAMED} more such tensors"))
+        # shapes and names are hints: a chain cannot be proven from them, only asserted
         brk = _chain_break(layers, specs)
         if brk is not None:
-            why.append("the layer shapes do not form a chain")
             findings.append(brk)
         residual = next((x for x in layers if x.in_network_bound and _RESIDUAL.search(x.tensor)), None)
         if residual is not None:
-            why.append("layer names suggest residual blocks")
             findings.append(finding(
                 "LIP011", residual.tensor,
                 f"{residual.name}: names like this one belong to residual blocks (x + f(x), bounded by 1 + L_f), "
                 "which a state dict does not show: the product may not bound this network; bound the exported "
-                "graph instead (lipaudit inspect model.pt2, or --graph)",
+                "graph instead (lipaudit inspect model.pt2, --graph, or --model)",
+            ))
+        asserted = "chain" in settings.assume
+        if not asserted:
+            why.append(UNKNOWN_WIRING)
+        elif brk is not None or residual is not None:
+            findings.append(finding(
+                "LIP025", None,
+                "--assume chain: the product is certified under your assertion that the network is a plain chain, "
+                "although the layer shapes or names above hint otherwise",
             ))
         uncovered = tuple((x.tensor, x.notes[0] if x.notes else str(x.kind)) for x in layers if not x.in_network_bound)
         uncovered += tuple(plan.suspicious)
@@ -152,5 +165,6 @@ class Chain:
             log10_upper=log10, certified=not why, layers_counted=len(covered), layers_not_covered=not_covered,
             assumptions=tuple(assumptions(layers, specs, settings)), method=self.name,
             not_certified_because=tuple(why), uncovered=uncovered,
+            details={"assumed": ["chain"]} if asserted else None,
         )
         return Bound(network, tuple(findings))

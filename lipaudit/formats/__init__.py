@@ -142,4 +142,6 @@ def how_bounded(net: Network) -> str:
     if net.method == "graph":
         lower = f"; measured lower end {fmt_num(net.lipschitz_lower)}" if net.lipschitz_lower is not None else ""
         return f"over the exported graph, {layers}{lower}"
-    return f"product of {layers}" + (f", {net.layers_not_covered} not covered" if net.layers_not_covered else "")
+    assumed = " under --assume chain" if (net.details or {}).get("assumed") else ""
+    return (f"product of {layers}{assumed}"
+            + (f", {net.layers_not_covered} not covered" if net.layers_not_covered else ""))

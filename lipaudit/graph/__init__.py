@@ -13,15 +13,16 @@ import torch
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.pt2 import Pt2Archive, open_pt2
 from lipaudit.errors import MalformedInputError
-from lipaudit.graph.bound import INPUT, Result, bound_graph
+from lipaudit.graph.bound import INPUT, LinearOp, Result, bound_graph
 from lipaudit.graph.interpret import Evaluator, check_shapes
 from lipaudit.graph.lower import Measured, measure
 from lipaudit.graph.model import Graph, parse_graph
+from lipaudit.spectral import Interval
 from lipaudit.text import visible
 
 __all__ = [
-    "GraphBound", "GraphSettings", "Loaded", "inspect_archive", "inspect_state_dict", "load_archive",
-    "match_state_dict", "strip_prefix",
+    "GraphBound", "GraphSettings", "Loaded", "graph_of", "inspect_archive", "inspect_state_dict", "load_archive",
+    "lower_end", "match_state_dict", "on_state_dict", "strip_prefix",
 ]
 
 ASSUMPTIONS = (
@@ -40,7 +41,7 @@ class GraphSettings:
     seed: int = 0
     measure: bool = True  # run the interpreter for a measured lower end
     measure_seconds: float = 20.0
-    measure_work: int = 400  # function evaluations for the measured lower end (lipaudit/graph/lower.py)
+    measure_work: int = 200  # function evaluations for the measured lower end (lipaudit/graph/lower.py)
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -144,13 +145,18 @@ class Loaded:
     archive: Pt2Archive
     graph: Graph
     load: Callable[[str], torch.Tensor]  # graph tensor name -> tensor
+    keys: dict[str, str] | None = None  # parameter name -> state-dict key, when a state dict supplies them
 
     def evaluator(self) -> Evaluator:
         return Evaluator(self.graph, self.load)
 
 
 def load_archive(path: str, limits: Limits | None = None) -> Loaded:
-    arch = open_pt2(path, limits)
+    return graph_of(open_pt2(path, limits), limits)
+
+
+def graph_of(arch: Pt2Archive, limits: Limits | None = None) -> Loaded:
+    """The graph of an archive already open (a .pt2 checkpoint is read once)."""
     try:
         graph = parse_graph(arch.program, arch.shown, (limits or Limits()).nodes)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
@@ -234,11 +240,15 @@ def verify_shapes(loaded: Loaded) -> list[str]:
 
 
 def bound_loaded(loaded: Loaded, settings: GraphSettings, factors: dict[str, float] | None = None,
-                 norms: dict[tuple[Any, ...], Any] | None = None) -> Result:
-    """The graph bound after the shape check; nodes whose shapes could not be checked are uncovered."""
-    unverified = verify_shapes(loaded)
+                 norms: dict[tuple[Any, ...], Any] | None = None,
+                 norm: Callable[[LinearOp], Interval] | None = None,
+                 unverified: list[str] | None = None) -> Result:
+    """The graph bound after the shape check; nodes whose shapes could not be checked are uncovered.
+    `unverified` is the shape check's answer when the caller already has it (it runs the ops once)."""
+    if unverified is None:
+        unverified = verify_shapes(loaded)
     res = bound_graph(loaded.graph, loaded.evaluator(), settings.rtol, settings.conv_rtol, settings.seed,
-                      factors, norms)
+                      factors, norms, norm)
     covered = {n for n, _ in res.uncovered}
     for name in unverified:
         if name not in covered:
@@ -247,14 +257,16 @@ def bound_loaded(loaded: Loaded, settings: GraphSettings, factors: dict[str, flo
     return res
 
 
+def lower_end(loaded: Loaded, settings: GraphSettings) -> Measured | None:
+    """A measured lower end of the network's constant (None when not asked for)."""
+    if not settings.measure:
+        return None
+    samples, _why = loaded.archive.sample_inputs()
+    return measure(loaded.graph, loaded.evaluator(), samples, settings.measure_work, settings.seed, settings.limits)
+
+
 def _bound(loaded: Loaded, settings: GraphSettings) -> GraphBound:
-    res = bound_loaded(loaded, settings)
-    ev = loaded.evaluator()
-    lower: Measured | None = None
-    if settings.measure:
-        samples, _why = loaded.archive.sample_inputs()
-        lower = measure(loaded.graph, ev, samples, settings.measure_work, settings.seed, settings.limits)
-    return summarise(res, lower)
+    return summarise(bound_loaded(loaded, settings), lower_end(loaded, settings))
 
 
 def inspect_archive(path: str, settings: GraphSettings | None = None) -> GraphBound:
@@ -323,10 +335,14 @@ def inspect_state_dict(graph_path: str, keys: list[str], load: Callable[[str], t
                        settings: GraphSettings | None = None) -> GraphBound:
     """Bound a state dict's network on the architecture of graph_path: tensors are matched by name
     (after stripping module./_orig_mod.), shapes must agree, nothing is guessed."""
+    settings = settings or GraphSettings()
+    return _bound(on_state_dict(load_archive(graph_path, settings.limits), keys, load, shown), settings)
+
+
+def on_state_dict(loaded: Loaded, keys: list[str], load: Callable[[str], torch.Tensor], shown: str) -> Loaded:
+    """The graph with a state dict's tensors in place of the archive's (matched as match_state_dict says)."""
     from lipaudit.errors import UsageError
 
-    settings = settings or GraphSettings()
-    loaded = load_archive(graph_path, settings.limits)
     mapping = match_state_dict(loaded.graph, loaded.archive, keys, shown)
     graph, arch = loaded.graph, loaded.archive
 
@@ -349,4 +365,4 @@ def inspect_state_dict(graph_path: str, keys: list[str], load: Callable[[str], t
             if f == fqn:
                 load_sd(name)
                 break
-    return _bound(Loaded(arch, graph, load_sd), settings)
+    return Loaded(arch, graph, load_sd, {fqn: key for fqn, key in mapping.items()})

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lipaudit.graph.model import Arg, Graph, Node
+from lipaudit.graph.ops.base import Uncovered
 from lipaudit.spectral import Interval
 
 # identity maps that may sit inside a block
@@ -533,8 +534,13 @@ def bound_blocks(graph: Graph, value: Callable[[str], torch.Tensor | None],
     certified = True
 
     def upper(w: Lin) -> float:
+        # a norm that cannot be had leaves its block at the product; every block still asks for
+        # all of its operators, in the same order, so a caller may plan them in a first walk
         nonlocal certified
-        iv = norm(w)
+        try:
+            iv = norm(w)
+        except (Uncovered, ValueError, RuntimeError):
+            return math.inf
         certified = certified and iv.certified
         return iv.upper
 

@@ -54,6 +54,7 @@ class Formed:
     slack: float
     slack_rel: float
     note: str
+    layout_hint: str = ""  # square spectral_norm weights: which layout the stored u suggests
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,10 @@ class SpectralNorm:
                               f"stored spectral-norm estimate u^T W v = {sigma:.6g}{layout}"))
         if not out:
             return "spectral_norm: stored u, v do not match the weight's shape"
-        return _infer_layout(out, aligned)
+        # torch's default is dim 0 for every module but ConvTranspose (dim 1). A kernel is audited
+        # as a Conv's (the kind every conv kernel is read as); a ConvTranspose's kernel whose u lines up
+        # with dim 1, as its power iteration leaves it, gets both layouts.
+        return _infer_layout(out, aligned, 0)
 
 
 # The last power iteration leaves u = normalize(W v) in the layout it ran on, so u lines up with
@@ -117,16 +121,28 @@ ALIGNED = 0.99
 UNALIGNED = 0.9
 
 
-def _infer_layout(forms: list[Formed], aligned: list[float]) -> list[Formed]:
-    """Square conv kernels fit both layouts: keep one only when u, v clearly belong to it."""
+def _infer_layout(forms: list[Formed], aligned: list[float], default: int) -> list[Formed]:
+    """Square weights fit both layouts. Stored u can be set by hand to line up with either, so it
+    alone proves nothing: one layout is kept only when it is torch's default for the weight and u
+    agrees; otherwise both stay (the interval is their hull) and the hint says what u suggests."""
     if len(forms) < 2:
         return forms
     best = max(range(len(forms)), key=lambda i: aligned[i])
-    if aligned[best] >= ALIGNED and all(a < UNALIGNED for i, a in enumerate(aligned) if i != best):
-        f = forms[best]
+    clear = aligned[best] >= ALIGNED and all(a < UNALIGNED for i, a in enumerate(aligned) if i != best)
+    f = forms[best]
+    if clear and f.dim == default:
         return [Formed(f.weight, f.dim, f.slack, f.slack_rel,
-                       f.note + f" (layout inferred: stored u lines up with W v, cosine {aligned[best]:.4f})")]
-    return forms
+                       f.note + f" (layout: torch's default dim {f.dim}, and stored u lines up with W v there, "
+                       f"cosine {aligned[best]:.4f})")]
+    cosines = ", ".join(f"dim {x.dim}: {a:.4f}" for x, a in zip(forms, aligned, strict=True))
+    if clear:
+        why = (f"stored u suggests dim {f.dim} (cosine of u with W v, {cosines}), which is not torch's default "
+               f"(dim {default}; dim 1 is a ConvTranspose's)")
+    else:
+        why = f"stored u lines up with neither layout clearly (cosine of u with W v, {cosines})"
+    hint = (f"spectral_norm layout of a square weight is not known: {why}; stored u can be set to line up with "
+            "either, so the interval covers both layouts (pass --model to read the layout from the module)")
+    return [Formed(x.weight, x.dim, x.slack, x.slack_rel, x.note, hint) for x in forms]
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,9 @@ def check(spec: LayerSpec, forms: list[Formed] | str, out: Measured) -> list[For
         out.findings.append(finding("LIP007", spec.tensor, "all-zero weight: norm 0"))
     out.notes.extend(f.note for f in forms if f.note)
     if len(forms) > 1:
-        out.notes.append(
-            "spectral_norm layout ambiguous (dim 0 or dim 1: square channels, and the stored u lines up with "
-            "neither clearly): the interval covers both layouts"
-        )
+        hint = forms[0].layout_hint or "the stored u does not tell the layout"
+        out.notes.append(f"spectral_norm layout ambiguous (dim 0 or dim 1): {hint}")
+        out.findings.append(finding("LIP024", spec.tensor, hint))
     return forms
 
 

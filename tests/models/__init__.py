@@ -1,0 +1,1 @@
+"""Small model definitions that tests name with --model MODULE:CALLABLE."""

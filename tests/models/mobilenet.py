@@ -123,7 +123,8 @@ def build(name: str, steps: int = 300) -> nn.Module:
 def export(model: nn.Module, size: int = 64) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(model.eval(), (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2)),))
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+        ep = torch.export.export(model.eval(), (x,))
         buf = io.BytesIO()
         torch.export.save(ep, buf)
     return buf.getvalue()

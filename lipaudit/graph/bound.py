@@ -120,7 +120,7 @@ class Bounder:
         self.chain: list[float] = []
         self.norms: dict[tuple[Any, ...], Interval] = {}
         self.factors: dict[str, float] = {}  # state-dict name -> planned rescaling of that weight
-        self.hooks: dict[str, list[tighten.BlockBound]] = {}  # exit tensor -> tighter block bounds
+        self.hooks: dict[str, list[tighten.Block]] = {}  # exit tensor -> blocks bounded as a whole
         self.blocks: list[dict[str, Any]] = []
 
     # -- helpers -----------------------------------------------------------------------
@@ -307,14 +307,15 @@ class Bounder:
                 continue
             try:
                 self.visit(node, outs)
-                for o in outs:
-                    for blk in self.hooks.get(o, []):
-                        self.tighten_at(node, blk)
             except Uncovered as e:
                 self.uncover(node, outs, e.reason)
             except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
                 # arguments of a shape no rule expects: left out, never guessed
                 self.uncover(node, outs, f"arguments could not be analysed ({type(e).__name__})")
+            # after the node's own rule, whatever it found, so a planned walk asks for the same operators
+            for o in outs:
+                for blk in self.hooks.get(o, []):
+                    self.tighten_at(node, blk)
 
     def lin_norm(self, w: tighten.Lin) -> Interval:
         """A block's composite map's norm, uncached here (its kernel has no parameter name; the tag
@@ -331,8 +332,12 @@ class Bounder:
             return rules.dense_norm(w.kernel, self.rtol, self.seed)
         return rules.conv_norm(w.kernel, w.stride, (1,) * d, 1, self.conv_rtol)
 
-    def tighten_at(self, node: Node, blk: tighten.BlockBound) -> None:
-        """The exit's bound becomes the entry's times the block's, where that is lower."""
+    def tighten_at(self, node: Node, block: tighten.Block) -> None:
+        """The exit's bound becomes the entry's times the block's, where that is lower. Measured
+        here, after the nodes' own operators, so those keep their names in a planned walk."""
+        blk, ok = tighten.evaluate(block, self.lin_norm)
+        if blk is None:
+            return
         here, entry = self.lip(blk.exit), self.lip(blk.entry)
         g = _lg(blk.upper)
         before = here.get(INPUT)
@@ -340,6 +345,8 @@ class Bounder:
         self.lips[blk.exit] = {k: v for k, v in here.items() if k not in lowered} | lowered
         after = self.lips[blk.exit].get(INPUT)
         used = before is not None and after is not None and after < before
+        if used and not ok:
+            self.certified = False
         if used:
             self.mark(blk.exit, blk.entry)
             for info in reversed(self.nodes):
@@ -442,9 +449,7 @@ def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, 
         b.norms = norms
     b.partial_in = {}
     if blocks and not factors:  # planned rescalings change the kernels the blocks were composed from
-        found, ok = tighten.bound_blocks(graph, consts.value, b.lin_norm)
-        b.certified &= ok
-        for blk in found:
+        for blk in tighten.blocks(graph, consts.value):
             b.hooks.setdefault(blk.exit, []).append(blk)
     b.run()
     outs = [o for o in graph.outputs if graph.dtypes.get(o, 7) in (6, 7, 8, 13)]

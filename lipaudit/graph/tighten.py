@@ -528,14 +528,19 @@ def find_blocks(graph: Graph, reader: Reader) -> list[Block]:
     return blocks
 
 
-def bound_blocks(graph: Graph, value: Callable[[str], torch.Tensor | None],
-                 norm: Callable[[Lin], Interval]) -> tuple[list[BlockBound], bool]:
-    """Every block's bounds; the flag is False when a norm it used was not certified."""
+def blocks(graph: Graph, value: Callable[[str], torch.Tensor | None]) -> list[Block]:
+    """The graph's blocks, read without measuring anything."""
+    return find_blocks(graph, Reader(graph, value))
+
+
+def evaluate(blk: Block, norm: Callable[[Lin], Interval]) -> tuple[BlockBound | None, bool]:
+    """The block's bounds (None when its maps do not fit together); the flag is False when a norm
+    it used was not certified. The operators asked for depend only on the block, never on the
+    values returned, so a caller may plan them in a first walk."""
     certified = True
 
     def upper(w: Lin) -> float:
-        # a norm that cannot be had leaves its block at the product; every block still asks for
-        # all of its operators, in the same order, so a caller may plan them in a first walk
+        # a norm that cannot be had leaves the block at the product
         nonlocal certified
         try:
             iv = norm(w)
@@ -544,20 +549,16 @@ def bound_blocks(graph: Graph, value: Callable[[str], torch.Tensor | None],
         certified = certified and iv.certified
         return iv.upper
 
-    reader = Reader(graph, value)
-    out: list[BlockBound] = []
-    for blk in find_blocks(graph, reader):
-        try:
-            product, up, loop = chain_bound(blk.items, blk.residual, upper)
-            scaled_items = rebalance(blk.items)
-            rescaled = False
-            if scaled_items is not None:
-                _, up2, loop2 = chain_bound(scaled_items, blk.residual, upper)
-                if up2 < up:
-                    up, loop, rescaled = up2, loop2, True
-        except ValueError:
-            continue
-        rule = "loop transformation" if loop else "composite" if blk.composed or blk.residual or rescaled \
-            else "product"
-        out.append(BlockBound(blk.entry, blk.exit, blk.nodes, blk.residual, product, up, rule, rescaled))
-    return out, certified
+    try:
+        product, up, loop = chain_bound(blk.items, blk.residual, upper)
+        scaled_items = rebalance(blk.items)
+        rescaled = False
+        if scaled_items is not None:
+            _, up2, loop2 = chain_bound(scaled_items, blk.residual, upper)
+            if up2 < up:
+                up, loop, rescaled = up2, loop2, True
+    except ValueError:
+        return None, certified
+    rule = "loop transformation" if loop else "composite" if blk.composed or blk.residual or rescaled \
+        else "product"
+    return BlockBound(blk.entry, blk.exit, blk.nodes, blk.residual, product, up, rule, rescaled), certified

@@ -192,7 +192,8 @@ def test_exported_block_bound_above_dense_slope_diagonals(tmp_path: Path, stride
     assert r.lipschitz_upper >= jacobian_norm(model, x.double()) * (1 - 1e-9)
 
 
-def test_never_looser_than_the_walk_without_blocks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("core", [False, True])
+def test_never_looser_than_the_walk_without_blocks(tmp_path: Path, core: bool) -> None:
     from lipaudit.graph import load_archive
     from lipaudit.graph.bound import bound_graph
 
@@ -200,7 +201,7 @@ def test_never_looser_than_the_walk_without_blocks(tmp_path: Path) -> None:
     model = _randomise(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
                                      _Inverted(6, 1, True), _Inverted(6, 2, False), nn.Conv2d(6, 4, 3)), 5)
     x = torch.randn(1, 3, 10, 10)
-    loaded = load_archive(str(export_to(tmp_path / "n.pt2", model, x)))
+    loaded = load_archive(str(export_to(tmp_path / "n.pt2", model, x, core)))
     s = GraphSettings()
     plain = bound_graph(loaded.graph, loaded.evaluator(), s.rtol, s.conv_rtol, s.seed, blocks=False)
     tight = bound_graph(loaded.graph, loaded.evaluator(), s.rtol, s.conv_rtol, s.seed)

@@ -18,9 +18,12 @@ from lipaudit.graph.model import Arg, Graph, Node
 from lipaudit.graph.ops.registry import inplace_hazard, runs_as
 from lipaudit.text import clean_message, visible
 
-_FACTORIES = {"empty", "empty_like", "new_empty"}  # uninitialised memory: filled with zeros here
-# ops whose output size comes from their arguments alone
-_MADE = frozenset("empty zeros ones full arange scalar_tensor new_zeros new_ones new_full new_empty".split())
+
+def _flag(node: Node, key: str) -> bool:
+    """A registry flag of the node's op: `made` (its size comes from its arguments alone) or
+    `uninitialised` (uninitialised memory, filled with zeros here)."""
+    entry = ops.lookup(node.op, node.overload) if node.namespace == "aten" else None
+    return bool(entry is not None and entry.spec.extra.get(key))
 
 
 class CannotRun(Exception):
@@ -103,7 +106,7 @@ def _output_bytes(node: Node, graph: Graph | None, fn: Callable[..., Any], args:
     as declared."""
     names = [n for n in node.outputs if n is not None]
     kw = dict(kwargs)
-    if node.op in _MADE:
+    if _flag(node, "made"):
         kw["device"] = "meta"
     try:
         with warnings.catch_warnings():
@@ -160,7 +163,7 @@ def run_node(node: Node, env: dict[str, torch.Tensor], graph: Graph | None = Non
             kwargs[name] = v
     if budget is not None:
         for name, size in _output_bytes(node, graph, fn, args, kwargs):
-            budget.check(name, size, node.op in _MADE)
+            budget.check(name, size, _flag(node, "made"))
     try:
         if node.op.rstrip("_") == "copy" and len(args) >= 2:
             # aten.copy has neither forward- nor reverse-mode derivatives; this is the same value
@@ -176,7 +179,7 @@ def run_node(node: Node, env: dict[str, torch.Tensor], graph: Graph | None = Non
     for n, v in zip(names, outs, strict=False):
         if n is None or not isinstance(v, torch.Tensor):
             continue
-        if node.op in _FACTORIES:
+        if _flag(node, "uninitialised"):
             v = torch.zeros_like(v)
         if v.is_floating_point() and v.dtype != torch.float64:
             v = v.to(torch.float64)
@@ -282,7 +285,14 @@ def network_function(graph: Graph, consts: Evaluator,
         warnings.simplefilter("ignore")
         for n in graph.nodes:
             if any(o is not None for o in n.outputs):
-                run_node(n, shapes, graph, budget)
+                try:
+                    run_node(n, shapes, graph, budget)
+                except CannotRun:  # no shapes-only kernel: the declared sizes are checked instead
+                    for o in n.outputs:
+                        size = _declared_bytes(graph, o) if o is not None else None
+                        if size is not None:
+                            budget.check(o or "", size, False)
+                    continue
                 for o in n.outputs:
                     if o is not None and o in shapes and not shapes[o].is_meta:
                         shapes[o] = shapes[o].to("meta")

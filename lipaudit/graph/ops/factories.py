@@ -30,7 +30,25 @@ def _case(d: Draw, name: str) -> Case:
     return Case({"size": list(s)})
 
 
-@register("zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_full", "new_empty",
-          "zeros", "ones", "full", "empty", "arange", "scalar_tensor", sample=_case, inplace=False)
-def from_sizes(ctx: Context, node: Node) -> Effect:
+@register("zeros_like", "ones_like", "full_like", sample=_case, inplace=False)
+def like(ctx: Context, node: Node) -> Effect:
+    """The shape of an existing tensor, filled with a constant."""
+    return Constant()
+
+
+@register("empty_like", sample=_case, inplace=False, extra={"uninitialised": True})
+def empty_like(ctx: Context, node: Node) -> Effect:
+    return Constant()
+
+
+@register("new_zeros", "new_ones", "new_full", "zeros", "ones", "full", "arange", "scalar_tensor", sample=_case,
+          inplace=False, extra={"made": True})
+def made(ctx: Context, node: Node) -> Effect:
+    """Sizes from the arguments alone: nothing in the archive backs the memory (interpret.Budget)."""
+    return Constant()
+
+
+@register("new_empty", "empty", sample=_case, inplace=False, extra={"made": True, "uninitialised": True})
+def made_empty(ctx: Context, node: Node) -> Effect:
+    """Uninitialised memory: the interpreter fills it with zeros."""
     return Constant()

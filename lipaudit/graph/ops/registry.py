@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,14 +42,14 @@ def _add(entry: Entry) -> None:
 
 
 def register(*names: str, sample: Sample | None, run: bool = True, alias: bool = False,
-             inplace: bool = True) -> Callable[[Rule], Rule]:
+             inplace: bool = True, extra: dict[str, Any] | None = None) -> Callable[[Rule], Rule]:
     """Register a rule for aten ops `names` ("op" for every overload, "op.overload" for one), with
     the generator of its test cases. Each in-place variant torch has (`relu_` for `relu`) is
     registered with the same rule; a name registered twice is an error at import."""
 
     def deco(fn: Rule) -> Rule:
         family = fn.__module__.rsplit(".", 1)[-1]
-        spec = Spec(tuple(names), fn, sample, family, run, alias, inplace)
+        spec = Spec(tuple(names), fn, sample, family, run, alias, inplace, dict(extra or {}))
         for n in names:
             _add(Entry(n, spec))
             base, dot, overload = n.partition(".")

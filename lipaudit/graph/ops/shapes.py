@@ -259,6 +259,8 @@ def _cast_case(d: Draw, name: str) -> Case:
     if base == "type_as":
         return Case({"self": x, "other": Const(torch.zeros(1, dtype=dst))})
     if base == "to":
+        if d.bool():
+            return Case({"self": x, "other": Const(torch.zeros(1, dtype=dst))}, overload="other")
         return Case({"self": x, "dtype": dst}, overload="dtype")
     return Case({"self": x, "dtype": dst if d.int(0, 3) else None})
 
@@ -280,10 +282,8 @@ def _cast(ctx: Context, node: Node) -> Effect:
     dt = node.arg("dtype")
     if dt is not None and dt.kind == "dtype":
         dst = int(dt.value)
-    elif node.op == "type_as":
-        other = node.arg("other", 1)
-        if other is not None and other.kind == "tensor":
-            dst = ctx.g.dtypes.get(str(other.value), src)
+    elif (other := node.arg("other", 1)) is not None and other.kind == "tensor":  # type_as, to.other
+        dst = ctx.g.dtypes.get(str(other.value), src)
     elif dt is not None and dt.kind not in ("none",):
         raise Uncovered("a cast to an unknown dtype")
     why = exact_cast(src, dst)

@@ -122,6 +122,7 @@ class Bounder:
         self.factors: dict[str, float] = {}  # state-dict name -> planned rescaling of that weight
         self.hooks: dict[str, list[tighten.Block]] = {}  # exit tensor -> blocks bounded as a whole
         self.blocks: list[dict[str, Any]] = []
+        self.apply_blocks = True
 
     # -- helpers -----------------------------------------------------------------------
     def lip(self, name: str) -> Lip:
@@ -336,7 +337,7 @@ class Bounder:
         """The exit's bound becomes the entry's times the block's, where that is lower. Measured
         here, after the nodes' own operators, so those keep their names in a planned walk."""
         blk, ok = tighten.evaluate(block, self.lin_norm)
-        if blk is None:
+        if blk is None or not self.apply_blocks:
             return
         here, entry = self.lip(blk.exit), self.lip(blk.entry)
         g = _lg(blk.upper)
@@ -448,7 +449,10 @@ def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, 
     if norms is not None:
         b.norms = norms
     b.partial_in = {}
-    if blocks and not factors:  # planned rescalings change the kernels the blocks were composed from
+    # planned rescalings change the kernels the blocks were composed from: their bounds are then not
+    # used, but still asked for, so a planned walk sees the same operators with and without factors
+    b.apply_blocks = not factors
+    if blocks:
         for blk in tighten.blocks(graph, consts.value):
             b.hooks.setdefault(blk.exit, []).append(blk)
     b.run()

@@ -14,7 +14,8 @@ from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.pt2 import Pt2Archive, open_pt2
 from lipaudit.errors import MalformedInputError
 from lipaudit.graph.bound import INPUT, LinearOp, Result, bound_graph
-from lipaudit.graph.interpret import Evaluator, Measured, check_shapes, measure
+from lipaudit.graph.interpret import Evaluator, check_shapes
+from lipaudit.graph.lower import Measured, measure
 from lipaudit.graph.model import Graph, parse_graph
 from lipaudit.spectral import Interval
 from lipaudit.text import visible
@@ -40,6 +41,7 @@ class GraphSettings:
     seed: int = 0
     measure: bool = True  # run the interpreter for a measured lower end
     measure_seconds: float = 20.0
+    measure_work: int = 200  # function evaluations for the measured lower end (lipaudit/graph/lower.py)
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -91,6 +93,8 @@ class GraphBound:
     lower_seconds: float | None
     lower_note: str
     method: str = "graph"
+    blocks: tuple[dict[str, Any], ...] = ()  # blocks bounded as a whole (lipaudit/graph/tighten.py)
+    lower_detail: dict[str, Any] = field(default_factory=dict)  # how the lower end was found
 
     @property
     def lipschitz_upper(self) -> float | None:
@@ -128,6 +132,9 @@ class GraphBound:
             "assumptions": list(self.assumptions),
             "seconds": {"bound": self.bound_seconds, "lower": self.lower_seconds},
             "lower_note": self.lower_note,
+            "bracket": {"lower": num(self.lipschitz_lower), "upper": num(upper), "ratio": num(self.ratio)},
+            "lower": self.lower_detail,
+            "blocks": [{k: (num(v) if isinstance(v, float) else v) for k, v in b.items()} for b in self.blocks],
         }
 
 
@@ -196,7 +203,8 @@ def summarise(res: Result, lower: Measured | None, assumptions: tuple[str, ...] 
     if lower_value is not None and log10_upper is not None and lower_value > 0:
         # a measured value above a certified bound would be a bug; never hide it
         if math.log10(lower_value) > log10_upper + 1e-6:
-            raise AssertionError("measured Jacobian norm above the certified bound")
+            raise AssertionError("measured Jacobian norm above the certified bound along "
+                                 + " -> ".join(res.path))
     note = "" if lower is None else (f"{lower.starts} starts, {lower.steps} steps from {lower.start_from}"
                                      + (f"; {lower.note}" if lower.note else ""))
     return GraphBound(
@@ -204,7 +212,10 @@ def summarise(res: Result, lower: Measured | None, assumptions: tuple[str, ...] 
         uncovered=tuple(res.uncovered), nodes=nodes, dominant_path=tuple(res.path), chain_log10=res.chain_log10,
         assumptions=assumptions, layers=layers, partial=tuple(res.partial), bound_seconds=res.seconds,
         lower_seconds=lower.seconds if lower is not None else None,
-        lower_note=note if lower is not None else "not measured",
+        lower_note=note if lower is not None else "not measured", blocks=tuple(res.blocks),
+        lower_detail={} if lower is None else {
+            "work": lower.work, "budget": lower.budget, "seed": lower.seed, "starts": lower.starts,
+            "steps": lower.steps, "best_start": lower.best_start, "best_scale": lower.best_scale},
     )
 
 
@@ -251,7 +262,7 @@ def lower_end(loaded: Loaded, settings: GraphSettings) -> Measured | None:
     if not settings.measure:
         return None
     samples, _why = loaded.archive.sample_inputs()
-    return measure(loaded.graph, loaded.evaluator(), samples, settings.measure_seconds, settings.seed)
+    return measure(loaded.graph, loaded.evaluator(), samples, settings.measure_work, settings.seed, settings.limits)
 
 
 def _bound(loaded: Loaded, settings: GraphSettings) -> GraphBound:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lipaudit.graph import ops, rules
+from lipaudit.graph import ops, rules, tighten
 from lipaudit.graph.interpret import Evaluator
 from lipaudit.graph.model import Graph, Node
 from lipaudit.graph.ops import Constant, Diagonal, Effect, Linear, LinearOp, Uncovered
@@ -97,6 +97,7 @@ class Result:
     certified_norms: bool
     seconds: float
     partial: list[dict[str, Any]] = field(default_factory=list)
+    blocks: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Bounder:
@@ -119,6 +120,9 @@ class Bounder:
         self.chain: list[float] = []
         self.norms: dict[tuple[Any, ...], Interval] = {}
         self.factors: dict[str, float] = {}  # state-dict name -> planned rescaling of that weight
+        self.hooks: dict[str, list[tighten.Block]] = {}  # exit tensor -> blocks bounded as a whole
+        self.blocks: list[dict[str, Any]] = []
+        self.apply_blocks = True
 
     # -- helpers -----------------------------------------------------------------------
     def lip(self, name: str) -> Lip:
@@ -309,6 +313,53 @@ class Bounder:
             except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
                 # arguments of a shape no rule expects: left out, never guessed
                 self.uncover(node, outs, f"arguments could not be analysed ({type(e).__name__})")
+            # after the node's own rule, whatever it found, so a planned walk asks for the same operators
+            for o in outs:
+                for blk in self.hooks.get(o, []):
+                    self.tighten_at(node, blk)
+
+    def lin_norm(self, w: tighten.Lin) -> Interval:
+        """A block's composite map's norm, uncached here (its kernel has no parameter name; the tag
+        is its bytes' digest for callers that cache)."""
+        d = w.d
+        if not bool(torch.isfinite(w.kernel).all()):
+            raise ValueError("weights hold NaN or Inf")
+        tag = "block:" + hashlib.sha256(w.kernel.contiguous().numpy().tobytes()).hexdigest()[:32]
+        op = LinearOp("dense" if d == 0 else "conv", w.kernel, "", (), stride=w.stride, dilation=(1,) * d,
+                      tag=tag)
+        if self.norm is not None:
+            return self.norm(op)
+        if d == 0:
+            return rules.dense_norm(w.kernel, self.rtol, self.seed)
+        return rules.conv_norm(w.kernel, w.stride, (1,) * d, 1, self.conv_rtol)
+
+    def tighten_at(self, node: Node, block: tighten.Block) -> None:
+        """The exit's bound becomes the entry's times the block's, where that is lower. Measured
+        here, after the nodes' own operators, so those keep their names in a planned walk."""
+        blk, ok = tighten.evaluate(block, self.lin_norm)
+        if blk is None or not self.apply_blocks:
+            return
+        here, entry = self.lip(blk.exit), self.lip(blk.entry)
+        g = _lg(blk.upper)
+        before = here.get(INPUT)
+        lowered = {k: min(here.get(k, math.inf), v + g) for k, v in entry.items()}
+        self.lips[blk.exit] = {k: v for k, v in here.items() if k not in lowered} | lowered
+        after = self.lips[blk.exit].get(INPUT)
+        used = before is not None and after is not None and after < before
+        if used and not ok:
+            self.certified = False
+        if used:
+            self.mark(blk.exit, blk.entry)
+            for info in reversed(self.nodes):
+                if info.node == node.name:
+                    info.bound = after
+                    info.note = (info.note + "; " if info.note else "") + f"block bound: {blk.rule}"
+                    break
+        e = entry.get(INPUT)
+        self.blocks.append(blk.to_dict() | {
+            "log10_before": None if before is None or e is None else before - e,
+            "log10_upper": g, "used": used,
+        })
 
     def uncover(self, node: Node, outs: list[str], reason: str) -> None:
         self.uncovered.append((node.name, reason))
@@ -384,12 +435,13 @@ class Bounder:
 def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, seed: int,
                 factors: dict[str, float] | None = None,
                 norms: dict[tuple[Any, ...], Interval] | None = None,
-                norm: Callable[[LinearOp], Interval] | None = None) -> Result:
+                norm: Callable[[LinearOp], Interval] | None = None, blocks: bool = True) -> Result:
     """The bound; factors rescale named weights (as normalize plans to), norms caches operator norms.
 
     `norm` measures one linear operator (a layer's weight, a BatchNorm-folded or merged kernel); by
     default it is computed here. The set of operators the walk asks for does not depend on the values
-    returned, so a first walk with a recording `norm` lists every operator to measure up front."""
+    returned, so a first walk with a recording `norm` lists every operator to measure up front.
+    `blocks` bounds blocks as a whole where that is tighter (lipaudit/graph/tighten.py)."""
     t0 = time.perf_counter()
     b = Bounder(graph, consts, rtol, conv_rtol, seed, norm)
     if factors:
@@ -397,6 +449,12 @@ def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, 
     if norms is not None:
         b.norms = norms
     b.partial_in = {}
+    # planned rescalings change the kernels the blocks were composed from: their bounds are then not
+    # used, but still asked for, so a planned walk sees the same operators with and without factors
+    b.apply_blocks = not factors
+    if blocks:
+        for blk in tighten.blocks(graph, consts.value):
+            b.hooks.setdefault(blk.exit, []).append(blk)
     b.run()
     outs = [o for o in graph.outputs if graph.dtypes.get(o, 7) in (6, 7, 8, 13)]
     for o in graph.outputs:
@@ -427,5 +485,5 @@ def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, 
     return Result(
         lips=b.lips, layers=b.layers, nodes=b.nodes, uncovered=b.uncovered, assumptions=b.assumptions,
         outputs=total, chain_log10=chain if math.isfinite(chain) or chain == -math.inf else None, path=path,
-        certified_norms=b.certified, seconds=time.perf_counter() - t0, partial=partial,
+        certified_norms=b.certified, seconds=time.perf_counter() - t0, partial=partial, blocks=b.blocks,
     )

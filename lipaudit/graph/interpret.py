@@ -1,13 +1,11 @@
 """Run an exported graph on an allowlisted set of aten ops, in float64, for constant folding and
-for a measured lower end of the network's Lipschitz constant (largest Jacobian norm found)."""
+as the function whose Jacobian the measured lower end differentiates (lipaudit/graph/lower.py)."""
 
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -265,16 +263,6 @@ def check_shapes(graph: Graph, meta: Callable[[str], torch.Tensor],
     return mismatched, unverified
 
 
-@dataclass(frozen=True)
-class Measured:
-    lower: float | None  # largest ||J(x) v|| / ||v|| found
-    seconds: float
-    starts: int
-    steps: int
-    start_from: str  # "sample inputs" or "random"
-    note: str
-
-
 def network_function(graph: Graph, consts: Evaluator,
                      limits: Limits | None = None) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """f(inputs) = all float outputs, flattened and concatenated. Every node must be runnable, and a
@@ -326,107 +314,3 @@ def network_function(graph: Graph, consts: Evaluator,
         return torch.cat(outs)
 
     return f
-
-
-def measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, seconds: float,
-            seed: int, starts: int = 3, steps: int = 12, ascent: int = 2) -> Measured:
-    """Power iteration on J^T J at several input points, with a few ascent steps on the point."""
-    # torch's forward-mode AD sets up its own decompositions on first use, with deprecation warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _measure(graph, consts, samples, seconds, seed, starts, steps, ascent)
-
-
-def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, seconds: float,
-             seed: int, starts: int, steps: int, ascent: int) -> Measured:
-    t0 = time.perf_counter()
-    deadline = t0 + seconds
-    try:
-        f = network_function(graph, consts)
-    except CannotRun as e:
-        return Measured(None, time.perf_counter() - t0, 0, 0, "", f"not measured: {e}")
-    # dynamic sizes: the example sizes the program was exported with
-    shapes = [graph.shapes.get(n) or graph.hints.get(n) for n in graph.inputs]
-    if any(s is None for s in shapes) or not shapes:
-        return Measured(None, time.perf_counter() - t0, 0, 0, "", "not measured: input sizes are not known")
-    float_inputs = [graph.dtypes.get(n, 7) in (6, 7, 8, 13) for n in graph.inputs]
-    if not all(float_inputs):
-        return Measured(None, time.perf_counter() - t0, 0, 0, "", "not measured: non-float inputs")
-    gen = torch.Generator().manual_seed(seed)
-    use_samples = samples is not None and len(samples) == len(shapes) and all(
-        tuple(s.shape) == tuple(sh or ()) and s.is_floating_point() for s, sh in zip(samples, shapes, strict=True))
-    points: list[list[torch.Tensor]] = []
-    if use_samples and samples is not None:
-        points.append([s.detach().to(torch.float64) for s in samples])
-    while len(points) < starts:
-        points.append([torch.randn(*(sh or ()), generator=gen, dtype=torch.float64) for sh in shapes])
-    best: float | None = None
-    done_steps = 0
-    done_starts = 0
-    note = ""
-    try:
-        for x in points:
-            if time.perf_counter() > deadline and best is not None:
-                break
-            done_starts += 1
-            v = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in x]
-            for rnd in range(ascent + 1):
-                back = torch.func.vjp(lambda *xs: f(list(xs)), *x)[1]
-                for _ in range(steps):
-                    norm_v = math.sqrt(sum(float((t * t).sum()) for t in v))
-                    if norm_v == 0 or not math.isfinite(norm_v):
-                        break
-                    v = [t / norm_v for t in v]
-                    jv = _jvp(f, x, v, back)
-                    value = float(torch.linalg.vector_norm(jv))
-                    if math.isfinite(value):
-                        best = value if best is None else max(best, value)
-                    done_steps += 1
-                    v = list(back(jv))
-                    if time.perf_counter() > deadline:
-                        break
-                if rnd == ascent or time.perf_counter() > deadline:
-                    break
-                x = _ascend(f, x, v, gen)
-    except Exception as e:  # the measurement is optional; a graph it cannot run only stops it
-        note = f"stopped early: {type(e).__name__}: {clean_message(e, 120)}"
-    start_from = "sample inputs" if use_samples else "random"
-    return Measured(best, time.perf_counter() - t0, done_starts, done_steps, start_from, note)
-
-
-def _jvp(f: Callable[[list[torch.Tensor]], torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor],
-         back: Callable[[torch.Tensor], Any]) -> torch.Tensor:
-    """J(x) v: forward mode, or, for ops without a forward-mode formula (aten.copy), as the
-    transpose of the linear map u -> J^T u."""
-    try:
-        out: torch.Tensor = torch.func.jvp(lambda *xs: f(list(xs)), tuple(x), tuple(v))[1]
-        return out
-    except (CannotRun, NotImplementedError, RuntimeError):
-        pass
-    y = f(x)
-    back2 = torch.func.vjp(lambda u: tuple(back(u)), torch.zeros_like(y))[1]
-    (jv,) = back2(tuple(v))
-    return jv  # type: ignore[no-any-return]
-
-
-def _ascend(f: Callable[[list[torch.Tensor]], torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor],
-            gen: torch.Generator) -> list[torch.Tensor]:
-    """One step on x along the gradient of ||J(x) v||^2 (a random nudge where it vanishes)."""
-    xs = [t.detach().requires_grad_(True) for t in x]
-    grads: tuple[torch.Tensor | None, ...]
-    with torch.enable_grad():
-        try:
-            jv = torch.func.jvp(lambda *ys: f(list(ys)), tuple(xs), tuple(v))[1]
-            grads = torch.autograd.grad((jv * jv).sum(), xs, allow_unused=True)
-        except (CannotRun, NotImplementedError, RuntimeError):
-            grads = tuple(None for _ in xs)
-    out = []
-    for t, g in zip(x, grads, strict=True):
-        scale = float(t.abs().mean()) or 1.0
-        if g is None or not bool(torch.any(g != 0)):
-            step = torch.randn(t.shape, generator=gen, dtype=torch.float64)
-        else:
-            step = g
-        step = step / (float(torch.linalg.vector_norm(step)) or 1.0) * scale * math.sqrt(t.numel()) * 0.1
-        out.append((t + step).detach())
-    return out

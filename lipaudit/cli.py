@@ -301,8 +301,9 @@ def cli(ctx: click.Context) -> None:
                    "(parameters matched by name).")
 @click.option("--measure/--no-measure", default=True, show_default=True,
               help="Graphs: run the network to measure a lower end of its Lipschitz constant.")
-@click.option("--measure-seconds", type=PositiveFloat(), default=20.0, show_default=True,
-              help="Time for the measured lower end.")
+@click.option("--measure-work", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Graphs: network evaluations (forward or backward passes) for the measured lower end; a count, "
+                   "not seconds, so the number is the same on any machine.")
 @click.option("--model", default=None,
               help="MODULE:CALLABLE building your model (imported from your environment, called with no "
                    "arguments): the checkpoint is loaded into it strictly, exported with torch.export at "
@@ -331,7 +332,7 @@ def inspect(**params: Any) -> None:
 
 def _inspect(ctx: click.Context, paths: tuple[str, ...], fmt: str, output: Path | None, debug: bool, quiet: bool,
              verbose: bool, recursive: bool, revision: str | None, write: tuple[tuple[str, Path], ...],
-             graph_archive: str | None, measure: bool, measure_seconds: float, **p: Any) -> None:
+             graph_archive: str | None, measure: bool, measure_work: int, **p: Any) -> None:
 
     def run() -> int:
         found = preflight.inputs(paths, recursive, revision)
@@ -350,7 +351,7 @@ def _inspect(ctx: click.Context, paths: tuple[str, ...], fmt: str, output: Path 
         jobs = []
         for f in found.files:
             q = _params_for(ctx, f, p)  # --model and --input-shape may be set per path in the config
-            graph = GraphOptions(graph_archive, measure, measure_seconds,
+            graph = GraphOptions(graph_archive, measure, measure_work,
                                  _model_spec(q.get("model"), q.get("input_shape"), graph_archive), debug)
             jobs.append((f, _inspect_settings(q, heatmaps), graph))
         if len(jobs) == 1:
@@ -416,7 +417,7 @@ def _strategy(ckpt: Any, g: GraphOptions) -> Iterator[Any]:
     from lipaudit.bound import strategy
     from lipaudit.checkpoint.pt2 import FORMAT as PT2
 
-    measure = {"measure": g.measure, "measure_seconds": g.measure_seconds}
+    measure = {"measure": g.measure, "measure_work": g.measure_work}
     if g.model is not None:
         from lipaudit.modelcode import exported
 
@@ -436,7 +437,7 @@ def _strategy(ckpt: Any, g: GraphOptions) -> Iterator[Any]:
 class GraphOptions:
     archive: str | None = None  # --graph: the exported architecture a state dict is audited on
     measure: bool = True  # run the graph to measure a lower end of the network's constant
-    measure_seconds: float = 20.0
+    measure_work: int = 200
     model: Any = None  # --model: a lipaudit.modelcode.ModelSpec
     debug: bool = False  # errors from the user's --model code keep their traceback
 

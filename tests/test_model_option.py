@@ -14,7 +14,7 @@ from tests.conftest import run, validate
 from tests.models.small import make, make_spectral
 
 SHAPE = (1, 3, 16, 16)
-ARGS = ("--input-shape", "1x3x16x16", "--format", "json", "-q", "--measure-seconds", "1")
+ARGS = ("--input-shape", "1x3x16x16", "--format", "json", "-q", "--measure-work", "40")
 
 
 def _jacobian_lower(model: torch.nn.Module, seed: int, steps: int = 30) -> float:

@@ -91,7 +91,7 @@ class GraphStrategy:
 
     def __init__(self, archive: str | None = None, keys: list[str] | None = None,
                  load: Callable[[str], torch.Tensor] | None = None, shown: str = "",
-                 measure: bool = True, measure_seconds: float = 20.0, arch: Pt2Archive | None = None,
+                 measure: bool = True, measure_work: int = 200, arch: Pt2Archive | None = None,
                  source: dict[str, Any] | None = None) -> None:
         self.archive = archive
         self.arch = arch
@@ -99,7 +99,7 @@ class GraphStrategy:
         self.load = load
         self.shown = shown or archive or (arch.shown if arch is not None else "")
         self.measure = measure
-        self.measure_seconds = measure_seconds
+        self.measure_work = measure_work
         self.source = source or {}  # where the graph came from (--model), for the report
         self.result: GraphBound | None = None
         self._loaded: Loaded | None = None
@@ -113,7 +113,7 @@ class GraphStrategy:
     def graph_settings(self, settings: Settings) -> GraphSettings:
         from lipaudit.graph import GraphSettings
 
-        return GraphSettings.from_settings(settings, measure=self.measure, measure_seconds=self.measure_seconds)
+        return GraphSettings.from_settings(settings, measure=self.measure, measure_work=self.measure_work)
 
     def loaded(self, settings: Settings) -> Loaded:
         from lipaudit.checkpoint.pt2 import open_pt2

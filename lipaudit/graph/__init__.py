@@ -40,7 +40,6 @@ class GraphSettings:
     conv_rtol: float = 1e-2
     seed: int = 0
     measure: bool = True  # run the interpreter for a measured lower end
-    measure_seconds: float = 20.0
     measure_work: int = 200  # function evaluations for the measured lower end (lipaudit/graph/lower.py)
     limits: Limits = field(default_factory=Limits)
 

@@ -1,6 +1,6 @@
 """Graph bound, chain product and measured lower end of a ResNet-18 exported with torch.export.
 
-Run by hand: python tests/benchmarks/bench_graph.py [--size 224] [--lower-seconds 60] [--core]
+Run by hand: python tests/benchmarks/bench_graph.py [--size 224] [--lower-work 400] [--core]
 The architecture is built here (torchvision's resnet18 layout: BasicBlock, [2, 2, 2, 2], width 64)
 with random Kaiming-like weights and BatchNorm statistics from fixed seeds, exported at the given
 input size, saved, and audited from the file. Prints each number with its time.
@@ -35,7 +35,7 @@ def _builders():  # type: ignore[no-untyped-def]
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--lower-seconds", type=float, default=60.0)
+    ap.add_argument("--lower-work", type=int, default=400)
     ap.add_argument("--core", action="store_true", help="export the core-aten decomposition")
     ap.add_argument("--conv-rtol", type=float, default=1e-2)
     args = ap.parse_args()
@@ -55,7 +55,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "resnet18.pt2"
         path.write_bytes(data)
-        settings = GraphSettings(conv_rtol=args.conv_rtol, measure=True, measure_seconds=args.lower_seconds)
+        settings = GraphSettings(conv_rtol=args.conv_rtol, measure=True, measure_work=args.lower_work)
         t0 = time.perf_counter()
         r = inspect_archive(str(path), settings)
         total = time.perf_counter() - t0

@@ -58,7 +58,7 @@ def test_upper_never_below_eager_jacobian(tmp_path: Path, name: str, shape_seeds
     b = builders()
     model, x = b.build(name, seed=1)
     path = export_to(tmp_path / f"{name}.pt2", model, x, core)
-    r = inspect_archive(str(path), GraphSettings(measure=True, measure_seconds=3.0))
+    r = inspect_archive(str(path), GraphSettings(measure=True, measure_work=40))
     assert r.certified and r.lipschitz_upper is not None
     gen = torch.Generator().manual_seed(7)
     for _ in range(shape_seeds):
@@ -90,7 +90,7 @@ def test_attention_is_never_certified(suffix: str) -> None:
 def test_to_dict_is_json() -> None:
     import json
 
-    r = inspect_archive(str(FIXTURES / "unet.pt2"), GraphSettings(measure_seconds=1.0))
+    r = inspect_archive(str(FIXTURES / "unet.pt2"), GraphSettings(measure_work=40))
     doc = json.loads(json.dumps(r.to_dict(), allow_nan=False))
     assert doc["certified"] is True and doc["lipschitz_lower"] <= doc["lipschitz_upper"]
     assert set(doc["layers"]) >= {"enc.weight", "mid.weight", "up.weight", "dec.weight"}

@@ -46,7 +46,7 @@ def test_odd_ops_bound_holds(tmp_path: Path, core: bool) -> None:
     torch.manual_seed(0)
     model = Odd().eval()
     x = torch.randn(1, 4, 11, 9)
-    r = inspect_archive(str(export_to(tmp_path / "odd.pt2", model, x, core)), GraphSettings(measure_seconds=3.0))
+    r = inspect_archive(str(export_to(tmp_path / "odd.pt2", model, x, core)), GraphSettings(measure_work=40))
     assert r.certified, r.uncovered
     assert r.lipschitz_upper is not None
     gen = torch.Generator().manual_seed(3)
@@ -135,7 +135,7 @@ def test_dynamic_batch_gets_the_static_bound(tmp_path: Path) -> None:
         torch.export.save(ep, buf)
     dyn = tmp_path / "dyn.pt2"
     dyn.write_bytes(buf.getvalue())
-    r = inspect_archive(str(dyn), GraphSettings(measure_seconds=1.0))
+    r = inspect_archive(str(dyn), GraphSettings(measure_work=40))
     static = inspect_archive(str(export_to(tmp_path / "s.pt2", model, x)), FAST)
     assert r.certified and r.log10_upper == pytest.approx(static.log10_upper, abs=1e-12)
     assert r.lipschitz_lower is not None
@@ -358,7 +358,7 @@ def test_a_huge_factory_node_is_a_resource_limit(tmp_path: Path) -> None:
 
     bad = _edit(src, tmp_path / "bad.pt2", edit)
     with pytest.raises(ResourceLimitError) as e:
-        inspect_archive(str(bad), GraphSettings(measure_seconds=1.0))
+        inspect_archive(str(bad), GraphSettings(measure_work=40))
     assert e.value.exit_code == 5
 
 
@@ -376,5 +376,5 @@ def test_a_huge_declared_input_is_a_resource_limit(tmp_path: Path) -> None:
 
     bad = _edit(src, tmp_path / "bad.pt2", edit)
     with pytest.raises(ResourceLimitError) as e:
-        inspect_archive(str(bad), GraphSettings(measure_seconds=1.0))
+        inspect_archive(str(bad), GraphSettings(measure_work=40))
     assert e.value.exit_code == 5

@@ -68,7 +68,7 @@ def test_never_calls_torch_export_load(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("torch.export.load must not be called")
 
     monkeypatch.setattr(torch.export, "load", boom)
-    assert inspect_archive(str(SRC), GraphSettings(measure_seconds=0.5)).certified
+    assert inspect_archive(str(SRC), GraphSettings(measure_work=40)).certified
 
 
 def test_use_pickle_weight_with_malicious_reduce_is_refused(tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_malicious_sample_inputs_are_refused(tmp_path: Path) -> None:
     members = [(n, buf.getvalue() if "sample_inputs" in n else d) for n, d in _members(SRC)]
     bad = _write(tmp_path / "bad.pt2", members)
     with pytest.raises(UnsafeInputError):
-        inspect_archive(str(bad), GraphSettings(measure_seconds=0.5))
+        inspect_archive(str(bad), GraphSettings(measure_work=40))
     assert not sentinel.exists()
 
 
@@ -120,7 +120,7 @@ def test_unknown_op_is_an_uncovered_node(tmp_path: Path) -> None:
         doc["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.mylib.mystery.default"
 
     odd = _edit_json(SRC, "models/model.json", tmp_path / "odd.pt2", edit)
-    r = inspect_archive(str(odd), GraphSettings(measure_seconds=0.5))
+    r = inspect_archive(str(odd), GraphSettings(measure_work=40))
     assert not r.certified and r.uncovered and "no Lipschitz rule" in r.uncovered[0][1]
     assert r.lipschitz_lower is None and "not measured" in r.lower_note
 

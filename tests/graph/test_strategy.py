@@ -17,7 +17,7 @@ from tests.graph.helpers import FIXTURES
 
 
 def test_certified_graph_network() -> None:
-    b = GraphStrategy(str(FIXTURES / "residual.pt2"), measure_seconds=0.5).bound([], Plan(), Settings())
+    b = GraphStrategy(str(FIXTURES / "residual.pt2"), measure_work=40).bound([], Plan(), Settings())
     net = b.network
     assert net.method == "graph" and net.certified and net.upper == pytest.approx(1.5, rel=1e-6)
     assert net.lipschitz_lower is not None and net.lipschitz_lower <= net.upper

@@ -258,7 +258,7 @@ class GraphStrategy:
             return by_name[name] if name in by_name else loaded.load(name)
 
         other = GraphStrategy(self.archive, shown=self.shown, measure=False, arch=loaded.archive, source=self.source)
-        other._loaded = Loaded(loaded.archive, loaded.graph, load, loaded.keys)
+        other._loaded = Loaded(loaded.archive, loaded.graph, load, loaded.keys, loaded.limits)
         return other
 
     def bound(self, layers: list[Layer], plan: Plan, settings: Settings) -> Bound:

@@ -145,9 +145,10 @@ class Loaded:
     graph: Graph
     load: Callable[[str], torch.Tensor]  # graph tensor name -> tensor
     keys: dict[str, str] | None = None  # parameter name -> state-dict key, when a state dict supplies them
+    limits: Limits | None = None  # budgets every node's output is checked against before it runs
 
     def evaluator(self) -> Evaluator:
-        return Evaluator(self.graph, self.load)
+        return Evaluator(self.graph, self.load, self.limits)
 
 
 def load_archive(path: str, limits: Limits | None = None) -> Loaded:
@@ -174,7 +175,7 @@ def graph_of(arch: Pt2Archive, limits: Limits | None = None) -> Loaded:
             return arch.weight(graph.params[name])
         return arch.constant(graph.constants[name])
 
-    return Loaded(arch, graph, load)
+    return Loaded(arch, graph, load, limits=limits)
 
 
 def summarise(res: Result, lower: Measured | None, assumptions: tuple[str, ...] = ASSUMPTIONS) -> GraphBound:
@@ -229,7 +230,7 @@ def verify_shapes(loaded: Loaded) -> list[str]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mismatched, unverified = check_shapes(graph, meta)
+        mismatched, unverified = check_shapes(graph, meta, loaded.limits)
     if mismatched:
         raise MalformedInputError(
             f"{arch.shown}: the graph declares shapes its ops do not produce (first: {visible(mismatched[0], 80)!r})",
@@ -364,4 +365,4 @@ def on_state_dict(loaded: Loaded, keys: list[str], load: Callable[[str], torch.T
             if f == fqn:
                 load_sd(name)
                 break
-    return Loaded(arch, graph, load_sd, {fqn: key for fqn, key in mapping.items()})
+    return Loaded(arch, graph, load_sd, {fqn: key for fqn, key in mapping.items()}, loaded.limits)

@@ -133,16 +133,12 @@ def _same(a: str | Path, b: str | Path) -> bool:
 
 
 def refuse_output_over_inputs(files: list[str], output: Path | None) -> None:
-    """No report may land on a checkpoint being audited, nor inside a sharded one's folder."""
+    """No report may land on a file of a checkpoint being audited (a shard, its index, a hard link to
+    one); a new file beside the shards is fine."""
     from lipaudit.checkpoint.members import refuse_output_onto
 
-    if output is None:
-        return
-    refuse_output_onto(files, output)
-    for f in files:
-        inside = Path(f).is_dir() and os.path.realpath(output.parent) == os.path.realpath(f)
-        if inside or _same(output, f):
-            raise UsageError(f"{visible(str(output))}: is part of a checkpoint being audited; -o would overwrite it")
+    if output is not None:
+        refuse_output_onto(files, output)
 
 
 def normalize_target(path: str, output: Path | None, in_place: bool, dry_run: bool, force: bool) -> Path | None:
@@ -160,8 +156,7 @@ def normalize_target(path: str, output: Path | None, in_place: bool, dry_run: bo
     same = _same(output, src) or (src.name.endswith(".index.json") and _same(output, src.parent))
     if same:
         raise UsageError(f"{visible(str(output))}: is the input; pass --in-place to overwrite it")
-    if src.is_dir() and os.path.realpath(output.parent) == os.path.realpath(src) and output.is_file():
-        raise UsageError(f"{visible(str(output))}: is a file of the input folder; write elsewhere")
+    refuse_output_over_inputs([path], output)  # a shard, the index or a hard link to one
     if output.is_file() and not force:
         raise UsageError(f"{visible(str(output))}: exists; pass --force to replace it")
     if output.is_symlink():  # the writer refuses it too (exit 6); said here before any work

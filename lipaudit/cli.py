@@ -20,7 +20,6 @@ import click
 from lipaudit import __version__
 from lipaudit.commands.outcome import fail as _fail
 from lipaudit.commands.outcome import guarded as _guarded
-from lipaudit.commands.outcome import internal as _internal
 from lipaudit.commands.outcome import write_report
 from lipaudit.errors import LipauditError, UsageError
 from lipaudit.formats import FORMAT_NAMES, FORMATS, NORMALIZE_FORMAT_NAMES, RenderOptions
@@ -290,6 +289,14 @@ def cli(ctx: click.Context) -> None:
               help="Graphs: run the network to measure a lower end of its Lipschitz constant.")
 @click.option("--measure-seconds", type=PositiveFloat(), default=20.0, show_default=True,
               help="Time for the measured lower end.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Reuse results from DIR for files whose contents, lipaudit version and settings are unchanged "
+                   "(one hash per file); store new ones there.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Audit only the I-th of N parts of the sorted file list (a CI matrix, a Slurm array); "
+                   "combine the JSON reports with `lipaudit merge`.")
+@click.option("--executor", default="local", show_default=True, metavar="local|dask://HOST:PORT",
+              help="Where the files are audited: threads here, or a dask.distributed scheduler (lipaudit[dask]).")
 @click.option("--input-size", "input_sizes", type=InputSize(), multiple=True,
               help="Input size of the convolutions (32x32, or layer=32x32; repeatable): adds their exact "
                    "circular-padding norm and a zero-padding bracket at that size.")
@@ -307,9 +314,11 @@ def inspect(**params: Any) -> None:
 def _inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None, fail_above: float | None,
              fail_layer_above: float | None, allow_uncertified: bool, ignore: tuple[tuple[str, ...], ...],
              fail_on: str, debug: bool, quiet: bool, graph_archive: str | None, measure: bool,
-             measure_seconds: float, **p: Any) -> None:
+             measure_seconds: float, cache_dir: Path | None = None, shard: str | None = None,
+             executor: str = "local", **p: Any) -> None:
 
     def run() -> int:
+        fan = _fanout_options(cache_dir, shard, executor)
         settings = _settings(
             p, method, fail_above=fail_above, fail_layer_above=fail_layer_above,
             allow_uncertified=allow_uncertified, ignore=tuple(c for group in ignore for c in group),
@@ -318,9 +327,11 @@ def _inspect(paths: tuple[str, ...], method: str, fmt: str, output: Path | None,
         files = expand_paths(paths)
         _refuse_input_as_output(files, output)
         graph = GraphOptions(graph_archive, measure, measure_seconds)
-        if len(files) == 1:
-            return _inspect_one(files[0], settings, fmt, output, quiet, graph)
-        return _inspect_many(files, settings, fmt, output, quiet, graph)
+        if fan.shard is not None:
+            return _inspect_many(fan.shard.pick(files), settings, fmt, output, quiet, graph, fan, files)
+        if len(files) == 1 and fan.executor == "local":
+            return _inspect_one(files[0], settings, fmt, output, quiet, graph, fan)
+        return _inspect_many(files, settings, fmt, output, quiet, graph, fan)
 
     _guarded(run, paths[0] if len(paths) == 1 else None, fmt, debug)
 
@@ -397,6 +408,23 @@ class GraphOptions:
     measure_seconds: float = 20.0
 
 
+@dataclass(frozen=True)
+class FanoutOptions:
+    cache: Any = None  # lipaudit.cache.Cache
+    shard: Any = None  # lipaudit.fanout.Shard
+    executor: str = "local"
+
+
+def _fanout_options(cache_dir: Path | None, shard: str | None, executor: str) -> FanoutOptions:
+    """--cache, --shard, --executor, checked before anything is imported or audited."""
+    from lipaudit.cache import Cache
+    from lipaudit.executors import check_spec
+    from lipaudit.fanout import Shard
+
+    return FanoutOptions(None if cache_dir is None else Cache(cache_dir),
+                         None if shard is None else Shard.parse(shard), check_spec(executor))
+
+
 def _summary(report: Report) -> str:
     from lipaudit.formats import fmt_bound
 
@@ -408,57 +436,61 @@ def _summary(report: Report) -> str:
 
 
 def _inspect_one(path: str, settings: Settings, fmt: str, output: Path | None, quiet: bool,
-                 graph: GraphOptions) -> int:
+                 graph: GraphOptions, fan: FanoutOptions | None = None) -> int:
     from lipaudit.formats import render
 
     with _progress(not quiet, "auditing") as tick:
-        report = _audit_path(path, settings, tick, graph)
+        if fan is not None and fan.cache is not None:
+            from lipaudit.fanout import cached_one, graph_extra
+
+            extra = graph_extra(graph.archive, graph.measure, graph.measure_seconds)
+            report = cached_one(path, settings, fan.cache, extra, lambda: _audit_path(path, settings, tick, graph))
+        else:
+            report = _audit_path(path, settings, tick, graph)
     _emit(render(report, fmt, _options(output)), fmt, output)
     if not quiet:
         click.echo(_summary(report), err=True)
+        if fan is not None and fan.cache is not None:
+            click.echo(f"lipaudit: {fan.cache.stats.line()}", err=True)
     return report.exit_code
 
 
 def _inspect_many(files: list[str], settings: Settings, fmt: str, output: Path | None, quiet: bool,
-                  graph: GraphOptions) -> int:
-    """Files in parallel (each with one job); one document, or one output per file; the worst exit code."""
-    from concurrent.futures import ThreadPoolExecutor
-
+                  graph: GraphOptions, fan: FanoutOptions | None = None, every: list[str] | None = None) -> int:
+    """Files in parallel (each with one job); one document, or one output per file; the worst exit code.
+    every: with --shard, the whole run's files (this shard's JSON names them, for `lipaudit merge`)."""
+    from lipaudit.executors import open_executor
+    from lipaudit.fanout import graph_extra, run_files
     from lipaudit.formats import render
-    from lipaudit.report import error_document
 
-    one = replace(settings, jobs=1)
-
-    def job(path: str) -> Report | LipauditError:
-        try:
-            return _audit_path(path, one, None, graph)
-        except LipauditError as e:
-            return e
-        except Exception as e:
-            return _internal(e, path)
-
-    with ThreadPoolExecutor(max_workers=max(1, min(settings.jobs, len(files)))) as pool:
-        results = list(pool.map(job, files))
-    codes = []
+    fan = fan or FanoutOptions()
+    # as a run over all the files would: one job per file when there are several
+    one = replace(settings, jobs=1) if len(every or files) > 1 else settings
+    with open_executor(fan.executor, settings.jobs) as pool:
+        results = run_files(files, _audit_path, one, graph, pool, fan.cache,
+                            lambda: graph_extra(graph.archive, graph.measure, graph.measure_seconds))
     parts: list[str] = []
-    docs: list[dict[str, Any]] = []
     for path, r in zip(files, results, strict=True):
-        if isinstance(r, LipauditError):
-            codes.append(r.exit_code)
-            msg = visible(r.message, 1000)
-            docs.append(error_document(__version__, r.code, r.exit_code, msg, path))
+        if r.report is None:
+            msg = str(r.doc["error"]["message"])
             parts.append(_error_text(fmt, msg, path))
             if not quiet:
                 click.echo(f"lipaudit: error: {msg}", err=True)
             continue
-        codes.append(r.exit_code)
-        docs.append(r.to_dict())
-        parts.append(render(r, fmt, _options(output)))
+        parts.append(render(r.report, fmt, _options(output)))
         if not quiet:
-            click.echo(_summary(r), err=True)
+            click.echo(_summary(r.report), err=True)
+    if not quiet and fan.cache is not None:
+        click.echo(f"lipaudit: {fan.cache.stats.line()}", err=True)
     f = FORMATS[fmt]
-    _emit(f.render_documents(docs) if f.one_document else "".join(parts), fmt, output)
-    return max(codes)
+    docs = [r.doc for r in results]
+    if fan.shard is not None and fmt == "json":
+        from lipaudit.fanout import with_shard
+
+        _emit(with_shard(f.render_documents(docs), fan.shard, every or files), fmt, output)
+    else:
+        _emit(f.render_documents(docs) if f.one_document else "".join(parts), fmt, output)
+    return max((r.exit_code for r in results), default=0)
 
 
 def _error_text(fmt: str, message: str, path: str) -> str:
@@ -592,8 +624,10 @@ def _format_in(argv: list[str]) -> str:
 
 def _register() -> None:
     from lipaudit.commands.diff import diff
+    from lipaudit.commands.merge import merge
 
     cli.add_command(diff)
+    cli.add_command(merge)
 
 
 _register()

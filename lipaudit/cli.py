@@ -577,6 +577,9 @@ def _normalize(path: str, output: Path | None, settings: NormalizeSettings, fmt:
     from lipaudit.normalize import normalize as run
 
     ckpt = open_checkpoint(path, settings.audit.key, for_writing=True, limits=settings.audit.limits)
+    why = ckpt.handle.write_refusal(settings.bake) if output is not None else None
+    if why is not None:  # said before the audit, not after it
+        raise UsageError(why, path)
     with _progress(not quiet, "normalizing") as tick:
         report = run(ckpt, settings, output, tick)
     _emit(render(report, fmt, _options(None)), fmt, None)

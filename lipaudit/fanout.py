@@ -82,10 +82,11 @@ def audit_one(path: str, *, audit: AuditFn, settings: Settings, graph: Any, cwd:
 
     from lipaudit.commands.outcome import internal
 
-    # Files run side by side, so each gets one intra-op thread. Pinned here, in whichever process
-    # runs the file, because the thread count decides the order of float sums in BLAS and LAPACK:
-    # with it fixed, a Dask worker writes the same bits as a local run (on the same kind of CPU).
-    if torch.get_num_threads() != 1:
+    # Several files run side by side (one job each), so each gets one intra-op thread. Pinned here,
+    # in whichever process runs the file, because the thread count decides the order of float sums
+    # in BLAS and LAPACK: fixed, a Dask worker writes the same bits as a local run (on the same kind
+    # of CPU). A lone file keeps the process's threads, as a plain run of it does.
+    if settings.jobs == 1 and torch.get_num_threads() != 1:
         torch.set_num_threads(1)
     if not os.path.isabs(path) and os.path.realpath(os.getcwd()) != os.path.realpath(cwd):
         return failed(UsageError(f"{visible(path)}: a relative path, and this worker runs in another folder "

@@ -232,6 +232,29 @@ def test_cache_folder_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None:
     assert run("inspect", str(FIXTURES / "mlp.pt"), "--cache", str(f)).exit_code == 2
 
 
+def test_fanout_modules_leave_torch_unloaded() -> None:
+    """--cache, --shard, --executor and merge are checked before torch is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lipaudit.cache, lipaudit.fanout, lipaudit.executors, lipaudit.commands.merge, "
+            "lipaudit.report_load; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_merge_renders_sarif_as_the_single_run(zoo: list[Path], tmp_path: Path) -> None:
+    outs = []
+    for i in (1, 2):
+        out = tmp_path / f"{i}.json"
+        run("inspect", *map(str, zoo), "--shard", f"{i}/2", "--format", "json", "-q", "-o", str(out))
+        outs.append(out)
+    sarif = run("merge", *map(str, outs), "--format", "sarif", "-q")
+    assert sarif.exit_code == 0 and json.loads(sarif.stdout)["version"] == "2.1.0"
+    single = run("inspect", *map(str, zoo), "--format", "sarif", "-q")
+    assert json.loads(sarif.stdout)["runs"][0]["results"] == json.loads(single.stdout)["runs"][0]["results"]
+
+
 def test_executor_specs_are_checked_without_connecting() -> None:
     assert check_spec("local") == "local"
     for bad in ("spark://x:1", "local://x", "dask", "dask://", "nope"):

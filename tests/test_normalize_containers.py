@@ -98,8 +98,8 @@ def test_lightning_in_place_and_tied_storage(tmp_path: Path) -> None:
 
 def test_bake_with_placeholders_is_refused_and_without_bake_written(tmp_path: Path) -> None:
     """--bake replaces weight_orig/u/v by one key, so the pickle itself must change: with objects
-    lipaudit only holds as placeholders that is refused (exit 4, nothing written); the same file
-    without --bake is written by replacing records."""
+    lipaudit only holds as placeholders that is a usage error before the audit (exit 2, nothing
+    written); the same file without --bake is written by replacing records."""
     torch.manual_seed(2)
     net = torch.nn.Sequential(torch.nn.utils.spectral_norm(torch.nn.Linear(6, 6)), torch.nn.ReLU(),
                               torch.nn.Linear(6, 3))
@@ -107,7 +107,8 @@ def test_bake_with_placeholders_is_refused_and_without_bake_written(tmp_path: Pa
     src = tmp_path / "sn.ckpt"
     torch.save({"state_dict": net.state_dict(), "hyper_parameters": {"args": argparse.Namespace(a=1)}}, src)
     baked = run("normalize", str(src), "-o", str(tmp_path / "baked.ckpt"), "--bake", "-q")
-    assert baked.exit_code == 4 and "placeholder" in baked.output
+    assert baked.exit_code == 2 and "placeholder" in baked.output and "--bake" in baked.output
+    assert "layer" not in baked.stdout  # refused before the audit: no report at all
     assert not (tmp_path / "baked.ckpt").exists()
     plain = run("normalize", str(src), "-o", str(tmp_path / "plain.ckpt"), "-q")
     assert plain.exit_code == 0, plain.output
@@ -172,3 +173,29 @@ def test_unchanged_bin_shard_is_copied(tmp_path: Path) -> None:
     second = "pytorch_model-00002-of-00002.bin"
     assert (out / second).read_bytes() == (src / second).read_bytes()
     assert open_checkpoint(str(out)).format == "torch-sharded"
+
+
+def test_legacy_file_with_placeholders_is_refused_before_the_audit(tmp_path: Path) -> None:
+    src = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": {"l.weight": torch.randn(3, 3)}, "args": argparse.Namespace(a=1)}, src,
+               _use_new_zipfile_serialization=False)
+    result = run("normalize", str(src), "-o", str(tmp_path / "o.ckpt"))
+    assert result.exit_code == 2 and "legacy" in result.output and "argparse.Namespace" in result.output
+    assert not (tmp_path / "o.ckpt").exists()
+    # a dry run writes nothing, so it still plans
+    assert run("normalize", str(src), "--dry-run", "-q").exit_code == 0
+
+
+def test_bake_on_bin_shards_is_refused_before_the_audit(tmp_path: Path) -> None:
+    src = tmp_path / "model"
+    src.mkdir()
+    torch.manual_seed(3)
+    lin = torch.nn.utils.spectral_norm(torch.nn.Linear(5, 5))
+    lin(torch.randn(1, 5))
+    name = "pytorch_model-00001-of-00001.bin"
+    torch.save(lin.state_dict(), src / name)
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(lin.state_dict(), name)}))
+    result = run("normalize", str(src), "-o", str(tmp_path / "out"), "--bake")
+    assert result.exit_code == 2 and "--bake" in result.output
+    assert not (tmp_path / "out").exists()
+    assert run("normalize", str(src), "-o", str(tmp_path / "out"), "-q").exit_code == 0

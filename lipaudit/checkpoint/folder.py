@@ -152,6 +152,17 @@ class ShardedTorch(Format):
             "(save_pretrained(..., safe_serialization=True)) and normalize those", self.shown,
         )
 
+    def write_refusal(self, bake: bool) -> str | None:
+        from lipaudit.checkpoint.formats.torch_format import parametrized
+
+        if bake and any(parametrized(k) for k in self.tensors):
+            return str(self._refuse("--bake replaces parametrized weights by new keys, which .bin shards cannot "
+                                    "take without rewriting their pickles"))
+        for shard in dict.fromkeys(self.where.values()):
+            if sn.sniff(shard, self.shown) != sn.TORCH_ZIP:
+                return str(self._refuse(f"{visible(shard.name, 100)} is a legacy torch file, rewritten only whole"))
+        return None
+
     def write(self, edits: Edits, target: Path) -> None:
         """Into the folder target, created if missing; the index and unedited shards are copied."""
         made = not target.exists() and not target.is_symlink()

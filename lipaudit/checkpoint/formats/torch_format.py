@@ -19,6 +19,7 @@ from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import Checkpoint, StorageId, tensor_identity
 from lipaudit.checkpoint.select import check_size, select_state_dict
 from lipaudit.checkpoint.torch_reader import ZipLayout, load_torch, tensor_info
+from lipaudit.checkpoint.unpickler import Global, Marker, Opaque, Storage, UnreadTensor
 from lipaudit.checkpoint.writer import Edits, Pending, Staged
 from lipaudit.errors import OutputError
 from lipaudit.text import visible
@@ -28,6 +29,33 @@ class _Staged(Pending):
     def __init__(self, files: list[Staged], root: object) -> None:
         super().__init__(files)
         self.root = root  # what the staged file must read back as
+
+
+def parametrized(key: str) -> bool:
+    """A key of a parametrized weight, which --bake replaces: spectral_norm's weight_orig, or the
+    parametrizations form's original."""
+    return key.endswith("_orig") or ".parametrizations." in key
+
+
+def placeholder_in(root: object) -> str | None:
+    """What the first placeholder reachable through containers stands for, if any."""
+    stack = [root]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, Opaque | Global):
+            return f"an object of class {visible(node.qualname, 100)}"
+        if isinstance(node, UnreadTensor):
+            return f"a {node.kind} tensor"
+        if isinstance(node, Marker | Storage):
+            return "a bare type or storage reference"
+        if isinstance(node, dict):
+            stack.extend(dict.keys(node))
+        stack.extend(_children(node))
+    return None
 
 
 def record_bytes(tensors: list[torch.Tensor], keys: list[str], edits: Edits) -> bytes:
@@ -100,6 +128,25 @@ class TorchFormat(Format):
         return tensor_identity(self.tensors.get(key))
 
     asked_key: str | None = None
+
+    def write_refusal(self, bake: bool) -> str | None:
+        """Objects lipaudit holds only as placeholders can stay in a zip archive whose pickle is kept
+        byte for byte; anything that needs a new pickle (a legacy file, --bake's new keys) cannot
+        hold them."""
+        held = placeholder_in(self.root)
+        if held is None:
+            return None
+        why = None
+        if not self.zip_format:
+            why = "a legacy (pre-1.6) torch file is rewritten as a whole pickle"
+        elif bake and any(parametrized(k) for k in self.tensors):
+            why = "--bake replaces parametrized weights by new keys, which needs a new pickle"
+        elif zip_patch.patchable(self.path, self.shown, self.limits) is None:
+            why = "a big-endian archive is rewritten as a whole pickle"
+        if why is None:
+            return None
+        return (f"{self.shown}: {why}, and the file holds {held}, which lipaudit keeps only as an inert placeholder; "
+                "save the state dict alone (torch.save(model.state_dict(), path)) and normalize that")
 
     def stage(self, edits: Edits, target: Path) -> Pending:
         patch = self.patch_plan(edits)

@@ -12,6 +12,7 @@ back. Anything else is ignored and replaced by a fresh audit."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -173,13 +174,21 @@ def _as_list(value: Any) -> Any:
 def _check_schema(doc: dict[str, Any]) -> None:
     """The report schema, where jsonschema is installed (the [test] and [dev] extras bring it);
     without it the strict conversion in report_from_dict is the check."""
+    validator = _validator()
+    if validator is None:
+        return
+    error = next(iter(validator.iter_errors(doc)), None)
+    if error is not None:
+        raise BadDocument(f"schema: {error.message[:200]}")
+
+
+@functools.cache
+def _validator() -> Any:
+    """Built once per process: compiling the schema costs more than checking an entry."""
     try:
         import jsonschema
     except ImportError:
-        return
+        return None
     from lipaudit.report import schema
 
-    try:
-        jsonschema.validate(doc, schema("inspect"))
-    except jsonschema.ValidationError as e:
-        raise BadDocument(f"schema: {e.message[:200]}") from None
+    return jsonschema.Draft202012Validator(schema("inspect"))

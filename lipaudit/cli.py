@@ -179,6 +179,8 @@ def _progress(enabled: bool, what: str) -> Iterator[Callable[[int, int, str], No
 
 
 def _device(device: str) -> str:
+    if device == "cpu":  # no torch needed to say so: a run answered from --cache never imports it
+        return device
     import torch
 
     if device == "auto":

@@ -170,6 +170,21 @@ def test_cache_hits_give_the_same_report_and_misses_follow_changes(zoo: list[Pat
     assert "cache: 0 hits, 1 misses" in result.stderr
 
 
+def test_a_run_answered_from_the_cache_never_imports_torch(zoo: list[Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    first = run("inspect", *map(str, zoo), "--cache", str(cache), "--format", "table", "-q")
+    code = ("import sys; from lipaudit.cli import main; sys.argv = ['lipaudit', 'inspect', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print('torch' in sys.modules, e.code, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, *map(str, zoo), "--cache", str(cache), "--format", "table", "-q"],
+                         capture_output=True, text=True)
+    assert out.stderr.strip().splitlines()[-1] == "False 0"
+    # the tables agree but for the time column
+    assert len(out.stdout.splitlines()) == len(first.stdout.splitlines())
+
+
 def test_single_file_table_from_the_cache_matches(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     path = FIXTURES / "demo_sn_cnn.pt"

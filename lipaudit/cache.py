@@ -49,10 +49,13 @@ def _files_of(path: Path) -> Iterator[tuple[str, Path]]:
     """Every regular file a checkpoint path can read, with its place relative to the path.
 
     A folder is walked whole (symlinks to files followed, as Hugging Face caches use them): a
-    superset of what any format reads, so no change the audit could see escapes the key."""
+    superset of what any format reads, so no change the audit could see escapes the key. An index
+    file given alone (*.index.json) reads its shards beside it: its folder is walked too."""
     if not path.is_dir():
         yield "", path
-        return
+        if not path.name.endswith(".index.json"):
+            return
+        path = path.parent
     for root, dirs, names in os.walk(path, followlinks=False):
         dirs.sort()
         for name in sorted(names):

@@ -168,6 +168,13 @@ def test_cache_hits_give_the_same_report_and_misses_follow_changes(zoo: list[Pat
     shard.write_bytes(bytes(data))
     result = run("inspect", str(zoo[1]), "--cache", str(cache), "--format", "json")
     assert "cache: 0 hits, 1 misses" in result.stderr
+    # the index given alone: its shards are part of the key as well
+    index = zoo[1] / "model.safetensors.index.json"
+    assert "cache: 0 hits, 1 misses" in run("inspect", str(index), "--cache", str(cache)).stderr
+    assert "cache: 1 hits, 0 misses" in run("inspect", str(index), "--cache", str(cache)).stderr
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    assert "cache: 0 hits, 1 misses" in run("inspect", str(index), "--cache", str(cache)).stderr
 
 
 def test_a_run_answered_from_the_cache_never_imports_torch(zoo: list[Path], tmp_path: Path) -> None:

@@ -22,9 +22,6 @@ T = TypeVar("T")
 class Executor(ABC):
     """Runs fn over items; results come back in the order of items."""
 
-    # Paths reach workers that may run in another folder than this process.
-    remote: bool = False
-
     @abstractmethod
     def map(self, fn: Callable[[str], T], items: list[str]) -> list[T]:
         """fn(item) for every item."""

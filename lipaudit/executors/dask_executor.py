@@ -19,8 +19,6 @@ CONNECT_TIMEOUT_S = 30
 
 
 class DaskExecutor(Executor):
-    remote = True
-
     def __init__(self, address: str, jobs: int) -> None:
         from distributed import Client
 

@@ -15,7 +15,7 @@ from lipaudit.text import visible
 
 T = TypeVar("T")
 # Seconds to reach the scheduler before the run is a usage error.
-CONNECT_TIMEOUT_S = 30
+CONNECT_TIMEOUT_S = 10
 
 
 class DaskExecutor(Executor):

@@ -27,6 +27,8 @@ from lipaudit.text import defang, visible
 from lipaudit.types import ConvNorm, Method, Mode, Severity
 
 if TYPE_CHECKING:
+    from lipaudit.cache import Cache
+    from lipaudit.fanout import Shard
     from lipaudit.report import Report
     from lipaudit.settings import NormalizeSettings, Settings
 
@@ -412,8 +414,8 @@ class GraphOptions:
 
 @dataclass(frozen=True)
 class FanoutOptions:
-    cache: Any = None  # lipaudit.cache.Cache
-    shard: Any = None  # lipaudit.fanout.Shard
+    cache: Cache | None = None
+    shard: Shard | None = None
     executor: str = "local"
 
 

@@ -8,7 +8,8 @@ Report the text formats render."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,10 +83,10 @@ def audit_one(path: str, *, audit: AuditFn, settings: Settings, graph: Any, cwd:
 
     from lipaudit.commands.outcome import internal
 
-    # Several files run side by side (one job each), so each gets one intra-op thread. Pinned here,
-    # in whichever process runs the file, because the thread count decides the order of float sums
-    # in BLAS and LAPACK: fixed, a Dask worker writes the same bits as a local run (on the same kind
-    # of CPU). A lone file keeps the process's threads, as a plain run of it does.
+    # Several files run side by side (one job each), so each gets one intra-op thread: the thread
+    # count decides the order of float sums in BLAS and LAPACK, and fixed, a Dask worker writes the
+    # same bits as a local run (on the same kind of CPU). Locally run_files has pinned it already;
+    # a worker process is pinned here. A lone file keeps the process's threads, as a plain run does.
     if settings.jobs == 1 and torch.get_num_threads() != 1:
         torch.set_num_threads(1)
     if not os.path.isabs(path) and os.path.realpath(os.getcwd()) != os.path.realpath(cwd):
@@ -119,7 +120,9 @@ def run_files(files: list[str], audit: AuditFn, settings: Settings, graph: Any, 
                 out[i] = Outcome(hit.doc, hit.report)
     todo = [i for i in range(len(files)) if i not in out]
     job = partial(audit_one, audit=audit, settings=settings, graph=graph, cwd=os.getcwd())
-    for i, got in zip(todo, executor.map(job, [files[i] for i in todo]), strict=True):
+    with _one_thread(bool(todo) and settings.jobs == 1):
+        done = executor.map(job, [files[i] for i in todo])
+    for i, got in zip(todo, done, strict=True):
         if got.report is not None and got.report.tool_version != __version__:
             got = failed(UsageError(f"a worker runs lipaudit {visible(got.report.tool_version)}, this process "
                                     f"{__version__}; install the same version everywhere", files[i]), files[i])
@@ -127,6 +130,23 @@ def run_files(files: list[str], audit: AuditFn, settings: Settings, graph: Any, 
         if cache is not None and got.report is not None and i in keys:
             cache.put(keys[i], got.doc, got.report)
     return [out[i] for i in range(len(files))]
+
+
+@contextmanager
+def _one_thread(pin: bool) -> Iterator[None]:
+    """One intra-op thread in this process while files run side by side (see audit_one), and the
+    caller's count back afterwards, for callers that embed lipaudit."""
+    if not pin:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cached_one(path: str, settings: Settings, cache: Cache, extra: dict[str, Any],

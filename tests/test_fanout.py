@@ -277,6 +277,14 @@ def test_merge_renders_sarif_as_the_single_run(zoo: list[Path], tmp_path: Path) 
     assert json.loads(sarif.stdout)["runs"][0]["results"] == json.loads(single.stdout)["runs"][0]["results"]
 
 
+def test_threads_are_given_back_after_several_files(zoo: list[Path]) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    inspect_json(*zoo)
+    assert torch.get_num_threads() == before
+
+
 def test_executor_specs_are_checked_without_connecting() -> None:
     assert check_spec("local") == "local"
     for bad in ("spark://x:1", "local://x", "dask", "dask://", "nope"):

@@ -19,13 +19,14 @@ from lipaudit import __version__, preflight
 from lipaudit.commands.outcome import emit
 from lipaudit.commands.outcome import fail as _fail
 from lipaudit.commands.outcome import guarded as _guarded
-from lipaudit.commands.outcome import internal as _internal
 from lipaudit.errors import LipauditError, UsageError
 from lipaudit.formats import FORMAT_NAMES, FORMATS, NORMALIZE_FORMAT_NAMES, RenderOptions, terminal_options
 from lipaudit.text import visible
 from lipaudit.types import ConvNorm, Method, Mode, Severity
 
 if TYPE_CHECKING:
+    from lipaudit.cache import Cache
+    from lipaudit.fanout import Shard
     from lipaudit.report import Report
     from lipaudit.settings import NormalizeSettings, Settings
 
@@ -178,6 +179,8 @@ def _progress(enabled: bool, what: str) -> Iterator[Callable[[int, int, str], No
 
 
 def _device(device: str) -> str:
+    if device == "cpu":  # no torch needed to say so: a run answered from --cache never imports it
+        return device
     import torch
 
     if device == "auto":
@@ -312,6 +315,14 @@ def cli(ctx: click.Context) -> None:
 @click.option("--assume", type=click.Choice(["chain"]), default=None,
               help="State dicts: assert the covered layers form a plain chain, so their product is certified "
                    "under that assertion (recorded in the report). Without it, or a graph, it is an estimate.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Reuse results from DIR for files whose contents, lipaudit version and settings are unchanged "
+                   "(one hash per file); store new ones there.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Audit only the I-th of N parts of the sorted file list (a CI matrix, a Slurm array); "
+                   "combine the JSON reports with `lipaudit merge`.")
+@click.option("--executor", default="local", show_default=True, metavar="local|dask://HOST:PORT",
+              help="Where the files are audited: threads here, or a dask.distributed scheduler (lipaudit[dask]).")
 @click.option("--input-size", "input_sizes", type=InputSize(), multiple=True,
               help="Input size of the convolutions (32x32, or layer=32x32; repeatable): adds their exact "
                    "circular-padding norm and a zero-padding bracket at that size.")
@@ -332,9 +343,11 @@ def inspect(**params: Any) -> None:
 
 def _inspect(ctx: click.Context, paths: tuple[str, ...], fmt: str, output: Path | None, debug: bool, quiet: bool,
              verbose: bool, recursive: bool, revision: str | None, write: tuple[tuple[str, Path], ...],
-             graph_archive: str | None, measure: bool, measure_work: int, **p: Any) -> None:
+             graph_archive: str | None, measure: bool, measure_work: int, cache_dir: Path | None = None,
+             shard: str | None = None, executor: str = "local", **p: Any) -> None:
 
     def run() -> int:
+        fan = _fanout_options(cache_dir, shard, executor)
         found = preflight.inputs(paths, recursive, revision)
         read = [*found.files, *([graph_archive] if graph_archive else [])]
         preflight.refuse_output_over_inputs(read, output)
@@ -354,9 +367,11 @@ def _inspect(ctx: click.Context, paths: tuple[str, ...], fmt: str, output: Path 
             graph = GraphOptions(graph_archive, measure, measure_work,
                                  _model_spec(q.get("model"), q.get("input_shape"), graph_archive), debug)
             jobs.append((f, _inspect_settings(q, heatmaps), graph))
-        if len(jobs) == 1:
-            return _inspect_one(*jobs[0], outputs, quiet)
-        return _inspect_many(jobs, outputs, quiet)
+        if fan.shard is not None:
+            return _inspect_many(fan.shard.take(jobs), outputs, quiet, fan, jobs)
+        if len(jobs) == 1 and fan.executor == "local":
+            return _inspect_one(*jobs[0], outputs, quiet, fan)
+        return _inspect_many(jobs, outputs, quiet, fan)
 
     _guarded(run, paths[0] if len(paths) == 1 else None, fmt, debug)
 
@@ -442,94 +457,79 @@ class GraphOptions:
     debug: bool = False  # errors from the user's --model code keep their traceback
 
 
+@dataclass(frozen=True)
+class FanoutOptions:
+    cache: Cache | None = None
+    shard: Shard | None = None
+    executor: str = "local"
+
+
+def _fanout_options(cache_dir: Path | None, shard: str | None, executor: str) -> FanoutOptions:
+    """--cache, --shard, --executor, checked before anything is imported or audited."""
+    from lipaudit.cache import Cache
+    from lipaudit.executors import check_spec
+    from lipaudit.fanout import Shard
+
+    return FanoutOptions(None if cache_dir is None else Cache(cache_dir),
+                         None if shard is None else Shard.parse(shard), check_spec(executor))
+
+
 Outputs = list[tuple[str, Path | None, RenderOptions]]  # (format, -o or --write file or stdout, options)
+Job = tuple[str, "Settings", GraphOptions]  # (path, its settings, its graph options)
 
 
-def _inspect_one(path: str, settings: Settings, graph: GraphOptions, outputs: Outputs, quiet: bool) -> int:
+def _inspect_one(path: str, settings: Settings, graph: GraphOptions, outputs: Outputs, quiet: bool,
+                 fan: FanoutOptions | None = None) -> int:
     from lipaudit.formats import render, summary_line
 
+    cache = None if fan is None else fan.cache
     with _progress(not quiet, "auditing") as tick:
-        report = _audit_path(path, settings, tick, graph)
+        if cache is not None:
+            from lipaudit.fanout import cached_one
+
+            report = cached_one(path, settings, graph, cache, lambda: _audit_path(path, settings, tick, graph))
+        else:
+            report = _audit_path(path, settings, tick, graph)
     for fmt, output, options in outputs:
         _emit(render(report, fmt, options), fmt, output)
     if not quiet:
         click.echo(f"lipaudit: {summary_line(report)}", err=True)
+        if cache is not None:
+            click.echo(f"lipaudit: {cache.stats.line()}", err=True)
     return report.exit_code
 
 
-def _inspect_many(jobs: list[tuple[str, Settings, GraphOptions]], outputs: Outputs, quiet: bool) -> int:
-    """Files in parallel (each with one job); one document, or one output per file; the worst exit code."""
-    from lipaudit.formats import failing, plural, summary_line
-    from lipaudit.pool import run_all
+def _inspect_many(jobs: list[Job], outputs: Outputs, quiet: bool, fan: FanoutOptions | None = None,
+                  every: list[Job] | None = None) -> int:
+    """Files in parallel (each with one job) through the cache and the executor; one document, or
+    one output per file; the worst exit code. every: with --shard, the whole run's jobs (this
+    shard's JSON names their files, for `lipaudit merge`)."""
+    from lipaudit.executors import open_executor
+    from lipaudit.fanout import combined, outcome_line, run_files, verdict, with_shard
 
-    def job(item: tuple[str, Settings, GraphOptions]) -> Report | LipauditError:
-        path, settings, graph = item
-        try:
-            return _audit_path(path, replace(settings, jobs=1), None, graph)
-        except LipauditError as e:
-            return e
-        except Exception as e:
-            return _internal(e, path)
-
-    results = run_all(jobs, job, max(1, min(jobs[0][1].jobs, len(jobs))))
-    errors = failed_files = 0
-    for r in results:
-        if isinstance(r, LipauditError):
-            errors += 1
-            failed_files += 1
-            if not quiet:
-                click.echo(f"lipaudit: error: {visible(r.message, 1000)}", err=True)
-            continue
-        if not r.passed:
-            errors += len(failing(r))
-            failed_files += 1
-        if not quiet:
-            click.echo(f"lipaudit: {summary_line(r)}", err=True)
-    verdict = (f"Found {plural(errors, 'error')} in {plural(failed_files, 'file')} (of {len(jobs)} audited)"
-               if failed_files else f"All {len(jobs)} files passed")
-    paths = [p for p, _, _ in jobs]
+    fan = fan or FanoutOptions()
+    whole = jobs if every is None else every
+    if len(whole) > 1:  # as a run over all the files would: one job per file when there are several
+        jobs = [(path, replace(settings, jobs=1), graph) for path, settings, graph in jobs]
+    with open_executor(fan.executor, whole[0][1].jobs if whole else 1) as pool:
+        results = run_files(jobs, _audit_path, pool, fan.cache)
+    if not quiet:
+        for r in results:
+            click.echo(f"lipaudit: {outcome_line(r)}", err=True)
+        if fan.cache is not None:
+            click.echo(f"lipaudit: {fan.cache.stats.line()}", err=True)
+    said = verdict(results)
+    paths = [path for path, _, _ in jobs]
     for fmt, output, options in outputs:
-        text = _combined(paths, results, fmt, options)
+        text = combined(paths, results, fmt, options)
+        if fan.shard is not None and fmt == "json":
+            text = with_shard(text, fan.shard, [path for path, _, _ in whole])
         if options.brief:  # --quiet tables: the summary lines are the report
-            text += verdict + "\n"
+            text += said + "\n"
         _emit(text, fmt, output)
     if not quiet:
-        click.echo(f"lipaudit: {verdict}", err=True)
-    return max(r.exit_code for r in results)
-
-
-def _combined(paths: list[str], results: list[Report | LipauditError], fmt: str, options: RenderOptions) -> str:
-    """Several reports in one format: one document (json, sarif, html), or one part per file with
-    the assumptions once at the end."""
-    from lipaudit.formats import render
-    from lipaudit.report import error_document
-
-    f = FORMATS[fmt]
-    if f.one_document:
-        return f.render_documents([
-            error_document(__version__, r.code, r.exit_code, visible(r.message, 1000), path)
-            if isinstance(r, LipauditError) else r.to_dict() for path, r in zip(paths, results, strict=True)])
-    each = replace(options, assumptions=False)
-    parts, assumptions = [], []
-    for path, r in zip(paths, results, strict=True):
-        if isinstance(r, LipauditError):
-            parts.append(_error_text(fmt, visible(r.message, 1000), path))
-            continue
-        parts.append(render(r, fmt, each))
-        assumptions += [a for a in r.network.assumptions if a not in assumptions]
-    return "".join(parts) + ("" if options.brief else f.render_assumptions(assumptions, options))
-
-
-def _error_text(fmt: str, message: str, path: str) -> str:
-    if fmt == "github":
-        from lipaudit.formats.github import escape_data
-
-        return f"::error title=lipaudit::{escape_data(message)}\n"
-    if fmt == "markdown":
-        from lipaudit.formats.markdown import md
-
-        return f"### lipaudit: {md(path)}\n\n**error**: {md(message)}\n\n"
-    return f"lipaudit: {visible(path)}: error: {message}\n"
+        click.echo(f"lipaudit: {said}", err=True)
+    return max((r.exit_code for r in results), default=0)
 
 
 @cli.command()
@@ -592,6 +592,9 @@ def _normalize(path: str, output: Path | None, settings: NormalizeSettings, fmt:
     from lipaudit.normalize import normalize as run
 
     ckpt = open_checkpoint(path, settings.audit.key, for_writing=True, limits=settings.audit.limits)
+    why = ckpt.handle.write_refusal(settings.bake) if output is not None else None
+    if why is not None:  # said before the audit, not after it
+        raise UsageError(why, path)
     with _progress(not quiet, "normalizing") as tick, _strategy(ckpt, graph) as by:
         # per layer, the network bound shown is the chain product unless the graph is asked for
         chosen = by if settings.network_target is not None or graph.model is not None else Chain()
@@ -619,8 +622,10 @@ def _format_in(argv: list[str]) -> str:
 
 def _register() -> None:
     from lipaudit.commands.diff import diff
+    from lipaudit.commands.merge import merge
 
     cli.add_command(diff)
+    cli.add_command(merge)
 
 
 _register()

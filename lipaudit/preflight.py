@@ -21,10 +21,8 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pt2", "
 # A folder holding one of these (or a *.index.json) is one checkpoint, not a folder of them.
 MODEL_FILES = frozenset({"pytorch_model.bin", "model.safetensors"})
 # Layouts normalize cannot write yet, with the reason; a layout that becomes writable drops its entry.
-UNWRITABLE = {
-    "torch-sharded": "rewriting .bin shards is not supported; convert them to safetensors "
-                     "(save_pretrained(..., safe_serialization=True)) and normalize those",
-}
+# (.bin shards became writable with the zip-record patching of checkpoint/zip_patch.py.)
+UNWRITABLE: dict[str, str] = {}
 
 
 @dataclass

@@ -72,12 +72,6 @@ def test_in_place_through_a_link_and_unwritable_layouts_come_before_torch(tmp_pa
     link = tmp_path / "link.pt"
     link.symlink_to(FIXTURES / "mlp.pt")
     assert _probe(["normalize", str(link), "--in-place"]) == (2, False)
-    bins = tmp_path / "bins"
-    bins.mkdir()
-    torch.save({"w.weight": torch.eye(2)}, bins / "pytorch_model-00001-of-00001.bin")
-    (bins / "pytorch_model.bin.index.json").write_text(
-        json.dumps({"weight_map": {"w.weight": "pytorch_model-00001-of-00001.bin"}}))
-    assert _probe(["normalize", str(bins), "-o", str(tmp_path / "out")]) == (2, False)
 
 
 def _median_seconds(args: list[str], n: int = 5) -> float:

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import IO
 
 import torch
 
-from lipaudit.checkpoint import hf
+from lipaudit.checkpoint import hf, writer
 from lipaudit.checkpoint import sniff as sn
-from lipaudit.checkpoint.formats.base import Format, by_prefix, natural_key, sha256_files
+from lipaudit.checkpoint.formats.base import Format, by_prefix, natural_key, sha256_files, sha256_of
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import Checkpoint, Ignored, StorageId, tensor_identity
 from lipaudit.checkpoint.safetensors_reader import find_index, read_index
 from lipaudit.checkpoint.select import check_size, select_state_dict
-from lipaudit.checkpoint.torch_reader import load_torch, tensor_info
+from lipaudit.checkpoint.torch_reader import ZipLayout, load_torch, tensor_info
 from lipaudit.checkpoint.unpickler import Classes
-from lipaudit.checkpoint.writer import Edits, Pending
-from lipaudit.errors import MalformedInputError, UsageError
+from lipaudit.checkpoint.writer import Edits, Pending, Staged
+from lipaudit.errors import MalformedInputError, OutputError, UsageError
 from lipaudit.text import visible
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -89,9 +94,13 @@ class ShardedTorch(Format):
 
     name = "torch-sharded"
 
-    def __init__(self, shown: str, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, shown: str, tensors: dict[str, torch.Tensor], index: Path | None = None,
+                 where: dict[str, Path] | None = None, limits: Limits | None = None) -> None:
         self.shown = shown
         self.tensors = tensors
+        self.index = index  # what normalize needs to write the shards back
+        self.where = where or {}
+        self.limits = limits or Limits()
 
     @classmethod
     def sniff(cls, path: Path, guess: str) -> bool:
@@ -136,8 +145,8 @@ class ShardedTorch(Format):
         infos = by_prefix(infos, key, shown)
         digest, files = sha256_files([path, *shards])
         return Checkpoint(
-            path=shown, sha256=digest, infos=infos, handle=cls(shown, tensors), key=key or None,
-            ignored=ignored, shards=[p.name for p in shards], files=files, notes=classes.notes(),
+            path=shown, sha256=digest, infos=infos, handle=cls(shown, tensors, path, where, limits),
+            key=key or None, ignored=ignored, shards=[p.name for p in shards], files=files, notes=classes.notes(),
         )
 
     def load(self, key: str) -> torch.Tensor:
@@ -146,14 +155,119 @@ class ShardedTorch(Format):
     def storage_identity(self, key: str) -> StorageId | None:
         return tensor_identity(self.tensors.get(key))
 
-    def _refuse(self) -> MalformedInputError:
+    def _refuse(self, why: str) -> MalformedInputError:
         return MalformedInputError(
-            f"{self.shown}: rewriting .bin shards is not supported; convert them to safetensors "
+            f"{self.shown}: {why}; convert the shards to safetensors "
             "(save_pretrained(..., safe_serialization=True)) and normalize those", self.shown,
         )
 
+    def write_refusal(self, bake: bool) -> str | None:
+        from lipaudit.checkpoint.formats.torch_format import parametrized
+
+        if bake and any(parametrized(k) for k in self.tensors):
+            return str(self._refuse("--bake replaces parametrized weights by new keys, which .bin shards cannot "
+                                    "take without rewriting their pickles"))
+        for shard in dict.fromkeys(self.where.values()):
+            if sn.sniff(shard, self.shown) != sn.TORCH_ZIP:
+                return str(self._refuse(f"{visible(shard.name, 100)} is a legacy torch file, rewritten only whole"))
+        return None
+
+    def write(self, edits: Edits, target: Path) -> None:
+        """Into the folder target, created if missing; the index and unedited shards are copied."""
+        made = not target.exists() and not target.is_symlink()
+        if made:
+            try:
+                target.mkdir()
+            except OSError as e:
+                raise OutputError(f"{visible(str(target))}: cannot create the folder ({e.strerror})") from None
+        try:
+            super().write(edits, target)
+        except BaseException:
+            if made:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+
     def stage(self, edits: Edits, target: Path) -> Pending:
-        raise self._refuse()
+        """Each edited shard is its zip archive with the edited storage records replaced (the
+        pickle byte for byte); names and the index stay as they are. Every shard is staged and
+        verified before the first is moved into place."""
+        from lipaudit.checkpoint import zip_patch
+        from lipaudit.checkpoint.formats.torch_format import record_bytes
+
+        if edits.replaced:
+            raise self._refuse("--bake adds keys, which .bin shards cannot take without rewriting their pickles")
+        if self.index is None:
+            raise self._refuse("rewriting .bin shards opened without their index is not supported")
+        if target.is_symlink() or not target.is_dir():
+            raise OutputError(f"{visible(str(target))}: not a folder", str(target))
+        in_place = target.resolve() == self.index.parent.resolve()
+        files: list[Staged] = []
+        parts: list[_ShardWrite] = []
+        try:
+            for shard in dict.fromkeys(self.where.values()):
+                keys = [k for k in edits.values if self.where.get(k) == shard]
+                inner = f"{self.shown}: {visible(shard.name, 100)}"
+                if keys:
+                    layout = None
+                    if sn.sniff(shard, inner) == sn.TORCH_ZIP:
+                        layout = zip_patch.patchable(shard, inner, self.limits)
+                    records = {} if layout is None else zip_patch.records_of(shard, inner, self.limits, None, layout)
+                    if layout is None or any(k not in records for k in keys):
+                        raise self._refuse(f"{visible(shard.name, 100)} is not a little-endian torch zip archive")
+                    by_record: dict[str, list[str]] = {}
+                    for k in keys:
+                        by_record.setdefault(records[k], []).append(k)
+                    plan: dict[str, Callable[[], bytes]] = {
+                        r: partial(record_bytes, [self.tensors[k] for k in ks], ks, edits)
+                        for r, ks in by_record.items()
+                    }
+                    files.append(writer.stage(target / shard.name, zip_patch.patch_writer(shard, layout, plan)))
+                    parts.append(_ShardWrite(shard, files[-1], layout, plan, keys))
+                elif not in_place:
+                    files.append(writer.stage(target / shard.name, _copy(shard)))
+                    parts.append(_ShardWrite(shard, files[-1], None, {}, []))
+            if not in_place:
+                files.append(writer.stage(target / self.index.name, _copy(self.index)))
+                parts.append(_ShardWrite(self.index, files[-1], None, {}, []))
+        except BaseException:
+            for f in files:
+                f.discard()
+            raise
+        return _ShardsWrite(files, parts)
 
     def verify(self, edits: Edits, pending: Pending) -> None:
-        raise self._refuse()
+        from lipaudit.checkpoint.formats.torch_format import check_records
+
+        assert isinstance(pending, _ShardsWrite)
+        for part in pending.parts:
+            written = Path(part.staged.readable_path)
+            inner = f"{self.shown}: {visible(part.source.name, 100)}"
+            if part.layout is None:
+                if sha256_of(written) != sha256_of(part.source):
+                    raise OutputError(f"{inner}: the copy differs from the original", self.shown)
+                continue
+            sub = Edits(values={k: edits.values[k] for k in part.keys})
+            check_records(part.source, written, part.layout, part.records, None, sub, inner, self.limits)
+
+
+@dataclass
+class _ShardWrite:
+    source: Path
+    staged: Staged
+    layout: ZipLayout | None  # None: a copy
+    records: dict[str, Callable[[], bytes]]
+    keys: list[str]
+
+
+class _ShardsWrite(Pending):
+    def __init__(self, files: list[Staged], parts: list[_ShardWrite]) -> None:
+        super().__init__(files)
+        self.parts = parts
+
+
+def _copy(src: Path) -> Callable[[IO[bytes]], None]:
+    def write(f: IO[bytes]) -> None:
+        with open(src, "rb") as g:
+            shutil.copyfileobj(g, f, 1 << 24)
+
+    return write

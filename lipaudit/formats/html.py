@@ -129,15 +129,10 @@ def frequency_response(kernel: torch.Tensor, n: int = 64, max_work: float = MAX_
         return torch.zeros((m,) * dims, dtype=torch.float64)
     if not bool(torch.isfinite(k).all()):
         return torch.full((m,) * dims, math.nan, dtype=torch.float64)
-    threads = torch.get_num_threads()
-    if threads > 1:
-        # batches of small eigenproblems: one thread is many times faster (no pool handoffs)
-        torch.set_num_threads(1)
-    try:
+    from lipaudit.pool import single_threaded
+
+    with single_threaded():  # batches of small eigenproblems: one thread is many times faster
         return _grid(k, d, m, per_point, max_work)
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
 
 
 def _grid(k: torch.Tensor, d: int, m: int, per_point: float, max_work: float) -> torch.Tensor:

@@ -41,6 +41,11 @@ class Format(ABC):
         """Equal for keys that are the same stored tensor; None where the format cannot share storage."""
         return None
 
+    def write_refusal(self, bake: bool) -> str | None:
+        """Why normalize could not write this checkpoint back, known from its opening alone (so the
+        answer comes before any audit); None when it can. bake: --bake, which adds keys."""
+        return None
+
     @abstractmethod
     def stage(self, edits: Edits, target: Path) -> Pending:
         """Write the edited checkpoint to temporary files beside target; nothing is in place yet."""

@@ -5,18 +5,21 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
 import torch
 
 from lipaudit.checkpoint import sniff as sn
-from lipaudit.checkpoint import writer
+from lipaudit.checkpoint import writer, zip_patch
 from lipaudit.checkpoint.formats.base import Format, sha256_of
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import Checkpoint, StorageId, tensor_identity
 from lipaudit.checkpoint.select import check_size, select_state_dict
-from lipaudit.checkpoint.torch_reader import load_torch, tensor_info
+from lipaudit.checkpoint.torch_reader import ZipLayout, load_torch, tensor_info
+from lipaudit.checkpoint.unpickler import Global, Marker, Opaque, Storage, UnreadTensor
 from lipaudit.checkpoint.writer import Edits, Pending, Staged
 from lipaudit.errors import MalformedInputError, OutputError
 from lipaudit.text import visible
@@ -26,6 +29,65 @@ class _Staged(Pending):
     def __init__(self, files: list[Staged], root: object) -> None:
         super().__init__(files)
         self.root = root  # what the staged file must read back as
+
+
+def parametrized(key: str) -> bool:
+    """A key of a parametrized weight, which --bake replaces: spectral_norm's weight_orig, or the
+    parametrizations form's original."""
+    return key.endswith("_orig") or ".parametrizations." in key
+
+
+def placeholder_in(root: object) -> str | None:
+    """What the first placeholder reachable through containers stands for, if any."""
+    stack = [root]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, Opaque | Global):
+            return f"an object of class {visible(node.qualname, 100)}"
+        if isinstance(node, UnreadTensor):
+            return f"a {node.kind} tensor"
+        if isinstance(node, Marker | Storage):
+            return "a bare type or storage reference"
+        if isinstance(node, dict):
+            stack.extend(dict.keys(node))
+        stack.extend(_children(node))
+    return None
+
+
+def record_bytes(tensors: list[torch.Tensor], keys: list[str], edits: Edits) -> bytes:
+    """A storage record's new bytes: a copy of the stored ones (the tensors view the record, as
+    read) with each edited view overwritten by its new value."""
+    copy = torch.Tensor.untyped_storage(tensors[0]).clone()  # type: ignore[no-untyped-call]
+    for t, key in zip(tensors, keys, strict=True):
+        with torch.no_grad():
+            _view_on(copy, t).copy_(edits.value(key).to(t.dtype))
+    raw: bytes = _bytes_tensor(copy).numpy().tobytes()
+    return raw
+
+
+class _Patched(Pending):
+    def __init__(self, files: list[Staged], layout: ZipLayout, records: dict[str, Callable[[], bytes]]) -> None:
+        super().__init__(files)
+        self.layout = layout
+        self.records = records
+
+
+def check_records(source: Path, written: Path, layout: ZipLayout, records: dict[str, Callable[[], bytes]],
+                  key: str | None, edits: Edits, shown: str, limits: Limits) -> None:
+    """A patched archive: the same archive but for the records, and it reads back (with lipaudit's
+    own reader) with every edited tensor holding its new value."""
+    zip_patch.check_patched(source, written, layout, records, shown)
+    root = load_torch(written, shown, True, mmap=True, limits=limits).root
+    got = select_state_dict(root, key, shown, limits, check_size(root, limits, shown)).tensors
+    for k in edits.values:
+        t = got.get(k)
+        want = edits.value(k)
+        if t is None or not writer.same_bits(t, want.to(t.dtype)):
+            raise OutputError(f"{shown}: {visible(k, 80)!r} does not read back as written", shown)
 
 
 class TorchFormat(Format):
@@ -54,6 +116,7 @@ class TorchFormat(Format):
         nodes = check_size(root, limits, shown)
         sel = select_state_dict(root, key, shown, limits, nodes)  # budgets enforced while listing
         handle = cls(path, shown, root, sel.tensors, sel.slots, limits)
+        handle.asked_key = key  # the records of a zip archive are found again by the same selection
         return Checkpoint(
             path=shown, sha256=sha256_of(path), infos=[tensor_info(k, t) for k, t in sel.tensors.items()],
             handle=handle, key=sel.key, ignored=sel.ignored, alternatives=sel.alternatives,
@@ -66,7 +129,33 @@ class TorchFormat(Format):
     def storage_identity(self, key: str) -> StorageId | None:
         return tensor_identity(self.tensors.get(key))
 
+    asked_key: str | None = None
+
+    def write_refusal(self, bake: bool) -> str | None:
+        """Objects lipaudit holds only as placeholders can stay in a zip archive whose pickle is kept
+        byte for byte; anything that needs a new pickle (a legacy file, --bake's new keys) cannot
+        hold them."""
+        held = placeholder_in(self.root)
+        if held is None:
+            return None
+        why = None
+        if not self.zip_format:
+            why = "a legacy (pre-1.6) torch file is rewritten as a whole pickle"
+        elif bake and any(parametrized(k) for k in self.tensors):
+            why = "--bake replaces parametrized weights by new keys, which needs a new pickle"
+        elif zip_patch.patchable(self.path, self.shown, self.limits) is None:
+            why = "a big-endian archive is rewritten as a whole pickle"
+        if why is None:
+            return None
+        return (f"{self.shown}: {why}, and the file holds {held}, which lipaudit keeps only as an inert placeholder; "
+                "save the state dict alone (torch.save(model.state_dict(), path)) and normalize that")
+
     def stage(self, edits: Edits, target: Path) -> Pending:
+        patch = self.patch_plan(edits)
+        if patch is not None:
+            layout, records = patch
+            return _Patched([writer.stage(target, zip_patch.patch_writer(self.path, layout, records))], layout,
+                            records)
         root = self._edited(edits)
 
         def write(f: IO[bytes]) -> None:
@@ -77,6 +166,11 @@ class TorchFormat(Format):
         return _Staged([writer.stage(target, write)], root)
 
     def verify(self, edits: Edits, pending: Pending) -> None:
+        if isinstance(pending, _Patched):
+            [staged] = pending.files
+            check_records(self.path, Path(staged.readable_path), pending.layout, pending.records, self.asked_key,
+                          edits, self.shown, self.limits)
+            return
         assert isinstance(pending, _Staged)
         [staged] = pending.files
         got = load_torch(Path(staged.readable_path), self.shown, self.zip_format, mmap=self.zip_format,
@@ -84,6 +178,24 @@ class TorchFormat(Format):
         why = difference(pending.root, got)
         if why is not None:
             raise OutputError(f"{self.shown}: the written file does not read back as intended ({why})", self.shown)
+
+    def patch_plan(self, edits: Edits) -> tuple[ZipLayout, dict[str, Callable[[], bytes]]] | None:
+        """A zip archive whose edits only change values is written by replacing the edited storage
+        records, the pickled rest kept byte for byte (Lightning hyper-parameters, optimizer state,
+        any class the file names). None where that cannot be done: legacy files, new keys (--bake)."""
+        if not self.zip_format or edits.replaced or not edits.values:
+            return None
+        layout = zip_patch.patchable(self.path, self.shown, self.limits)
+        if layout is None:
+            return None
+        where = zip_patch.records_of(self.path, self.shown, self.limits, self.asked_key, layout)
+        if any(k not in where for k in edits.values):
+            return None
+        by_record: dict[str, list[str]] = {}
+        for key in edits.values:
+            by_record.setdefault(where[key], []).append(key)
+        return layout, {r: partial(record_bytes, [self._plain(k) for k in keys], keys, edits)
+                        for r, keys in by_record.items()}
 
     def _edited(self, edits: Edits) -> object:
         """A copy of the unpickled object with the edits applied; the original is left as read.

@@ -116,8 +116,6 @@ def run_files(jobs: list[Job], audit: AuditFn, executor: Executor, cache: Cache 
     settings), the rest through executor."""
     from functools import partial
 
-    from lipaudit.pool import single_threaded
-
     out: dict[int, Outcome] = {}
     keys: dict[int, str] = {}
     if cache is not None:
@@ -137,8 +135,12 @@ def run_files(jobs: list[Job], audit: AuditFn, executor: Executor, cache: Cache 
                 out[i] = Outcome(hit.doc, hit.report)
     todo = [i for i in range(len(jobs)) if i not in out]
     job = partial(audit_one, audit=audit, cwd=os.getcwd())
-    with single_threaded():  # see audit_one: the thread count decides the bits
-        done = executor.map(job, [jobs[i] for i in todo])
+    done: list[Outcome] = []
+    if todo:  # a run answered from the cache never imports torch
+        from lipaudit.pool import single_threaded
+
+        with single_threaded():  # see audit_one: the thread count decides the bits
+            done = executor.map(job, [jobs[i] for i in todo])
     for i, got in zip(todo, done, strict=True):
         path = jobs[i][0]
         if got.report is not None and got.report.tool_version != __version__:

@@ -190,9 +190,9 @@ class Bounder:
 
     # -- norms ------------------------------------------------------------------------
     def op_norm(self, op: LinearOp) -> Interval:
-        # an operator not named by parameters is known by its content: a temporary's address can be reused
-        ident: Any = op.params if op.params else hashlib.sha256(
-            op.weight.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+        # known by its content as well as its names: a merged operator may carry the same names as one of
+        # its parts (a weight computed from a parameter has none), and a temporary's address can be reused
+        ident: Any = (op.params, hashlib.sha256(op.weight.detach().contiguous().cpu().numpy().tobytes()).hexdigest())
         key = (op.kind, ident, tuple(op.weight.shape), op.stride, op.dilation, op.groups, op.axis, op.transposed,
                op.tag)
         iv = self.norms.get(key)

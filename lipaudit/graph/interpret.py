@@ -20,8 +20,9 @@ from lipaudit.text import clean_message, visible
 
 
 def _flag(node: Node, key: str) -> bool:
-    """A registry flag of the node's op: `made` (its size comes from its arguments alone) or
-    `uninitialised` (uninitialised memory, filled with zeros here)."""
+    """A registry flag of the node's op: `made` (its size comes from its arguments alone),
+    `uninitialised` (uninitialised memory, filled with zeros here) or `identity` (the value passes
+    unchanged and so does its derivative)."""
     entry = ops.lookup(node.op, node.overload) if node.namespace == "aten" else None
     return bool(entry is not None and entry.spec.extra.get(key))
 
@@ -165,7 +166,9 @@ def run_node(node: Node, env: dict[str, torch.Tensor], graph: Graph | None = Non
         for name, size in _output_bytes(node, graph, fn, args, kwargs):
             budget.check(name, size, _flag(node, "made"))
     try:
-        if node.op.rstrip("_") == "copy" and len(args) >= 2:
+        if _flag(node, "identity") and args:
+            out = args[0].view_as(args[0])
+        elif node.op.rstrip("_") == "copy" and len(args) >= 2:
             # aten.copy has neither forward- nor reverse-mode derivatives; this is the same value
             out = args[1].to(args[0].dtype).expand_as(args[0]).clone()
         else:

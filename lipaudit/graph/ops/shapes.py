@@ -86,13 +86,20 @@ def _view_case(d: Draw, name: str) -> Case:
 
 _VIEWS = ("view", "_unsafe_view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose",
           "t", "view_as", "reshape_as", "movedim", "swapaxes", "numpy_T", "mT", "slice", "select", "narrow", "split",
-          "split_with_sizes", "chunk", "unbind", "tensor_split", "diagonal", "alias", "detach", "contiguous")
+          "split_with_sizes", "chunk", "unbind", "tensor_split", "diagonal", "alias", "contiguous")
 _MOVES = ("clone", "lift_fresh_copy", "flip", "roll", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle")
 
 
 @register(*_VIEWS, sample=_view_case, alias=True)
 def view(ctx: Context, node: Node) -> Effect:
     """Reindexing, restriction or a split: no element is copied twice."""
+    return Gains(((first(node), 0.0),))
+
+
+# detach is the identity on values; the measured lower end differentiates the network's function, so
+# the interpreter runs it as a view that keeps the gradient (a straight-through `h - h.detach()` is 0)
+@register("detach", sample=_view_case, alias=True, extra={"identity": True})
+def detach(ctx: Context, node: Node) -> Effect:
     return Gains(((first(node), 0.0),))
 
 

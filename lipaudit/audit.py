@@ -149,7 +149,7 @@ def _heatmaps(specs: list[LayerSpec], layers: list[Layer], ckpt: Checkpoint, set
     from lipaudit.formats.html import frequency_response
     from lipaudit.kinds.weights import formed
 
-    convs = [(x.sigma.upper or 0.0, s) for s, x in zip(specs, layers, strict=True) if x.kind.startswith("conv")]
+    convs = [(x.sigma.upper or 0.0, s) for s, x in zip(specs, layers, strict=True) if s.kind.convolution]
     out: dict[str, object] = {}
     for _, spec in sorted(convs, key=lambda t: -t[0])[: settings.heatmaps]:
         forms = formed(spec, Context(ckpt.load, settings))

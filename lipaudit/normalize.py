@@ -115,7 +115,7 @@ def _tolerance(spec: LayerSpec, settings: NormalizeSettings) -> float:
     """How far below the target a layer may sit and still count as normalised (idempotence)."""
     dtype = getattr(torch, spec.dtype, torch.float32)
     eps = float(torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-6
-    conv = spec.kind.kind.startswith("conv") and settings.conv_norm == ConvNorm.OPERATOR
+    conv = spec.kind.convolution and settings.conv_norm == ConvNorm.OPERATOR
     return (settings.audit.conv_rtol if conv else 1e-6) + 4 * eps
 
 
@@ -145,7 +145,7 @@ def _shrink(
 
 def _rescale(spec: LayerSpec, layer: Layer, ctx: Context, settings: NormalizeSettings,
              dtypes: dict[str, str]) -> _Outcome:
-    reshape = settings.conv_norm == ConvNorm.RESHAPE and spec.kind.kind.startswith("conv")
+    reshape = settings.conv_norm == ConvNorm.RESHAPE and spec.kind.convolution
     before = layer.reshape_sigma if reshape else layer.sigma.upper
     base = Change(spec.tensor, spec.name, str(spec.kind.kind), "unchanged", "", before, before, None,
                   layer.sigma.certified)
@@ -254,7 +254,8 @@ def normalize(
                                     f"{out.change.reason}"))
         changes.append(out.change)
     reshape = settings.conv_norm == ConvNorm.RESHAPE
-    if reshape and any(c.action == "scaled" and c.kind.startswith("conv") for c in changes):
+    convs = [spec.kind.convolution for spec in result.plan.layers]
+    if reshape and any(c.action == "scaled" and conv for c, conv in zip(changes, convs, strict=True)):
         findings.append(finding(
             "LIP013", None,
             "convolutions were scaled by their reshaped-kernel norm, as torch.nn.utils.spectral_norm does: their "
@@ -268,10 +269,10 @@ def normalize(
             f"{max(c.scale or 1 for c in raised):.4g}); --mode clip only scales layers down",
         ))
     after_values: list[float | None] = []
-    for c, x in zip(changes, report.layers, strict=True):
+    for c, x, conv in zip(changes, report.layers, convs, strict=True):
         if not x.in_network_bound:
             continue
-        if c.action == "scaled" and not (x.kind.startswith("conv") and reshape):
+        if c.action == "scaled" and not (conv and reshape):
             after_values.append(c.after)
         elif c.action == "scaled":  # a reshape-normalised conv: its operator bound scales with the weight
             after_values.append(None if x.sigma.upper is None or c.scale is None else x.sigma.upper * c.scale)

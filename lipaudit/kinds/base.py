@@ -145,6 +145,9 @@ class LayerKind(ABC):
     gated: ClassVar[bool] = True
     # A per-channel map (BatchNorm, PReLU): its width tells the layout of the layer before it.
     per_channel: ClassVar[bool] = False
+    # A convolution: its operator norm differs from the reshaped-kernel norm spectral_norm divides by,
+    # and its bracket is as wide as --rtol.
+    convolution: ClassVar[bool] = False
 
     @abstractmethod
     def claim(self, group: Group, cand: Candidate) -> LayerSpec | None:

@@ -57,6 +57,8 @@ def _groups(spec: LayerSpec, ctx: Context) -> int | None:
 class Conv(LayerKind):
     """A kernel (c_out, c_in / groups, k_1, ..., k_d); ConvTranspose kernels have the same norm."""
 
+    convolution = True
+
     dims: ClassVar[int]
 
     def claim(self, group: Group, cand: Candidate) -> LayerSpec | None:

@@ -407,3 +407,26 @@ def test_the_package_starts_without_torch() -> None:
     code = "import sys, lipaudit.checkpoint.limits, lipaudit.checkpoint.model; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_member_whose_crc_was_already_wrong_is_malformed_input(tmp_path: Path) -> None:
+    """normalize patches records in place; a member whose stored CRC never matched its data is the
+    input's fault (exit 4), not a failed write (exit 6), and nothing is written."""
+    import io
+    import sys
+    import zipfile
+
+    src = tmp_path / "mlp.pt"
+    blob = bytearray((Path(__file__).parents[2] / "fixtures" / "mlp.pt").read_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(blob))) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data/1"))  # a bias: copied, not patched
+    name_len, extra_len = int.from_bytes(blob[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(blob[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len  # the local header's own lengths (torch pads it)
+    blob[start] ^= 0x40  # one bit of the data; the CRC fields stay as they were
+    src.write_bytes(bytes(blob))
+    out = tmp_path / "out.pt"
+    run = subprocess.run([sys.executable, "-m", "lipaudit", "normalize", str(src), "-o", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 4, run.stderr
+    assert "CRC" in run.stderr and not out.exists()

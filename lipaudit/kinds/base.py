@@ -94,9 +94,14 @@ class Context:
         self.settings = settings
 
     def load(self, key: str) -> torch.Tensor:
+        from lipaudit.checkpoint.pages import release
         from lipaudit.spectral import to_float64
 
-        return to_float64(self._load(key), self.settings.device)
+        src = self._load(key)
+        out = to_float64(src, self.settings.device)
+        if out.data_ptr() != src.data_ptr():
+            release(src)  # read once: a mapped file's pages need not stay resident
+        return out
 
 
 @dataclass(frozen=True)

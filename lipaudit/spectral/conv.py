@@ -49,7 +49,7 @@ from lipaudit.spectral.dense import GRAM_EIGH_WIDTH_CONV, exact_norm, svd_error,
 
 _EPS = float(torch.finfo(torch.float64).eps)
 # Working sets (batches of Gram matrices, grid chunks) are sized to stay near this many bytes.
-_BATCH_BYTES = 64 * 2**20
+_BATCH_BYTES = 32 * 2**20
 # Work limit of one kernel's search, in frequency points (Gram evaluations); past it the search
 # stops with the sound, looser bound it has (the same bits on every machine).
 MAX_POINTS = CONV_POINTS
@@ -186,16 +186,9 @@ class GramSymbol:
         auto_bytes = half * g * n * n * 8 * 2
         self.autocorr = span <= _MAX_SHIFTS and auto_cost < direct_cost and budget.fits(4 * auto_bytes)
         if self.autocorr:
-            shifts, cos_t, sin_t, traces = self._autocorrelation(kg)
-            self.shifts = shifts
-            self.traces = traces
-            # One real GEMM [cos | sin] @ table writes -P(w) straight into complex storage: rows of
-            # the cosines hold (-re, 0) pairs, rows of the sines (0, im) pairs.
-            h = len(shifts)
-            table = torch.zeros(2 * h, cos_t.shape[1], 2, dtype=cos_t.dtype, device=cos_t.device)
-            table[:h, :, 0] = -cos_t
-            table[h:, :, 1] = sin_t
-            self.table_ri = table.reshape(2 * h, -1)
+            # -P(w) = c(w) @ neg_cos + i s(w) @ sin_t: two real GEMMs, written into the real and
+            # imaginary parts of complex storage.
+            self.shifts, self.neg_cos, self.sin_t, self.traces = self._autocorrelation(kg)
             work = m * taps + span
         else:
             budget.need(taps * g * m * n * 8 + g * taps * taps * 8, "the convolution symbol table")
@@ -211,6 +204,7 @@ class GramSymbol:
         # Batches reuse these (a fresh 64 MiB block is mapped and zeroed by the OS on every batch).
         self._out: torch.Tensor | None = None
         self._factor: torch.Tensor | None = None
+        self._tmp: torch.Tensor | None = None
 
     def _buffer(self, points: int) -> torch.Tensor:
         """Storage for `points` points' matrices: the shared block, or a fresh one when larger."""
@@ -221,6 +215,15 @@ class GramSymbol:
             self._out = torch.empty(self.batch * self.g * self.n * self.n, dtype=torch.complex128,
                                     device=self.device)
         return self._out[:size]
+
+    def _real(self, points: int) -> torch.Tensor:
+        """A real (points, g n n) scratch block for one GEMM's result, reused across batches."""
+        size = points * self.g * self.n * self.n
+        if points > self.batch:
+            return torch.empty(points, self.g * self.n * self.n, dtype=torch.float64, device=self.device)
+        if self._tmp is None:
+            self._tmp = torch.empty(self.batch * self.g * self.n * self.n, dtype=torch.float64, device=self.device)
+        return self._tmp[:size].view(points, -1)
 
     def factor_space(self, like: torch.Tensor) -> torch.Tensor:
         """Where below() writes its Cholesky factors: reused across batches of the same size or less."""
@@ -234,25 +237,28 @@ class GramSymbol:
     def _autocorrelation(
         self, kg: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shifts q >= 0 (lexicographically), -(A_q + A_q^T) (-A_0 for q = 0), A_q - A_q^T and the
+        traces of the cosine terms, each table row filled in place (no stacked copies)."""
         g, n = self.g, self.n
         every = (slice(None), slice(None), slice(None))
-        shifts, mats = [], []
-        for q in itertools.product(*(range(-(s - 1), s) for s in self.ks)):
-            if q < tuple(0 for _ in q):
-                continue  # the negative half is the transpose of the positive one
+        shifts = [q for q in itertools.product(*(range(-(s - 1), s) for s in self.ks)) if q >= tuple(0 for _ in q)]
+        neg_cos = torch.empty(len(shifts), g, n, n, dtype=kg.dtype, device=kg.device)
+        sin_t = torch.empty_like(neg_cos)
+        tr = torch.empty(len(shifts), g, dtype=kg.dtype, device=kg.device)
+        for i, q in enumerate(shifts):
             pairs = list(zip(q, self.ks, strict=True))
             src = kg[(*every, *(slice(max(0, -qi), s - max(0, qi)) for qi, s in pairs))]
             dst = kg[(*every, *(slice(max(0, qi), s - max(0, -qi)) for qi, s in pairs))]
             a = src.transpose(1, 2).reshape(g, n, -1) @ dst.transpose(1, 2).reshape(g, n, -1).transpose(1, 2)
-            shifts.append(q)
-            mats.append(a)
-        a = torch.stack(mats)  # (H + 1, g, n, n), shift 0 first
-        cos_t = a + a.transpose(-1, -2)
-        cos_t[0] = a[0]
-        sin_t = a - a.transpose(-1, -2)
-        tr = a.diagonal(dim1=-2, dim2=-1).sum(-1)  # (H + 1, g)
-        tr = torch.cat([tr[:1], 2 * tr[1:]])
-        return (torch.tensor(shifts, dtype=torch.float64), cos_t.reshape(len(shifts), -1),
+            at = a.transpose(-1, -2)
+            if i == 0:
+                torch.neg(a, out=neg_cos[i])
+                sin_t[i].zero_()
+            else:
+                torch.add(a, at, out=neg_cos[i]).neg_()
+                torch.sub(a, at, out=sin_t[i])
+            tr[i] = a.diagonal(dim1=-2, dim2=-1).sum(-1) * (1 if i == 0 else 2)
+        return (torch.tensor(shifts, dtype=torch.float64), neg_cos.reshape(len(shifts), -1),
                 sin_t.reshape(len(shifts), -1), tr)
 
     def _phases(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,8 +283,12 @@ class GramSymbol:
         if self.autocorr:
             buf = self._buffer(len(w)) if reuse else torch.empty(len(w) * self.g * n * n, dtype=torch.complex128,
                                                                  device=self.device)
-            out = torch.view_as_real(buf).view(len(w), -1)
-            torch.matmul(torch.cat([c, s], dim=1), self.table_ri, out=out)
+            parts = torch.view_as_real(buf).view(len(w), -1, 2)
+            tmp = self._real(len(w))
+            torch.matmul(c, self.neg_cos, out=tmp)
+            parts[..., 0].copy_(tmp)
+            torch.matmul(s, self.sin_t, out=tmp)
+            parts[..., 1].copy_(tmp)
             return buf.view(-1, n, n)
         sym = torch.complex(c @ self.table, -(s @ self.table)).reshape(-1, m, n)
         return -(sym.mH @ sym)

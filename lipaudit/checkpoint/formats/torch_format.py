@@ -17,6 +17,7 @@ from lipaudit.checkpoint import writer, zip_patch
 from lipaudit.checkpoint.formats.base import Format, sha256_of
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.checkpoint.model import Checkpoint, StorageId, tensor_identity
+from lipaudit.checkpoint.pages import release, release_storage
 from lipaudit.checkpoint.select import check_size, select_state_dict
 from lipaudit.checkpoint.torch_reader import ZipLayout, load_torch, tensor_info
 from lipaudit.checkpoint.unpickler import Global, Marker, Opaque, Storage, UnreadTensor
@@ -61,7 +62,9 @@ def placeholder_in(root: object) -> str | None:
 def record_bytes(tensors: list[torch.Tensor], keys: list[str], edits: Edits) -> bytes:
     """A storage record's new bytes: a copy of the stored ones (the tensors view the record, as
     read) with each edited view overwritten by its new value."""
-    copy = torch.Tensor.untyped_storage(tensors[0]).clone()  # type: ignore[no-untyped-call]
+    source = torch.Tensor.untyped_storage(tensors[0])
+    copy = source.clone()  # type: ignore[no-untyped-call]
+    release_storage(source)
     for t, key in zip(tensors, keys, strict=True):
         with torch.no_grad():
             _view_on(copy, t).copy_(edits.value(key).to(t.dtype))
@@ -88,6 +91,7 @@ def check_records(source: Path, written: Path, layout: ZipLayout, records: dict[
         want = edits.value(k)
         if t is None or not writer.same_bits(t, want.to(t.dtype)):
             raise OutputError(f"{shown}: {visible(k, 80)!r} does not read back as written", shown)
+        release(t)
 
 
 class TorchFormat(Format):

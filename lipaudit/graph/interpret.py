@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from lipaudit.errors import ResourceLimitError
 from lipaudit.graph import ops
 from lipaudit.graph.model import Arg, Graph, Node
 from lipaudit.graph.ops.registry import inplace_hazard, runs_as
+from lipaudit.graph.ops.smooth import smoothed
 from lipaudit.text import clean_message, visible
 
 
@@ -147,10 +149,16 @@ def _value(a: Arg, env: dict[str, torch.Tensor]) -> Any:
 
 
 def run_node(node: Node, env: dict[str, torch.Tensor], graph: Graph | None = None,
-             budget: Budget | None = None) -> None:
+             budget: Budget | None = None, smooth: float | None = None) -> None:
     """Evaluate one node into env (float dtypes become float64), after checking the sizes of its
-    outputs against the budget."""
+    outputs against the budget. smooth: run kinked activations as their stand-ins rounded at
+    scale 1 / smooth (graph/ops/smooth.py; for steering a search, never for a value reported)."""
     fn = resolve(node, graph)
+    if smooth is not None:
+        entry = ops.lookup(node.op, node.overload)
+        stand_in = smoothed(entry.runs_as) if entry is not None else None
+        if stand_in is not None:
+            fn = partial(stand_in, smooth)
     train = node.arg("training") or node.arg("train")
     if train is not None and train.kind == "bool" and train.value:
         raise CannotRun("training-mode op")
@@ -267,8 +275,9 @@ def check_shapes(graph: Graph, meta: Callable[[str], torch.Tensor],
 
 
 def network_function(graph: Graph, consts: Evaluator,
-                     limits: Limits | None = None) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """f(inputs) = all float outputs, flattened and concatenated. Every node must be runnable, and a
+                     limits: Limits | None = None) -> Callable[..., torch.Tensor]:
+    """f(inputs, smooth=None) = all float outputs, flattened and concatenated (smooth: see
+    run_node). Every node must be runnable, and a
     pass over the graph within the budget (checked on shapes before anything is allocated)."""
     for n in graph.nodes:
         if n.outputs and any(o is not None for o in n.outputs):
@@ -300,7 +309,7 @@ def network_function(graph: Graph, consts: Evaluator,
                     if o is not None and o in shapes and not shapes[o].is_meta:
                         shapes[o] = shapes[o].to("meta")
 
-    def f(inputs: list[torch.Tensor]) -> torch.Tensor:
+    def f(inputs: list[torch.Tensor], smooth: float | None = None) -> torch.Tensor:
         env: dict[str, torch.Tensor] = {}
         for name in list(graph.params) + list(graph.constants):
             v = consts.value(name)
@@ -310,7 +319,7 @@ def network_function(graph: Graph, consts: Evaluator,
             env[name] = x
         for n in graph.nodes:
             if any(o is not None for o in n.outputs):
-                run_node(n, env, graph)
+                run_node(n, env, graph, smooth=smooth)
         outs = [env[o].reshape(-1) for o in graph.outputs if o in env and env[o].is_floating_point()]
         if not outs:
             raise CannotRun("the graph has no float output")

@@ -1,10 +1,12 @@
 """The measured lower end of a network's Lipschitz constant: the largest ||J(x)|| found, in float64.
 
 At each start point x, power iteration on J(x)^T J(x) (forward mode for J v, reverse mode for J^T u,
-both from torch.func) estimates ||J(x)||; then x moves uphill along the gradient of ||J(x) v||^2 and
-the iteration resumes from the same v. Start points are the archive's sample inputs when present,
-random points at the scale of those inputs (or of a unit normal), and the same at larger scales, so
-that saturating activations are also probed.
+both from torch.func) estimates ||J(x)||; then x moves uphill along the gradient of ||J_beta(x) v||^2 and
+the iteration resumes from the same v, until the start stops climbing. J_beta is the Jacobian of
+the network with its kinks rounded off (graph/ops/smooth.py): a piecewise-linear network's own
+Jacobian is constant on each piece, so its gradient is zero and gives no direction. Start points
+are the archive's sample inputs when present, random points at the scale of those inputs (or of a
+unit normal), and the same at larger scales, so that saturating activations are also probed.
 
 Everything is counted in function evaluations (one forward, one J v or one J^T u each), never in
 seconds: the same file, seed and budget give the same number on any machine. Every value reported is
@@ -29,6 +31,14 @@ from lipaudit.text import clean_message
 
 # the input scales tried, relative to the data's: the data itself, then points further out
 SCALES = (1.0, 4.0, 16.0)
+# The ascent steers by the network with its kinks rounded at scale 1 / beta (graph/ops/smooth.py),
+# beta cycling through these, relative to the start's scale.
+BETAS = (1.0, 2.0, 4.0, 8.0)
+# Ascent steps per start at most; a start that has not risen by 0.1% in PATIENCE steps gives way
+# to the next. STEP: each step's length relative to ||x||.
+ASCENT = 100
+PATIENCE = 16
+STEP = 0.05
 _FLOATS = (6, 7, 8, 13)  # half, float, double, bfloat16 dtype codes
 _BYTES = 8  # everything runs in float64
 # rough peak of a forward plus a reverse pass, in copies of every intermediate tensor
@@ -90,7 +100,8 @@ def _tensors(graph: Graph) -> list[str]:
 
 
 def measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, work: int, seed: int,
-            limits: Limits | None = None, starts: int = 6, steps: int = 8, ascent: int = 3) -> Measured:
+            limits: Limits | None = None, starts: int = 6, steps: int = 8, ascent: int = ASCENT,
+            inner: int = 2) -> Measured:
     """The largest Jacobian norm found with at most `work` function evaluations.
 
     Raises ResourceLimitError when the graph's declared tensors do not fit the limits."""
@@ -101,7 +112,7 @@ def measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None,
     # torch's forward-mode AD sets up its own decompositions on first use, with deprecation warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = _measure(graph, consts, samples, work, seed, starts, steps, ascent, limits)
+        m = _measure(graph, consts, samples, work, seed, starts, steps, ascent, inner, limits)
     return Measured(m.lower, time.perf_counter() - t0, m.starts, m.steps, m.start_from, m.note, m.work, m.budget,
                     m.seed, m.best_start, m.best_scale)
 
@@ -133,7 +144,7 @@ def start_points(shapes: list[tuple[int, ...]], samples: list[torch.Tensor] | No
 
 
 def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, work: int, seed: int,
-             starts: int, steps: int, ascent: int, limits: Limits | None) -> Measured:
+             starts: int, steps: int, ascent: int, inner: int, limits: Limits | None) -> Measured:
     try:
         f = network_function(graph, consts, limits)
     except CannotRun as e:
@@ -160,26 +171,46 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
     def fx(*xs: torch.Tensor) -> torch.Tensor:
         return f(list(xs))
 
+    def smooth_at(beta: float) -> Callable[..., torch.Tensor]:
+        return lambda *xs: f(list(xs), smooth=beta)
+
+    here = [0.0]  # the largest value of the current start
+
+    def power(x: list[torch.Tensor], v: list[torch.Tensor], count: int, index: int, scale: float) -> list[torch.Tensor]:
+        nonlocal best, best_start, best_scale, done_steps
+        for _ in range(count):
+            nv = _norm(v)
+            if nv == 0 or not math.isfinite(nv):
+                break
+            v = [t / nv for t in v]
+            counter.take(2)
+            jv, back = _jvp_vjp(fx, x, v)
+            value = float(torch.linalg.vector_norm(jv))
+            done_steps += 1
+            if math.isfinite(value):
+                here[0] = max(here[0], value)
+                if best is None or value > best:
+                    best, best_start, best_scale = value, index, scale
+            v = list(back(jv))
+        return v
+
     try:
         for index, (x, scale) in enumerate(points):
             done_starts += 1
             v = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in x]
-            for rnd in range(ascent + 1):
-                for _ in range(steps):
-                    nv = _norm(v)
-                    if nv == 0 or not math.isfinite(nv):
-                        break
-                    v = [t / nv for t in v]
-                    counter.take(2)
-                    jv, back = _jvp_vjp(fx, x, v)
-                    value = float(torch.linalg.vector_norm(jv))
-                    done_steps += 1
-                    if math.isfinite(value) and (best is None or value > best):
-                        best, best_start, best_scale = value, index, scale
-                    v = list(back(jv))
-                if rnd < ascent:
-                    counter.take(2)
-                    x = _ascend(fx, x, v, gen)
+            here[0] = 0.0
+            v = power(x, v, steps, index, scale)
+            top, idle = here[0], 0
+            for rnd in range(ascent):
+                counter.take(2)
+                x = _ascend(smooth_at(BETAS[rnd % len(BETAS)] / scale), x, v, gen)
+                v = power(x, v, inner, index, scale)
+                if here[0] > top * (1 + 1e-3):
+                    top, idle = here[0], 0
+                else:
+                    idle += 1
+                    if idle >= PATIENCE:
+                        break  # this start has stopped climbing: try the next
     except _Spent:
         note = ""
     except Exception as e:  # the measurement is optional; a graph it cannot run only stops it
@@ -203,10 +234,10 @@ def _jvp_vjp(fx: Callable[..., torch.Tensor], x: list[torch.Tensor], v: list[tor
 
 def _ascend(fx: Callable[..., torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor],
             gen: torch.Generator) -> list[torch.Tensor]:
-    """One step on x along the gradient of ||J(x) v||^2, of length a tenth of ||x|| (a random
-    nudge where the gradient vanishes: piecewise-linear networks have a zero one)."""
+    """One step on x along the gradient of ||J(x) v||^2, of length STEP ||x|| (a random
+    nudge where the gradient vanishes)."""
     xs = [t.detach().requires_grad_(True) for t in x]
-    size = max(_norm(x), 1e-3) * 0.1
+    size = max(_norm(x), 1e-3) * STEP
     grads: list[torch.Tensor] | None = None
     with torch.enable_grad():
         try:

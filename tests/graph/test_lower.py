@@ -69,3 +69,19 @@ def test_huge_declared_input_is_refused_before_allocating(tmp_path: Path) -> Non
     with pytest.raises(ResourceLimitError):
         measure(loaded.graph, loaded.evaluator(), None, 10, seed=0, limits=Limits(total_bytes=256))
     check_memory(loaded.graph, Limits())
+
+
+def test_the_ascent_climbs_on_a_piecewise_linear_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the kinks rounded off the ascent has a direction; with them sharp (beta huge) it only
+    wanders. Both values are attained by the exact network."""
+    import lipaudit.graph.lower as lower
+
+    loaded = load_archive(str(Path(__file__).resolve().parents[2] / "fixtures" / "mlp_act.pt2"))
+    samples, _ = loaded.archive.sample_inputs()
+    got = {}
+    for betas in ((1e12,), lower.BETAS):
+        monkeypatch.setattr(lower, "BETAS", betas)
+        got[betas] = measure(loaded.graph, loaded.evaluator(), samples, 200, 0).lower
+    sharp, smooth = got[(1e12,)], got[lower.BETAS]
+    assert sharp is not None and smooth is not None
+    assert smooth >= 1.2 * sharp

@@ -224,6 +224,10 @@ def common_options(f: Any) -> Any:
                      help="Work limit of one convolution's search, in frequency points; past it a looser, "
                           "still certified bound stands (LIP015), the same on every machine "
                           "[default: 1000000]."),
+        click.option("--block-work", type=click.FloatRange(min=0), default=None,
+                     help="Work of a graph's block bounds, as a multiple of its layers' own work (from shapes, "
+                          "the same on every machine); blocks are bounded cheapest first within it, the others "
+                          "by the product [default: 0.1]."),
         click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
                      help="Layers (or files) measured at once [default: the number of CPUs, at most 8]."),
         click.option("--max-tensors", type=click.IntRange(min=1), default=None,
@@ -258,7 +262,8 @@ def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
         key=p["key"], bn_eps=p["bn_eps"], input_sizes=tuple(p.get("input_sizes", ())), groups=tuple(p["groups"]),
         limits=_limits(p["max_tensors"], p["max_tensor_bytes"], p["max_total_bytes"], p["allow_unknown_classes"]),
         jobs=p["jobs"] if p["jobs"] is not None else default_jobs(), layer_time_s=p["layer_time_budget"],
-        conv_points=p["conv_points"] or CONV_POINTS, **gates,
+        conv_points=p["conv_points"] or CONV_POINTS,
+        block_work=p["block_work"] if p.get("block_work") is not None else 0.1, **gates,
     )
 
 

@@ -44,6 +44,9 @@ class Settings:
     # Work limit of one convolution's search, in frequency points: fixed before the run, so the
     # intervals are the same under any load, --jobs and layer order.
     conv_points: int = CONV_POINTS
+    # Work of the block bounds of a graph (lipaudit/graph/tighten.py), as a multiple of the work of
+    # its layers' own operators, counted from shapes: blocks are bounded cheapest first within it.
+    block_work: float = 0.1
     # Wall-clock safety net of one layer (seconds), for hostile inputs only: when it fires the layer's
     # bound is reported as not certified (LIP015) and gates fail on it.
     layer_time_s: float = 120.0
@@ -85,6 +88,7 @@ class Settings:
             "jobs": self.jobs,
             "allow_uncertified": self.allow_uncertified,
             "conv_points": self.conv_points,
+            "block_work": self.block_work,
             "layer_time_s": self.layer_time_s,
             "ignore": list(self.ignore),
             "fail_on": str(self.fail_on),

@@ -41,12 +41,14 @@ class GraphSettings:
     seed: int = 0
     measure: bool = True  # run the interpreter for a measured lower end
     measure_work: int = 200  # function evaluations for the measured lower end (lipaudit/graph/lower.py)
+    block_work: float = 0.1  # block bounds' work over the layers' own (lipaudit/graph/tighten.py)
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> GraphSettings:
         """From the CLI's Settings (any object with rtol, conv_rtol, seed, limits)."""
-        values = {k: getattr(settings, k) for k in ("rtol", "conv_rtol", "seed", "limits") if hasattr(settings, k)}
+        values = {k: getattr(settings, k) for k in ("rtol", "conv_rtol", "seed", "limits", "block_work")
+                  if hasattr(settings, k)}
         values.update(overrides)
         return cls(**values)
 
@@ -248,7 +250,7 @@ def bound_loaded(loaded: Loaded, settings: GraphSettings, factors: dict[str, flo
     if unverified is None:
         unverified = verify_shapes(loaded)
     res = bound_graph(loaded.graph, loaded.evaluator(), settings.rtol, settings.conv_rtol, settings.seed,
-                      factors, norms, norm)
+                      factors, norms, norm, block_work=settings.block_work)
     covered = {n for n, _ in res.uncovered}
     for name in unverified:
         if name not in covered:

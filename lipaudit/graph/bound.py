@@ -432,16 +432,29 @@ class Bounder:
             self.parent[o] = None
 
 
+def _layer_work(graph: Graph) -> float:
+    """The unit of the block budget: the work of the graph's weights as layers (pool.shape_cost), and
+    at least that of five 512x512x3x3 convolutions, so that a network of cheap (depthwise) layers
+    still affords the composites of its blocks."""
+    from lipaudit.pool import shape_cost
+
+    shapes = [graph.shapes.get(t) for t in graph.params]
+    own = math.fsum(shape_cost(s) for s in shapes if s is not None and len(s) >= 2)
+    return max(own, 5 * shape_cost((512, 512, 3, 3)))
+
+
 def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, seed: int,
                 factors: dict[str, float] | None = None,
                 norms: dict[tuple[Any, ...], Interval] | None = None,
-                norm: Callable[[LinearOp], Interval] | None = None, blocks: bool = True) -> Result:
+                norm: Callable[[LinearOp], Interval] | None = None, blocks: bool = True,
+                block_work: float = 0.1) -> Result:
     """The bound; factors rescale named weights (as normalize plans to), norms caches operator norms.
 
     `norm` measures one linear operator (a layer's weight, a BatchNorm-folded or merged kernel); by
     default it is computed here. The set of operators the walk asks for does not depend on the values
     returned, so a first walk with a recording `norm` lists every operator to measure up front.
-    `blocks` bounds blocks as a whole where that is tighter (lipaudit/graph/tighten.py)."""
+    `blocks` bounds blocks as a whole where that is tighter (lipaudit/graph/tighten.py), cheapest first
+    while their work stays within `block_work` times the layers' own (from shapes alone)."""
     t0 = time.perf_counter()
     b = Bounder(graph, consts, rtol, conv_rtol, seed, norm)
     if factors:
@@ -453,8 +466,13 @@ def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, 
     # used, but still asked for, so a planned walk sees the same operators with and without factors
     b.apply_blocks = not factors
     if blocks:
-        for blk in tighten.blocks(graph, consts.value):
+        found = tighten.blocks(graph, consts.value)
+        kept, left = tighten.within(found, block_work * _layer_work(graph))
+        for blk in kept:
             b.hooks.setdefault(blk.exit, []).append(blk)
+        b.blocks.extend({"entry": blk.entry, "exit": blk.exit, "nodes": list(blk.nodes), "residual": blk.residual,
+                         "rule": "product", "used": False, "skipped": "over the block work budget (--block-work)"}
+                        for blk in left)
     b.run()
     outs = [o for o in graph.outputs if graph.dtypes.get(o, 7) in (6, 7, 8, 13)]
     for o in graph.outputs:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -116,7 +116,7 @@ def plus_identity(w: Lin, scale: float) -> Lin:
     if w.d == 0:
         if k.shape[0] != k.shape[1]:
             raise ValueError("a residual sum of different sizes")
-        return Lin(k + torch.eye(k.shape[0], dtype=k.dtype), (), (), w.params, w.spreads)
+        return Lin(k + torch.eye(k.shape[0], dtype=k.dtype, device=k.device), (), (), w.params, w.spreads)
     if k.shape[0] != k.shape[1] or any(s != 1 for s in w.stride):
         raise ValueError("a residual sum of different sizes")
     # the identity is the tap u = pad; widen the kernel so that tap exists
@@ -126,7 +126,7 @@ def plus_identity(w: Lin, scale: float) -> Lin:
     out = k.new_zeros(k.shape[0], k.shape[1], *taps)
     out[(slice(None), slice(None), *[slice(-lo[i], -lo[i] + k.shape[2 + i]) for i in range(w.d)])] = k
     centre = tuple(w.pad[i] - lo[i] for i in range(w.d))
-    eye = torch.eye(k.shape[0], dtype=k.dtype)
+    eye = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
     at: tuple[slice | int, ...] = (slice(None), slice(None), *centre)
     view = out[at]
     view += eye
@@ -531,6 +531,41 @@ def find_blocks(graph: Graph, reader: Reader) -> list[Block]:
 def blocks(graph: Graph, value: Callable[[str], torch.Tensor | None]) -> list[Block]:
     """The graph's blocks, read without measuring anything."""
     return find_blocks(graph, Reader(graph, value))
+
+
+def cost(blk: Block) -> float:
+    """The work of the operators a block asks for (pool.shape_cost units), from shapes alone: the
+    composites are formed, nothing is measured."""
+    from lipaudit.pool import shape_cost
+
+    shapes: list[tuple[int, ...]] = []
+
+    def record(w: Lin) -> Interval:
+        shapes.append(tuple(w.kernel.shape))
+        return Interval(1.0, 1.0, "budget", "none", True)
+
+    # on the meta device the composites get their shapes without being computed
+    items = [replace(it, kernel=it.kernel.to("meta")) if isinstance(it, Lin) else it for it in blk.items]
+    try:
+        evaluate(replace(blk, items=items), record)
+    except (RuntimeError, NotImplementedError, TypeError):  # a step with no meta kernel: not affordable
+        return math.inf
+    return math.fsum(shape_cost(s) for s in shapes)
+
+
+def within(found: list[Block], budget: float) -> tuple[list[Block], list[Block]]:
+    """(kept, left out): the cheapest blocks first while their total cost stays within budget, so a
+    network of narrow blocks keeps them all and a wide one keeps what is affordable; decided by
+    shapes alone, the same on any machine."""
+    costs = [cost(b) for b in found]
+    kept: set[int] = set()
+    spent = 0.0
+    for i in sorted(range(len(found)), key=lambda i: (costs[i], i)):
+        if spent + costs[i] > budget:
+            break
+        spent += costs[i]
+        kept.add(i)
+    return [b for i, b in enumerate(found) if i in kept], [b for i, b in enumerate(found) if i not in kept]
 
 
 def evaluate(blk: Block, norm: Callable[[Lin], Interval]) -> tuple[BlockBound | None, bool]:

@@ -250,6 +250,25 @@ def test_graph_reports_show_the_dominant_path() -> None:
     assert "Dominant path" not in html_format.render_html(doc, {})
 
 
+@needs_matplotlib
+def test_graph_reports_show_each_block_with_its_rule() -> None:
+    from tests.conftest import run
+
+    doc = json.loads(run("inspect", ROOT / "fixtures" / "resnet_small.pt2", "--format", "json", "-q",
+                         "--no-measure").stdout)
+    blocks = doc["network"]["details"]["blocks"]
+    assert blocks
+    page = html_format.render_html(doc, {})
+    assert "<h2>Blocks</h2>" in page
+    for b in blocks:
+        assert f"<code>{b['entry']}</code> &rarr; <code>{b['exit']}</code>" in page
+        assert b["rule"] in page
+    doc["network"]["details"]["blocks"] = [{**blocks[0], "skipped": "over the block work budget"}]
+    assert "skipped: over the block work budget" in html_format.render_html(doc, {})
+    md = run("inspect", ROOT / "fixtures" / "resnet_small.pt2", "--format", "markdown", "-q", "--no-measure").stdout
+    assert f"{len(blocks)} blocks bounded as a whole" in md or "1 block bounded as a whole" in md
+
+
 def _scripts(page: str) -> list[dict[str, str | None]]:
     return [a for t, a in _parse(page).tags if t == "script"]
 

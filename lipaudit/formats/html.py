@@ -428,6 +428,38 @@ def _dominant_path(net: Mapping[str, Any]) -> str:
             f"bound{': ' + _esc(summary) if summary else ''}.</p><ol class=path>{''.join(items)}</ol>")
 
 
+def _blocks(net: Mapping[str, Any]) -> str:
+    """Blocks bounded as a whole: where the looseness sits, and which rule tightened what."""
+    details = net.get("details")
+    blocks = details.get("blocks") if isinstance(details, Mapping) else None
+    if not isinstance(blocks, list) or not blocks:
+        return ""
+    rows = []
+    for b in blocks:
+        if not isinstance(b, Mapping):
+            continue
+        product, upper = _num(b.get("product")), _num(b.get("upper"))
+        gain = product / upper if product is not None and upper and upper > 0 else None
+        state = "skipped: " + str(b.get("skipped")) if b.get("skipped") else ("used" if b.get("used") else
+                                                                              "not lower than the walk")
+        nodes = b.get("nodes")
+        nodes = nodes if isinstance(nodes, list) else []
+        rule = str(b.get("rule") or "") + (" (channels rescaled)" if b.get("rescaled") else "")
+        rows.append(
+            f"<tr><td><code>{_esc(b.get('entry'))}</code> &rarr; <code>{_esc(b.get('exit'))}</code></td>"
+            f"<td class=n data-v=\"{len(nodes)}\">{len(nodes)}</td><td>{'yes' if b.get('residual') else 'no'}</td>"
+            f"<td>{_esc(rule)}</td><td class=n data-v=\"{_v(product)}\">{_fmt(product, 4)}</td>"
+            f"<td class=n data-v=\"{_v(upper)}\">{_fmt(upper, 4)}</td>"
+            f"<td class=n data-v=\"{_v(gain)}\">{_fmt(gain, 3) if gain is not None else ''}</td>"
+            f"<td>{_esc(state)}</td></tr>")
+    return ("<h2>Blocks</h2><p>Parts of the graph bounded as a whole (composite maps, the loop transformation "
+            "of slope-restricted activations): each block's product of norms, its bound, and how much tighter "
+            "that is. The network bound takes the smaller along every path.</p>"
+            '<table class="sortable blocks"><thead><tr><th>block</th><th>nodes</th><th>residual</th><th>rule</th>'
+            "<th>product</th><th>bound</th><th>product / bound</th><th>state</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
 def _findings(findings: Sequence[Any]) -> str:
     if not findings:
         return "<p>No findings.</p>"
@@ -489,6 +521,7 @@ def _section(report: Mapping[str, Any], heatmaps: Mapping[str, Grid], Figure: An
             "</figure>",
         ]
     parts.append(_dominant_path(net))
+    parts.append(_blocks(net))
     parts += ["<h2>Findings</h2>", _findings(report.get("findings") or [])]
     if skipped:
         items = "".join(f"<li>{_esc(s.get('tensor'))}: {_esc(s.get('reason'))}</li>" for s in skipped)

@@ -63,6 +63,7 @@ def render(report: Report, options: RenderOptions) -> str:
             f"{fmt_num(x.sigma.upper)} | {cert} | {fmt_num(x.reshape_sigma)} | {ratio_text(x)} | "
             f"{'yes' if x.in_network_bound else 'no'} |"
         )
+    out += _blocks(net.details)
     out += _findings(report.findings)
     if report.skipped:
         out += ["", f"<details><summary>Skipped {plural(len(report.skipped), 'tensor')}</summary>", ""]
@@ -72,6 +73,27 @@ def render(report: Report, options: RenderOptions) -> str:
     if options.assumptions and net.assumptions:
         text += render_assumptions(list(net.assumptions), options)
     return text
+
+
+def _blocks(details: object) -> list[str]:
+    """Blocks bounded as a whole, folded: which rule tightened which block, and by how much."""
+    blocks = details.get("blocks") if isinstance(details, dict) else None
+    if not isinstance(blocks, list) or not blocks:
+        return []
+    used = sum(1 for b in blocks if isinstance(b, dict) and b.get("used"))
+    out = ["", f"<details><summary>{plural(len(blocks), 'block')} bounded as a whole, {used} lowering the bound"
+               "</summary>", "", "| block | rule | product | bound | state |", "|---|---|---:|---:|---|"]
+    for b in blocks:
+        if not isinstance(b, dict):
+            continue
+        state = f"skipped: {b['skipped']}" if b.get("skipped") else ("used" if b.get("used") else "not lower")
+        out.append(f"| {md(str(b.get('entry')), 80)} to {md(str(b.get('exit')), 80)} | {md(str(b.get('rule')))} | "
+                   f"{_number(b.get('product'))} | {_number(b.get('upper'))} | {md(state)} |")
+    return [*out, "", "</details>"]
+
+
+def _number(x: object) -> str:
+    return fmt_num(float(x)) if isinstance(x, int | float) and not isinstance(x, bool) else "-"
 
 
 def _findings(findings: tuple[Finding, ...]) -> list[str]:

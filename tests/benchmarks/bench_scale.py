@@ -101,7 +101,8 @@ def wide(args: argparse.Namespace) -> None:
             t = time.perf_counter()
             report = audit(open_checkpoint(str(path)), Settings(method=method, jobs=1))
             times[method] = time.perf_counter() - t
-            assert report.network.certified
+            # a state dict's product is an estimate (the wiring is unknown); each layer is a proof
+            assert all(x.sigma.certified for x in report.layers)
     print(f"{len(sd)} matrices 4096x4096 float32")
     print(f"bare float64 LAPACK loop (svdvals): {bare:.1f} s")
     for method, t in times.items():

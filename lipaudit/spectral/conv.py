@@ -61,7 +61,7 @@ _EXACT_WORK = 2**21
 # Boxes of a coarse level factored first; when none closes, the level's other boxes are not factored.
 _SAMPLE = 16
 # Aim below the requested rtol so rounding slack cannot push the result past it.
-_TARGET = 0.98
+_TARGET = 0.9
 # Error constant of a float64 FFT per level (Higham, Thm 24.2: mu + gamma_4 (sqrt 2 + mu), generous).
 _FFT_ETA = 16 * _EPS
 # The autocorrelation table is built shift by shift; beyond this many shifts the direct form is used.

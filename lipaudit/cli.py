@@ -363,7 +363,8 @@ def _inspect(ctx: click.Context, paths: tuple[str, ...], fmt: str, output: Path 
             click.echo(f"lipaudit: {note}", err=True)
         for _, extra in write:
             preflight.refuse_output_over_inputs(read, extra)
-        outputs: Outputs = [(fmt, output, _options(output, verbose=verbose, brief=quiet and fmt == "table"))]
+        outputs: Outputs = [(fmt, output, _options(output, verbose=verbose,
+                                                       brief=quiet and FORMATS[fmt].quiet_is_summary))]
         outputs += [(f, extra, RenderOptions(verbose=verbose)) for f, extra in write]
         heatmaps = max(FORMATS[f].heatmaps for f, _, _ in outputs)
         jobs = []

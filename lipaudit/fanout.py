@@ -251,24 +251,11 @@ def combined(paths: list[str], outcomes: list[Outcome], fmt: str, options: Any) 
     assumptions: list[str] = []
     for path, o in zip(paths, outcomes, strict=True):
         if o.report is None:
-            parts.append(error_text(fmt, str((o.error or {}).get("message", "")), path))
+            parts.append(f.error_text(str((o.error or {}).get("message", "")), path))
             continue
         parts.append(render(o.report, fmt, each))
         assumptions += [a for a in o.report.network.assumptions if a not in assumptions]
     return "".join(parts) + ("" if options.brief else f.render_assumptions(assumptions, options))
-
-
-def error_text(fmt: str, message: str, path: str) -> str:
-    """A file that could not be audited, in a text format."""
-    if fmt == "github":
-        from lipaudit.formats.github import escape_data
-
-        return f"::error title=lipaudit::{escape_data(message)}\n"
-    if fmt == "markdown":
-        from lipaudit.formats.markdown import md
-
-        return f"### lipaudit: {md(path)}\n\n**error**: {md(message)}\n\n"
-    return f"lipaudit: {visible(path)}: error: {message}\n"
 
 
 def with_shard(text: str, shard: Shard, files: list[str]) -> str:

@@ -16,17 +16,19 @@ from lipaudit.text import defang, visible
 
 def fail(err: LipauditError, fmt: str) -> NoReturn:
     """One line on stderr; with --format json (or sarif) still one JSON object on stdout."""
+    from lipaudit.formats import FORMATS
+
     message = visible(err.message, 1000)
-    if fmt in ("json", "sarif"):
+    f = FORMATS.get(fmt)
+    if f is not None and f.error_document:
         from lipaudit.formats.json_format import dumps
         from lipaudit.report import error_document
 
         sys.stdout.write(dumps(error_document(__version__, err.code, err.exit_code, message, err.path)))
         sys.stdout.flush()
-    elif fmt == "github":
-        from lipaudit.formats.github import escape_data
-
-        click.echo(f"::error title=lipaudit::{escape_data(message)}")
+    elif f is not None and f.error_on_stdout:
+        sys.stdout.write(f.error_text(message, err.path or ""))
+        sys.stdout.flush()
     click.echo(f"lipaudit: error: {message}", err=True)
     sys.exit(err.exit_code)
 

@@ -56,6 +56,12 @@ class Format:
     one_document: bool = False
     # The renderer also takes the frequency responses the audit computed (html).
     heatmaps: int = 0
+    # A failed command still writes one error document on stdout (json, sarif).
+    error_document: bool = False
+    # A failed command's message also goes to stdout, where the reader looks for it (github).
+    error_on_stdout: bool = False
+    # -q drops the tables and prints the summary lines as the report (what a pre-commit hook shows).
+    quiet_is_summary: bool = False
 
     def renderer(self, command: str) -> Renderer:
         mod = import_module(self.module)
@@ -68,6 +74,14 @@ class Format:
         if self.reads_document:
             return lambda report, options: fn(report.to_dict())  # type: ignore[call-arg]
         return fn
+
+    def error_text(self, message: str, path: str) -> str:
+        """A file that could not be audited, in this format's own words (module.render_error), or
+        one plain line."""
+        from lipaudit.text import visible
+
+        fn = getattr(import_module(self.module), "render_error", None)
+        return str(fn(message, path)) if fn is not None else f"lipaudit: {visible(path)}: error: {message}\n"
 
     def render_assumptions(self, items: list[str], options: RenderOptions) -> str:
         """The assumptions of a whole run, once; "" for formats that carry them in each report."""
@@ -96,11 +110,12 @@ class Format:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("table", "lipaudit.formats.table"),
-        Format("json", "lipaudit.formats.json_format", one_document=True),
+        Format("table", "lipaudit.formats.table", quiet_is_summary=True),
+        Format("json", "lipaudit.formats.json_format", one_document=True, error_document=True),
         Format("markdown", "lipaudit.formats.markdown"),
-        Format("github", "lipaudit.formats.github"),
-        Format("sarif", "lipaudit.formats.sarif", normalize=False, reads_document=True, one_document=True),
+        Format("github", "lipaudit.formats.github", error_on_stdout=True),
+        Format("sarif", "lipaudit.formats.sarif", normalize=False, reads_document=True, one_document=True,
+               error_document=True),
         Format("html", "lipaudit.formats.html", normalize=False, reads_document=True, one_document=True,
                heatmaps=4),
     )

@@ -20,6 +20,11 @@ def escape_data(text: str) -> str:
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
+def render_error(message: str, path: str) -> str:
+    """A file that could not be audited: an error annotation (runners read it from stdout)."""
+    return f"::error title=lipaudit::{escape_data(message)}\n"
+
+
 def escape_property(text: str) -> str:
     return escape_data(text).replace(":", "%3A").replace(",", "%2C")
 

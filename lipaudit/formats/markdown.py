@@ -34,6 +34,11 @@ def md(text: str, limit: int = 300) -> str:
     return _SPECIAL.sub(r"\\\1", visible(text, limit)).replace("@", "&#64;").replace("#", "&#35;")
 
 
+def render_error(message: str, path: str) -> str:
+    """A file that could not be audited, as its own section."""
+    return f"### lipaudit: {md(path)}\n\n**error**: {md(message)}\n\n"
+
+
 def render_assumptions(items: list[str], options: RenderOptions) -> str:
     """Once per run, folded: they matter to a reader who asks, not on every report."""
     out = ["", f"<details><summary>Assumptions behind the network bound ({len(items)})</summary>", ""]

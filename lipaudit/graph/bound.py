@@ -470,9 +470,7 @@ def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, 
         kept, left = tighten.within(found, block_work * _layer_work(graph))
         for blk in kept:
             b.hooks.setdefault(blk.exit, []).append(blk)
-        b.blocks.extend({"entry": blk.entry, "exit": blk.exit, "nodes": list(blk.nodes), "residual": blk.residual,
-                         "rule": "product", "used": False, "skipped": "over the block work budget (--block-work)"}
-                        for blk in left)
+        b.blocks.extend(tighten.skipped(blk, "over the block work budget (--block-work)") for blk in left)
     b.run()
     outs = [o for o in graph.outputs if graph.dtypes.get(o, 7) in (6, 7, 8, 13)]
     for o in graph.outputs:

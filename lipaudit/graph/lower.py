@@ -174,10 +174,10 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
     def smooth_at(beta: float) -> Callable[..., torch.Tensor]:
         return lambda *xs: f(list(xs), smooth=beta)
 
-    here = [0.0]  # the largest value of the current start
+    here = 0.0  # the largest value of the current start
 
     def power(x: list[torch.Tensor], v: list[torch.Tensor], count: int, index: int, scale: float) -> list[torch.Tensor]:
-        nonlocal best, best_start, best_scale, done_steps
+        nonlocal best, best_start, best_scale, done_steps, here
         for _ in range(count):
             nv = _norm(v)
             if nv == 0 or not math.isfinite(nv):
@@ -188,7 +188,7 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
             value = float(torch.linalg.vector_norm(jv))
             done_steps += 1
             if math.isfinite(value):
-                here[0] = max(here[0], value)
+                here = max(here, value)
                 if best is None or value > best:
                     best, best_start, best_scale = value, index, scale
             v = list(back(jv))
@@ -198,15 +198,15 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
         for index, (x, scale) in enumerate(points):
             done_starts += 1
             v = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in x]
-            here[0] = 0.0
+            here = 0.0
             v = power(x, v, steps, index, scale)
-            top, idle = here[0], 0
+            top, idle = here, 0
             for rnd in range(ascent):
                 counter.take(2)
                 x = _ascend(smooth_at(BETAS[rnd % len(BETAS)] / scale), x, v, gen)
                 v = power(x, v, inner, index, scale)
-                if here[0] > top * (1 + 1e-3):
-                    top, idle = here[0], 0
+                if here > top * (1 + 1e-3):
+                    top, idle = here, 0
                 else:
                     idle += 1
                     if idle >= PATIENCE:
@@ -234,8 +234,8 @@ def _jvp_vjp(fx: Callable[..., torch.Tensor], x: list[torch.Tensor], v: list[tor
 
 def _ascend(fx: Callable[..., torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor],
             gen: torch.Generator) -> list[torch.Tensor]:
-    """One step on x along the gradient of ||J(x) v||^2, of length STEP ||x|| (a random
-    nudge where the gradient vanishes)."""
+    """One step on x along the gradient of ||J(x) v||^2, J the Jacobian of fx (the rounded network),
+    of length STEP ||x|| (a random nudge where the gradient vanishes)."""
     xs = [t.detach().requires_grad_(True) for t in x]
     size = max(_norm(x), 1e-3) * STEP
     grads: list[torch.Tensor] | None = None

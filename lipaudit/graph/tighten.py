@@ -568,6 +568,12 @@ def within(found: list[Block], budget: float) -> tuple[list[Block], list[Block]]
     return [b for i, b in enumerate(found) if i in kept], [b for i, b in enumerate(found) if i not in kept]
 
 
+def skipped(blk: Block, why: str) -> dict[str, Any]:
+    """A block left at the product, as details.blocks lists it."""
+    return {"entry": blk.entry, "exit": blk.exit, "nodes": list(blk.nodes), "residual": blk.residual,
+            "rule": "product", "used": False, "skipped": why}
+
+
 def evaluate(blk: Block, norm: Callable[[Lin], Interval]) -> tuple[BlockBound | None, bool]:
     """The block's bounds (None when its maps do not fit together); the flag is False when a norm
     it used was not certified. The operators asked for depend only on the block, never on the

@@ -201,38 +201,32 @@ class GramSymbol:
         work += 8 + int(2 * math.pi * sum(2 * s for s in self.ks))
         self.p_error = 8 * work * _EPS * tap_sum * tap_sum + 2.0**-1000
         self.batch = max(1, budget.chunk() // (16 * max(g * n * n, g * m * n, span)))
-        # Batches reuse these (a fresh 64 MiB block is mapped and zeroed by the OS on every batch).
-        self._out: torch.Tensor | None = None
-        self._factor: torch.Tensor | None = None
-        self._tmp: torch.Tensor | None = None
+        # Batches reuse these blocks: a fresh one would be mapped and zeroed by the OS every batch.
+        self._blocks: dict[str, torch.Tensor] = {}
+
+    def _reused(self, name: str, points: int, dtype: torch.dtype) -> torch.Tensor:
+        """Flat storage for `points` points' matrices: the shared block `name`, or a fresh one when
+        more points than a batch are asked for."""
+        per_point = self.g * self.n * self.n
+        if points > self.batch:
+            return torch.empty(points * per_point, dtype=dtype, device=self.device)
+        block = self._blocks.get(name)
+        if block is None:
+            block = self._blocks[name] = torch.empty(self.batch * per_point, dtype=dtype, device=self.device)
+        return block[: points * per_point]
 
     def _buffer(self, points: int) -> torch.Tensor:
-        """Storage for `points` points' matrices: the shared block, or a fresh one when larger."""
-        size = points * self.g * self.n * self.n
-        if points > self.batch:
-            return torch.empty(size, dtype=torch.complex128, device=self.device)
-        if self._out is None:
-            self._out = torch.empty(self.batch * self.g * self.n * self.n, dtype=torch.complex128,
-                                    device=self.device)
-        return self._out[:size]
+        """Storage for `points` points' matrices -P(w)."""
+        return self._reused("out", points, torch.complex128)
 
     def _real(self, points: int) -> torch.Tensor:
-        """A real (points, g n n) scratch block for one GEMM's result, reused across batches."""
-        size = points * self.g * self.n * self.n
-        if points > self.batch:
-            return torch.empty(points, self.g * self.n * self.n, dtype=torch.float64, device=self.device)
-        if self._tmp is None:
-            self._tmp = torch.empty(self.batch * self.g * self.n * self.n, dtype=torch.float64, device=self.device)
-        return self._tmp[:size].view(points, -1)
+        """A real (points, g n n) scratch block for one GEMM's result."""
+        return self._reused("real", points, torch.float64).view(points, -1)
 
     def factor_space(self, like: torch.Tensor) -> torch.Tensor:
-        """Where below() writes its Cholesky factors: reused across batches of the same size or less."""
-        if like.shape[0] > self.batch * self.g:
-            return torch.empty_like(like)
-        if self._factor is None:
-            self._factor = torch.empty(self.batch * self.g * self.n * self.n, dtype=torch.complex128,
-                                       device=self.device)
-        return self._factor[: like.numel()].view(like.shape)
+        """Where below() writes its Cholesky factors."""
+        points = -(-like.shape[0] // self.g)
+        return self._reused("factor", points, like.dtype)[: like.numel()].view(like.shape)
 
     def _autocorrelation(
         self, kg: torch.Tensor

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 # Keys named one by one in a mismatch error; the rest are counted.
 _NAMED = 8
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass(frozen=True)
@@ -93,21 +92,13 @@ def build(target: str, debug: bool = False) -> torch.nn.Module:
     return model
 
 
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
-
-
 def load_strictly(model: torch.nn.Module, ckpt: Checkpoint, target: str, debug: bool = False) -> None:
     """The checkpoint's selected tensors into the module; any missing or unexpected key is an error."""
+    from lipaudit.kinds import strip_prefixes
+
     state = {}
     for info in ckpt.infos:
-        state[_strip(info.key)] = ckpt.load(info.key)
+        state[strip_prefixes(info.key)] = ckpt.load(info.key)
     want = model.state_dict()
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]

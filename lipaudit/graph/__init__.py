@@ -279,17 +279,11 @@ def inspect_archive(path: str, settings: GraphSettings | None = None) -> GraphBo
 
 # -- a state dict on an exported architecture ----------------------------------------------------
 
-_PREFIXES = ("module.", "_orig_mod.")
-
-
 def strip_prefix(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
-    return key
+    """`module.` and `_orig_mod.` prefixes off a state-dict key (kinds.strip_prefixes)."""
+    from lipaudit.kinds import strip_prefixes
+
+    return strip_prefixes(key)
 
 
 def match_state_dict(graph: Graph, archive: Pt2Archive, keys: list[str], shown: str) -> dict[str, str]:

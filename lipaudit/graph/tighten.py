@@ -55,6 +55,8 @@ class Lin:
     pad: tuple[int, ...]
     params: tuple[str, ...]
     spreads: bool
+    unit: bool = False  # the identity, put beside an activation at either end of a block
+    key: str = ""  # how the map was built from the graph's nodes; equal keys are equal maps
 
     @property
     def d(self) -> int:
@@ -90,7 +92,8 @@ class Act:
 def compose(b: Lin, a: Lin) -> Lin:
     """b after a, as one map: strides multiply, taps of b are dilated by a's stride."""
     if a.d == 0:
-        return Lin(b.kernel @ a.kernel, (), (), a.params + b.params, a.spreads or b.spreads)
+        return Lin(b.kernel @ a.kernel, (), (), a.params + b.params, a.spreads or b.spreads,
+                   key=_key("", b, a))
     d = a.d
     sa = a.stride
     kb = b.kernel
@@ -107,7 +110,7 @@ def compose(b: Lin, a: Lin) -> Lin:
     kernel = full.transpose(0, 1).contiguous()
     stride = tuple(sa[i] * b.stride[i] for i in range(d))
     pad = tuple(sa[i] * b.pad[i] + a.pad[i] for i in range(d))
-    return Lin(kernel, stride, pad, a.params + b.params, a.spreads or b.spreads)
+    return Lin(kernel, stride, pad, a.params + b.params, a.spreads or b.spreads, key=_key("", b, a))
 
 
 def plus_identity(w: Lin, scale: float) -> Lin:
@@ -116,7 +119,8 @@ def plus_identity(w: Lin, scale: float) -> Lin:
     if w.d == 0:
         if k.shape[0] != k.shape[1]:
             raise ValueError("a residual sum of different sizes")
-        return Lin(k + torch.eye(k.shape[0], dtype=k.dtype, device=k.device), (), (), w.params, w.spreads)
+        return Lin(k + torch.eye(k.shape[0], dtype=k.dtype, device=k.device), (), (), w.params, w.spreads,
+                   key=_key(f"I+{scale!r}", w))
     if k.shape[0] != k.shape[1] or any(s != 1 for s in w.stride):
         raise ValueError("a residual sum of different sizes")
     # the identity is the tap u = pad; widen the kernel so that tap exists
@@ -130,11 +134,19 @@ def plus_identity(w: Lin, scale: float) -> Lin:
     at: tuple[slice | int, ...] = (slice(None), slice(None), *centre)
     view = out[at]
     view += eye
-    return Lin(out, w.stride, tuple(p - q for p, q in zip(w.pad, lo, strict=True)), w.params, w.spreads)
+    return Lin(out, w.stride, tuple(p - q for p, q in zip(w.pad, lo, strict=True)), w.params, w.spreads,
+               key=_key(f"I+{scale!r}", w))
 
 
 def scaled_lin(w: Lin, s: float) -> Lin:
-    return Lin(w.kernel * s, w.stride, w.pad, w.params, w.spreads)
+    return Lin(w.kernel * s, w.stride, w.pad, w.params, w.spreads, key=_key(f"{s!r}*", w))
+
+
+def _key(op: str, *parts: Lin) -> str:
+    """A built map's key from its parts' ("" when a part has none: such maps are not memoised)."""
+    if any(not p.key for p in parts):
+        return ""
+    return op + "".join(f"({p.key})" for p in parts)
 
 
 @dataclass
@@ -166,7 +178,7 @@ def chain_bound(items: list[Lin | Act], residual: bool, norm: Norm) -> tuple[flo
     if len(ws) != len(acts) + 1:
         raise ValueError("a block must alternate maps and activations")
     n = len(ws)
-    own = [norm(w) for w in ws]
+    own = [1.0 if w.unit else norm(w) for w in ws]
     product = math.prod(own) * math.prod(a.gain for a in acts) + (1.0 if residual else 0.0)
     # comp[(k, j)] = W_k m_{k-1} W_{k-1} ... m_{j+1} W_{j+1}, maps numbered from 1
     comp: dict[tuple[int, int], Lin] = {}
@@ -177,6 +189,20 @@ def chain_bound(items: list[Lin | Act], residual: bool, norm: Norm) -> tuple[flo
             if step.kernel.numel() > MAX_KERNEL:
                 break
             comp[(k, j)] = step
+    known: dict[tuple[int, int], float] = {}
+
+    def comp_norm(k: int, j: int) -> float:
+        # an identity at either end scales a composite already measured: no second measurement
+        if (k, j) not in known:
+            if j == k - 1:
+                known[(k, j)] = own[k - 1]
+            elif ws[k - 1].unit:
+                known[(k, j)] = abs(acts[k - 2].m) * comp_norm(k - 1, j)
+            elif j == 0 and ws[0].unit and (k, 1) in comp:
+                known[(k, j)] = abs(acts[0].m) * comp_norm(k, 1)
+            else:
+                known[(k, j)] = norm(comp[(k, j)])
+        return known[(k, j)]
     lips = [1.0] + [0.0] * n  # lips[k]: bound on the output of map k; lips[0] is the input's
     loop = False
     for k in range(1, n + 1):
@@ -184,12 +210,11 @@ def chain_bound(items: list[Lin | Act], residual: bool, norm: Norm) -> tuple[flo
         prod_k = own[k - 1] * (acts[k - 2].gain * lips[k - 1] if k >= 2 else 1.0) + (1.0 if last else 0.0)
         best = prod_k
         if (k, 0) in comp and (k >= 2 or last):
-            head = plus_identity(comp[(k, 0)], 1.0) if last else comp[(k, 0)]
-            total = norm(head)
+            total = norm(plus_identity(comp[(k, 0)], 1.0)) if last else comp_norm(k, 0)
             for j in range(1, k):
                 r = acts[j - 1].r
                 if r != 0:
-                    total += r * (own[k - 1] if j == k - 1 else norm(comp[(k, j)])) * lips[j]
+                    total += r * comp_norm(k, j) * lips[j]
             if total < best:
                 best, loop = total, k >= 2
         lips[k] = best
@@ -218,7 +243,7 @@ def rebalance(items: list[Lin | Act], sweeps: int = 4) -> list[Lin | Act] | None
     i = 0
     for it in items:
         if isinstance(it, Lin):
-            out.append(Lin(ks[i], it.stride, it.pad, it.params, it.spreads))
+            out.append(Lin(ks[i], it.stride, it.pad, it.params, it.spreads, key=_key(f"bal{sweeps}:{i}", *ws)))
             i += 1
         else:
             out.append(it)
@@ -361,7 +386,7 @@ class Reader:
             w = wide
         if w.numel() > MAX_KERNEL:
             return None
-        lin = Lin(w, tuple(stride), tuple(pad), self.params(node), False)
+        lin = Lin(w, tuple(stride), tuple(pad), self.params(node), False, key=node.name)
         lin.spreads = not lin.pointwise and not (all(t == 1 for t in w.shape[2:]) and all(p == 0 for p in pad))
         return lin
 
@@ -385,7 +410,7 @@ class Reader:
             return None
         d = len(dims) - 2
         k = torch.diag(scale).reshape(scale.numel(), scale.numel(), *([1] * d))
-        return Lin(k, (1,) * d, (0,) * d, self.params(node), False)
+        return Lin(k, (1,) * d, (0,) * d, self.params(node), False, key=node.name)
 
     def dense(self, node: Node) -> Lin | None:
         w = self.const(node.arg("weight", 1))
@@ -393,7 +418,7 @@ class Reader:
         dims = self.graph.dims.get(x.value) if x is not None and x.kind == "tensor" else None
         if w is None or w.ndim != 2 or dims is None or len(dims) != 2:
             return None
-        return Lin(w, (), (), self.params(node), False)
+        return Lin(w, (), (), self.params(node), False, key=node.name)
 
     def params(self, node: Node) -> tuple[str, ...]:
         return tuple(self.graph.params[t] for t in node.tensor_inputs() if t in self.graph.params)
@@ -422,7 +447,7 @@ def _fit(raw: list[Lin | Act]) -> tuple[list[Lin | Act], bool] | None:
     spread = False  # a pending mask: the map since the last activation spreads
     for it in raw:
         if isinstance(it, Act):
-            if not out or isinstance(out[-1], Act):
+            if out and isinstance(out[-1], Act):
                 return None
             out.append(Act(min(it.a, 0.0), max(it.b, 0.0), it.node) if spread else it)
             spread = False
@@ -443,9 +468,25 @@ def _fit(raw: list[Lin | Act]) -> tuple[list[Lin | Act], bool] | None:
         else:
             out.append(it)
         spread = spread or it.spreads
-    if not out or isinstance(out[-1], Act):
+    if not out:
         return None
+    # an activation at either end gets an identity map beside it (W = I), so the chain still
+    # alternates and the activation is bounded with the rest
+    if isinstance(out[0], Act):
+        first = next((it for it in out if isinstance(it, Lin)), None)
+        if first is None:
+            return None
+        out.insert(0, identity(first.kernel.shape[1], first.d, first.kernel))
+    if isinstance(out[-1], Act):
+        last = next(it for it in reversed(out) if isinstance(it, Lin))
+        out.append(identity(last.kernel.shape[0], last.d, last.kernel))
     return out, composed
+
+
+def identity(n: int, d: int, like: torch.Tensor) -> Lin:
+    """The identity on n channels with d spatial axes (pointwise)."""
+    k = torch.eye(n, dtype=like.dtype, device=like.device).reshape(n, n, *([1] * d))
+    return Lin(k, (1,) * d, (0,) * d, (), False, unit=True, key=f"I{n}")
 
 
 def find_blocks(graph: Graph, reader: Reader) -> list[Block]:
@@ -525,7 +566,10 @@ def find_blocks(graph: Graph, reader: Reader) -> list[Block]:
         fit = _fit(raw(nodes))
         if fit is not None and sum(isinstance(x, Lin) for x in raw(nodes)) >= 2:
             blocks.append(Block(entry, out, tuple(n.name for n in nodes), fit[0], False, fit[1]))
-    return blocks
+    # a residual block's bound is never above 1 + its branch's (triangle inequality), and the branch's
+    # exit feeds only the sum: the branch alone would be measured for nothing
+    branches = {(b.entry, b.nodes[:-1]) for b in blocks if b.residual}
+    return [b for b in blocks if b.residual or (b.entry, b.nodes) not in branches]
 
 
 def blocks(graph: Graph, value: Callable[[str], torch.Tensor | None]) -> list[Block]:
@@ -574,32 +618,78 @@ def skipped(blk: Block, why: str) -> dict[str, Any]:
             "rule": "product", "used": False, "skipped": why}
 
 
+# -- block rules: each gives an upper bound on a block's Lipschitz constant ----------------------
+
+BlockRule = Callable[[list[Lin | Act], bool, Norm], tuple[float, str]]
+RULES: dict[str, BlockRule] = {}
+
+
+def block_rule(name: str) -> Callable[[BlockRule], BlockRule]:
+    """Registers a rule: (items, residual, norm) -> (upper bound, the label the report gives it).
+    tests/graph/test_block_rules.py checks every registered rule against float64 Jacobians."""
+
+    def deco(fn: BlockRule) -> BlockRule:
+        if name in RULES:
+            raise ValueError(f"block rule {name} registered twice")
+        RULES[name] = fn
+        return fn
+
+    return deco
+
+
+@block_rule("product")
+def _product(items: list[Lin | Act], residual: bool, norm: Norm) -> tuple[float, str]:
+    maps = math.prod(1.0 if it.unit else norm(it) for it in items if isinstance(it, Lin))
+    gains = math.prod(it.gain for it in items if isinstance(it, Act))
+    return maps * gains + (1.0 if residual else 0.0), "product"
+
+
+@block_rule("loop transformation")
+def _loop(items: list[Lin | Act], residual: bool, norm: Norm) -> tuple[float, str]:
+    _, up, loop = chain_bound(items, residual, norm)
+    return up, "loop transformation" if loop else "product"
+
+
+@block_rule("rebalanced")
+def _rebalanced(items: list[Lin | Act], residual: bool, norm: Norm) -> tuple[float, str]:
+    scaled = rebalance(items)
+    if scaled is None:
+        return math.inf, "product"
+    _, up, loop = chain_bound(scaled, residual, norm)
+    return up, "loop transformation" if loop else "product"
+
+
 def evaluate(blk: Block, norm: Callable[[Lin], Interval]) -> tuple[BlockBound | None, bool]:
-    """The block's bounds (None when its maps do not fit together); the flag is False when a norm
-    it used was not certified. The operators asked for depend only on the block, never on the
-    values returned, so a caller may plan them in a first walk."""
+    """The block's bounds: the least over the registered rules (None when its maps do not fit
+    together); the flag is False when a norm it used was not certified. The operators asked for
+    depend only on the block, never on the values returned, so a caller may plan them in a first walk."""
     certified = True
+    seen: dict[str, float] = {}  # rules share composites: each is measured once
 
     def upper(w: Lin) -> float:
         # a norm that cannot be had leaves the block at the product
         nonlocal certified
+        if w.key and w.key in seen:
+            return seen[w.key]
         try:
             iv = norm(w)
+            certified = certified and iv.certified
+            value = iv.upper
         except (Uncovered, ValueError, RuntimeError):
-            return math.inf
-        certified = certified and iv.certified
-        return iv.upper
+            value = math.inf
+        if w.key:
+            seen[w.key] = value
+        return value
 
     try:
-        product, up, loop = chain_bound(blk.items, blk.residual, upper)
-        scaled_items = rebalance(blk.items)
-        rescaled = False
-        if scaled_items is not None:
-            _, up2, loop2 = chain_bound(scaled_items, blk.residual, upper)
-            if up2 < up:
-                up, loop, rescaled = up2, loop2, True
+        found = {name: rule(blk.items, blk.residual, upper) for name, rule in RULES.items()}
     except ValueError:
         return None, certified
-    rule = "loop transformation" if loop else "composite" if blk.composed or blk.residual or rescaled \
-        else "product"
-    return BlockBound(blk.entry, blk.exit, blk.nodes, blk.residual, product, up, rule, rescaled), certified
+    product = found["product"][0]
+    best = min(found, key=lambda name: found[name][0])  # ties go to the first registered
+    up, label = found[best]
+    rescaled = best == "rebalanced" and up < found["loop transformation"][0]
+    if label == "product" and (blk.composed or blk.residual or rescaled):
+        label = "composite"
+    return BlockBound(blk.entry, blk.exit, blk.nodes, blk.residual, product, min(up, product), label,
+                      rescaled), certified

@@ -163,3 +163,36 @@ def test_network_target_needs_a_graph(tmp_path: Path, weights: Path) -> None:
     result = run("normalize", weights, "-o", tmp_path / "o.pt", "--network-target", "1", "-q")
     assert result.exit_code == 2 and "needs the network's graph" in result.stderr
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_model_with_inverted_residuals_uses_block_rules(tmp_path: Path) -> None:
+    """A MobileNetV2-style network through --model: every inverted residual and the head's chain
+    (which ends in an activation before the pooling) is bounded as a block, and the bound stays
+    above float64 Jacobian norms of the real module."""
+    from tests.models.mobilenet import MobileNetV2
+
+    torch.manual_seed(0)
+    model = MobileNetV2().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    path = tmp_path / "mb.pt"
+    torch.save(model.state_dict(), path)
+    result = run("inspect", path, "--model", "tests.models.mobilenet:MobileNetV2", *ARGS)
+    assert result.exit_code == 0, result.output
+    net = validate(json.loads(result.stdout))["network"]
+    assert net["certified"], net["not_certified_because"]
+    blocks = net["details"]["blocks"]
+    used = [b for b in blocks if b["used"]]
+    assert sum(b["residual"] for b in used) == 4, blocks
+    assert any(b["nodes"][-1].startswith("hardtanh") and not b["residual"] for b in used), blocks
+    assert all(b["rule"] == "loop transformation" for b in used), blocks
+    # a residual block's own branch is not listed (nor measured) beside it
+    assert len({(b["entry"], tuple(b["nodes"])) for b in blocks}) == len(blocks)
+    branches = {(b["entry"], tuple(b["nodes"][:-1])) for b in blocks if b["residual"]}
+    assert not any((b["entry"], tuple(b["nodes"])) in branches for b in blocks if not b["residual"])
+    assert net["lipschitz_upper"] >= _jacobian_lower(model, seed=5) * (1 - 1e-9)
+    assert math.log10(net["lipschitz_upper"]) < net["details"]["chain_log10_product"] - 4

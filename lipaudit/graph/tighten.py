@@ -448,7 +448,11 @@ def _fit(raw: list[Lin | Act]) -> tuple[list[Lin | Act], bool] | None:
     for it in raw:
         if isinstance(it, Act):
             if out and isinstance(out[-1], Act):
-                return None
+                # two in a row are one activation: secant slopes multiply
+                prev_act = out[-1]
+                ends = [x * y for x in (prev_act.a, prev_act.b) for y in (it.a, it.b)]
+                out[-1] = Act(min(ends), max(ends), prev_act.node)
+                continue
             out.append(Act(min(it.a, 0.0), max(it.b, 0.0), it.node) if spread else it)
             spread = False
             continue

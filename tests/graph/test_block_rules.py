@@ -4,9 +4,9 @@ points, nor below the norm of the block with its activations replaced by any dia
 their ranges (the relaxation every rule's proof covers), zero padding and strides included.
 
 Blocks come from one generator (dense, 1-d and 2-d convolutions with even and odd kernels, strides,
-dilation, groups, BatchNorm, eight activations, residual or not, activations at the ends), so a rule
-registered tomorrow is tested here with nothing written by hand. LIPAUDIT_LONG=1 runs 50 examples per
-rule (or LIPAUDIT_LONG_EXAMPLES) instead of 4."""
+dilation, groups, BatchNorm, eight activations, two in a row, residual or not, activations at the
+ends), so a rule registered tomorrow is tested here with nothing written by hand. LIPAUDIT_LONG=1
+runs 50 examples per rule (or LIPAUDIT_LONG_EXAMPLES) instead of 4."""
 
 from __future__ import annotations
 
@@ -83,12 +83,13 @@ def _spec(draw: st.DataObject) -> tuple[nn.Module, nn.Module, list[Slopes], torc
     slopes: list[Slopes] = []
 
     def act() -> None:
-        name = draw.draw(st.sampled_from(sorted(ACTS)))
-        make, lo, hi = ACTS[name]
-        layers.append(make())
-        s = Slopes(lo, hi)
-        twins.append(s)
-        slopes.append(s)
+        for _ in range(draw.draw(st.sampled_from([1, 1, 1, 2]))):  # sometimes two in a row
+            name = draw.draw(st.sampled_from(sorted(ACTS)))
+            make, lo, hi = ACTS[name]
+            layers.append(make())
+            s = Slopes(lo, hi)
+            twins.append(s)
+            slopes.append(s)
 
     if lead:
         act()

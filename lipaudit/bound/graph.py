@@ -104,6 +104,7 @@ class GraphStrategy:
         self.result: GraphBound | None = None
         self._loaded: Loaded | None = None
         self._unverified: list[str] | None = None
+        self._blocks: dict[Any, Any] = {}  # the blocks both walks bound, found once
         self._planned: _Planned | None = None
         self._measured: dict[tuple[Any, ...], Interval] = {}
         self._vkey: dict[tuple[Any, ...], str] = {}
@@ -143,7 +144,8 @@ class GraphStrategy:
             planned.ops.setdefault(key, op)
             return _PLACEHOLDER
 
-        bound_loaded(loaded, self.graph_settings(settings), norm=record, unverified=self._unverified)
+        bound_loaded(loaded, self.graph_settings(settings), norm=record, unverified=self._unverified,
+                     blocks=self._blocks)
         self._planned = planned
         return planned
 
@@ -233,7 +235,7 @@ class GraphStrategy:
             return iv
 
         return bound_loaded(self.loaded(settings), self.graph_settings(settings), factors, {}, norm=lookup,
-                            unverified=self._unverified)
+                            unverified=self._unverified, blocks=self._blocks)
 
     def run(self, settings: Settings) -> GraphBound:
         from lipaudit.graph import lower_end, summarise

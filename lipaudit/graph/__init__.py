@@ -244,13 +244,14 @@ def verify_shapes(loaded: Loaded) -> list[str]:
 def bound_loaded(loaded: Loaded, settings: GraphSettings, factors: dict[str, float] | None = None,
                  norms: dict[tuple[Any, ...], Any] | None = None,
                  norm: Callable[[LinearOp], Interval] | None = None,
-                 unverified: list[str] | None = None) -> Result:
+                 unverified: list[str] | None = None, blocks: dict[Any, Any] | None = None) -> Result:
     """The graph bound after the shape check; nodes whose shapes could not be checked are uncovered.
-    `unverified` is the shape check's answer when the caller already has it (it runs the ops once)."""
+    `unverified` is the shape check's answer when the caller already has it (it runs the ops once);
+    `blocks` keeps the blocks found between walks over the same loaded graph."""
     if unverified is None:
         unverified = verify_shapes(loaded)
     res = bound_graph(loaded.graph, loaded.evaluator(), settings.rtol, settings.conv_rtol, settings.seed,
-                      factors, norms, norm, block_work=settings.block_work)
+                      factors, norms, norm, block_work=settings.block_work, found=blocks)
     covered = {n for n, _ in res.uncovered}
     for name in unverified:
         if name not in covered:

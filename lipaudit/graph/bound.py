@@ -447,14 +447,15 @@ def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, 
                 factors: dict[str, float] | None = None,
                 norms: dict[tuple[Any, ...], Interval] | None = None,
                 norm: Callable[[LinearOp], Interval] | None = None, blocks: bool = True,
-                block_work: float = 0.1) -> Result:
+                block_work: float = 0.1, found: dict[Any, Any] | None = None) -> Result:
     """The bound; factors rescale named weights (as normalize plans to), norms caches operator norms.
 
     `norm` measures one linear operator (a layer's weight, a BatchNorm-folded or merged kernel); by
     default it is computed here. The set of operators the walk asks for does not depend on the values
     returned, so a first walk with a recording `norm` lists every operator to measure up front.
     `blocks` bounds blocks as a whole where that is tighter (lipaudit/graph/tighten.py), cheapest first
-    while their work stays within `block_work` times the layers' own (from shapes alone)."""
+    while their work stays within `block_work` times the layers' own (from shapes alone). `found`, when
+    given, keeps the blocks and that choice for the next walk over the same graph and weights."""
     t0 = time.perf_counter()
     b = Bounder(graph, consts, rtol, conv_rtol, seed, norm)
     if factors:
@@ -466,8 +467,11 @@ def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, 
     # used, but still asked for, so a planned walk sees the same operators with and without factors
     b.apply_blocks = not factors
     if blocks:
-        found = tighten.blocks(graph, consts.value)
-        kept, left = tighten.within(found, block_work * _layer_work(graph))
+        cache = found if found is not None else {}
+        if block_work not in cache:
+            every = tighten.blocks(graph, consts.value)
+            cache[block_work] = tighten.within(every, block_work * _layer_work(graph))
+        kept, left = cache[block_work]
         for blk in kept:
             b.hooks.setdefault(blk.exit, []).append(blk)
         b.blocks.extend(tighten.skipped(blk, "over the block work budget (--block-work)") for blk in left)

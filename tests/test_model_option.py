@@ -78,10 +78,11 @@ def test_spectral_norm_modules_load(tmp_path: Path) -> None:
     doc = validate(json.loads(result.stdout))
     net = doc["network"]
     assert [x["parametrization"] for x in doc["layers"] if x["name"] == "head"] == ["spectral_norm"]
-    if net["certified"]:
-        assert _jacobian_lower(make_spectral(), seed=4) <= net["lipschitz_upper"]
-    else:  # the weight is formed in the graph (u, v, a dot product): covered once those ops have rules
-        assert net["uncovered"] and net["lipschitz_upper"] is None
+    # the weight is formed in the graph from u, v and W (mv, vdot, div): all of them have rules
+    assert net["certified"] and not net["uncovered"], net["not_certified_because"]
+    loaded = make_spectral()
+    loaded.load_state_dict(torch.load(path, weights_only=True))
+    assert _jacobian_lower(loaded, seed=4) <= net["lipschitz_upper"]
 
 
 def test_mismatched_keys_exit_2_naming_them(tmp_path: Path) -> None:

@@ -207,6 +207,23 @@ def matmul(ctx: Context, node: Node) -> Effect:
     return product(ctx, ins[0], ins[1])
 
 
+def _dot(d: Draw, name: str) -> Case:
+    k = d.int(1, 4)
+    const_left = d.bool()
+    sa = Const(d.tensor((k,))) if const_left else Var((k,))
+    sb = Var((k,)) if const_left else Const(d.tensor((k,)))
+    return Case({"self": sa, "tensor" if name.split(".")[0] == "dot" else "other": sb})
+
+
+@register("dot", "vdot", sample=_dot)
+def dot(ctx: Context, node: Node) -> Effect:
+    """<a, b> with one constant vector (real tensors: vdot is dot): a 1 x k matrix."""
+    ins = node.tensor_inputs()
+    if len(ins) != 2:
+        raise Uncovered(f"aten.{node.op} without two tensor operands")
+    return product(ctx, ins[0], ins[1])
+
+
 def _addmm(d: Draw, name: str) -> Case:
     base = name.split(".")[0]
     n, k, m = d.int(1, 3), d.int(1, 3), d.int(1, 3)

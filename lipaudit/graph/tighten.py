@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lipaudit.graph.model import Arg, Graph, Node
+from lipaudit.graph.ops.activations import GELU, GELU_TANH, SILU
 from lipaudit.graph.ops.base import Uncovered
 from lipaudit.spectral import Interval
 
@@ -303,6 +304,16 @@ def slopes(node: Node) -> tuple[float, float] | None:
         return (0.0, 0.25)
     if op == "hardsigmoid":
         return (0.0, 0.1666666717)  # torch differentiates it with the float32 number nearest 1/6
+    if op in ("gelu", "silu"):
+        # f(x) - f(-x) = x for both, so f'(x) + f'(-x) = 1: the slopes lie in [1 - c, c] with c = sup f'
+        if op == "silu":
+            c = SILU
+        else:
+            mode = node.arg("approximate")
+            if mode is not None and mode.kind not in ("str", "none"):
+                return None
+            c = GELU_TANH if mode is not None and mode.value == "tanh" else GELU
+        return (1.0 - c, c)
     if op == "elu":
         alpha = _num(node.arg("alpha", 1), 1.0)
         scale = _num(node.arg("scale", 2), 1.0)

@@ -4,7 +4,7 @@ points, nor below the norm of the block with its activations replaced by any dia
 their ranges (the relaxation every rule's proof covers), zero padding and strides included.
 
 Blocks come from one generator (dense, 1-d and 2-d convolutions with even and odd kernels, strides,
-dilation, groups, BatchNorm, eight activations, two in a row, residual or not, activations at the
+dilation, groups, BatchNorm, eleven activations, two in a row, residual or not, activations at the
 ends), so a rule registered tomorrow is tested here with nothing written by hand. LIPAUDIT_LONG=1
 runs 50 examples per rule (or LIPAUDIT_LONG_EXAMPLES) instead of 4."""
 
@@ -30,8 +30,18 @@ from tests.graph.helpers import export_to
 LONG = os.environ.get("LIPAUDIT_LONG") == "1"
 EXAMPLES = int(os.environ.get("LIPAUDIT_LONG_EXAMPLES", "50")) if LONG else 4
 
+def _derivative_range(f: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+    """min and max of f' over a fine grid, by autograd in float64 (secant slopes lie between them)."""
+    x = torch.linspace(-12, 12, 480_001, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(f(x).sum(), x)
+    return float(g.min()), float(g.max())
+
+
 # the test's own slope ranges (min and max of the derivative), not the tool's table
 ACTS: dict[str, tuple[Callable[[], nn.Module], float, float]] = {
+    "gelu": (nn.GELU, *_derivative_range(nn.functional.gelu)),
+    "gelu_tanh": (lambda: nn.GELU("tanh"), *_derivative_range(lambda t: nn.functional.gelu(t, approximate="tanh"))),
+    "silu": (nn.SiLU, *_derivative_range(nn.functional.silu)),
     "relu": (nn.ReLU, 0.0, 1.0),
     "relu6": (nn.ReLU6, 0.0, 1.0),
     "leaky": (lambda: nn.LeakyReLU(0.2), 0.2, 1.0),
@@ -202,3 +212,22 @@ def test_every_rule_is_below_the_product_somewhere() -> None:
     for name, rule in tighten.RULES.items():
         if name != "product":
             assert rule(items, True, _norm)[0] < product, name
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU("tanh"), nn.SiLU()])
+def test_transformer_mlp_is_a_block(tmp_path: Path, act: nn.Module) -> None:
+    """x + W2 f(W1 x) with GELU or SiLU, as in a transformer's MLP: bounded as a residual block,
+    below the product and above float64 Jacobians."""
+    from lipaudit.graph import GraphSettings, inspect_archive
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(8, 32), act, nn.Linear(32, 8))
+    model = Residual(body).double().eval()
+    x = torch.randn(1, 8, dtype=torch.float64)
+    r = inspect_archive(str(export_to(tmp_path / "mlp.pt2", model.float(), x.float())),
+                        GraphSettings(measure=False))
+    used = [b for b in r.blocks if b["used"]]
+    assert used and used[0]["residual"] and used[0]["rule"] == "loop transformation", r.blocks
+    assert r.lipschitz_upper is not None and r.lipschitz_upper < used[0]["product"]
+    model = model.double()
+    assert r.lipschitz_upper >= max(_sigma(model, x * s) for s in (0.1, 1.0, 3.0)) * (1 - 1e-9)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lipaudit.graph.model import Arg, Graph, Node
-from lipaudit.graph.ops.activations import GELU, GELU_TANH, SILU
+from lipaudit.graph.ops.activations import ERF, GELU, GELU_TANH, HARDSWISH, SELU, SILU
 from lipaudit.graph.ops.base import Uncovered
 from lipaudit.spectral import Interval
 
@@ -304,6 +304,14 @@ def slopes(node: Node) -> tuple[float, float] | None:
         return (0.0, 0.25)
     if op == "hardsigmoid":
         return (0.0, 0.1666666717)  # torch differentiates it with the float32 number nearest 1/6
+    if op == "hardswish":
+        return (-0.5, HARDSWISH)  # x (x + 3) / 6 on [-3, 3]: slope (2x + 3) / 6; 0 below, 1 above
+    if op == "selu":
+        return (0.0, SELU)  # scale above 0, scale alpha exp(x) below
+    if op in ("log_sigmoid", "atan"):
+        return (0.0, 1.0)
+    if op == "erf":
+        return (0.0, ERF)
     if op in ("gelu", "silu"):
         # f(x) - f(-x) = x for both, so f'(x) + f'(-x) = 1: the slopes lie in [1 - c, c] with c = sup f'
         if op == "silu":

@@ -4,7 +4,7 @@ points, nor below the norm of the block with its activations replaced by any dia
 their ranges (the relaxation every rule's proof covers), zero padding and strides included.
 
 Blocks come from one generator (dense, 1-d and 2-d convolutions with even and odd kernels, strides,
-dilation, groups, BatchNorm, eleven activations, two in a row, residual or not, activations at the
+dilation, groups, BatchNorm, sixteen activations, two in a row, residual or not, activations at the
 ends), so a rule registered tomorrow is tested here with nothing written by hand. LIPAUDIT_LONG=1
 runs 50 examples per rule (or LIPAUDIT_LONG_EXAMPLES) instead of 4."""
 
@@ -30,6 +30,15 @@ from tests.graph.helpers import export_to
 LONG = os.environ.get("LIPAUDIT_LONG") == "1"
 EXAMPLES = int(os.environ.get("LIPAUDIT_LONG_EXAMPLES", "50")) if LONG else 4
 
+class Fn(nn.Module):
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.f = f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)
+
+
 def _derivative_range(f: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
     """min and max of f' over a fine grid, by autograd in float64 (secant slopes lie between them)."""
     x = torch.linspace(-12, 12, 480_001, dtype=torch.float64, requires_grad=True)
@@ -42,6 +51,11 @@ ACTS: dict[str, tuple[Callable[[], nn.Module], float, float]] = {
     "gelu": (nn.GELU, *_derivative_range(nn.functional.gelu)),
     "gelu_tanh": (lambda: nn.GELU("tanh"), *_derivative_range(lambda t: nn.functional.gelu(t, approximate="tanh"))),
     "silu": (nn.SiLU, *_derivative_range(nn.functional.silu)),
+    "hardswish": (nn.Hardswish, *_derivative_range(nn.functional.hardswish)),
+    "selu": (nn.SELU, *_derivative_range(nn.functional.selu)),
+    "atan": (lambda: Fn(torch.atan), *_derivative_range(torch.atan)),
+    "erf": (lambda: Fn(torch.erf), *_derivative_range(torch.erf)),
+    "logsigmoid": (nn.LogSigmoid, *_derivative_range(nn.functional.logsigmoid)),
     "relu": (nn.ReLU, 0.0, 1.0),
     "relu6": (nn.ReLU6, 0.0, 1.0),
     "leaky": (lambda: nn.LeakyReLU(0.2), 0.2, 1.0),

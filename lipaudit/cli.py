@@ -253,7 +253,7 @@ def revision_option(f: Any) -> Any:
 
 
 def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
-    from lipaudit.settings import CONV_POINTS, CONV_RTOL, DENSE_RTOL, Settings, default_jobs
+    from lipaudit.settings import BLOCK_WORK, CONV_POINTS, CONV_RTOL, DENSE_RTOL, Settings, default_jobs
 
     rtol = p["rtol"]
     return Settings(
@@ -263,7 +263,7 @@ def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
         limits=_limits(p["max_tensors"], p["max_tensor_bytes"], p["max_total_bytes"], p["allow_unknown_classes"]),
         jobs=p["jobs"] if p["jobs"] is not None else default_jobs(), layer_time_s=p["layer_time_budget"],
         conv_points=p["conv_points"] or CONV_POINTS,
-        block_work=p["block_work"] if p.get("block_work") is not None else 0.1, **gates,
+        block_work=p["block_work"] if p.get("block_work") is not None else BLOCK_WORK, **gates,
     )
 
 

@@ -18,6 +18,8 @@ DENSE_RTOL = 1e-4
 CONV_RTOL = 1e-2
 # Work limit of one convolution's search, in frequency points (docs/architecture.md, "Work budgets").
 CONV_POINTS = 1_000_000
+# work of a graph's block bounds, as a multiple of its layers' own (lipaudit/graph/tighten.py)
+BLOCK_WORK = 0.1
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Settings:
     conv_points: int = CONV_POINTS
     # Work of the block bounds of a graph (lipaudit/graph/tighten.py), as a multiple of the work of
     # its layers' own operators, counted from shapes: blocks are bounded cheapest first within it.
-    block_work: float = 0.1
+    block_work: float = BLOCK_WORK
     # Wall-clock safety net of one layer (seconds), for hostile inputs only: when it fires the layer's
     # bound is reported as not certified (LIP015) and gates fail on it.
     layer_time_s: float = 120.0

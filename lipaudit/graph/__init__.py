@@ -17,12 +17,13 @@ from lipaudit.graph.bound import INPUT, LinearOp, Result, bound_graph
 from lipaudit.graph.interpret import Evaluator, check_shapes
 from lipaudit.graph.lower import Measured, measure
 from lipaudit.graph.model import Graph, parse_graph
+from lipaudit.settings import BLOCK_WORK
 from lipaudit.spectral import Interval
 from lipaudit.text import visible
 
 __all__ = [
     "GraphBound", "GraphSettings", "Loaded", "graph_of", "inspect_archive", "inspect_state_dict", "load_archive",
-    "lower_end", "match_state_dict", "on_state_dict", "strip_prefix",
+    "lower_end", "match_state_dict", "on_state_dict",
 ]
 
 ASSUMPTIONS = (
@@ -41,7 +42,7 @@ class GraphSettings:
     seed: int = 0
     measure: bool = True  # run the interpreter for a measured lower end
     measure_work: int = 200  # function evaluations for the measured lower end (lipaudit/graph/lower.py)
-    block_work: float = 0.1  # block bounds' work over the layers' own (lipaudit/graph/tighten.py)
+    block_work: float = BLOCK_WORK  # block bounds' work over the layers' own (lipaudit/graph/tighten.py)
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -280,21 +281,15 @@ def inspect_archive(path: str, settings: GraphSettings | None = None) -> GraphBo
 
 # -- a state dict on an exported architecture ----------------------------------------------------
 
-def strip_prefix(key: str) -> str:
-    """`module.` and `_orig_mod.` prefixes off a state-dict key (kinds.strip_prefixes)."""
-    from lipaudit.kinds import strip_prefixes
-
-    return strip_prefixes(key)
-
-
 def match_state_dict(graph: Graph, archive: Pt2Archive, keys: list[str], shown: str) -> dict[str, str]:
     """graph parameter/buffer name -> state-dict key; a missing or extra key is an error naming them.
     Buffers the state dict does not hold (non-persistent ones) come from the archive."""
     from lipaudit.errors import UsageError
+    from lipaudit.kinds import strip_prefixes
 
     by_name: dict[str, str] = {}
     for k in keys:
-        s = strip_prefix(k)
+        s = strip_prefixes(k)
         if s in by_name:
             raise UsageError(f"{shown}: keys {visible(by_name[s], 80)!r} and {visible(k, 80)!r} collide after "
                              "prefix stripping", shown)

@@ -23,6 +23,7 @@ from lipaudit.graph.interpret import Evaluator
 from lipaudit.graph.model import Graph, Node
 from lipaudit.graph.ops import Constant, Diagonal, Effect, Linear, LinearOp, Uncovered
 from lipaudit.graph.ops.registry import inplace_hazard
+from lipaudit.settings import BLOCK_WORK
 from lipaudit.spectral import Interval
 
 __all__ = ["INPUT", "LinearOp", "Result", "Uncovered", "bound_graph"]
@@ -447,7 +448,7 @@ def bound_graph(graph: Graph, consts: Evaluator, rtol: float, conv_rtol: float, 
                 factors: dict[str, float] | None = None,
                 norms: dict[tuple[Any, ...], Interval] | None = None,
                 norm: Callable[[LinearOp], Interval] | None = None, blocks: bool = True,
-                block_work: float = 0.1, found: dict[Any, Any] | None = None) -> Result:
+                block_work: float = BLOCK_WORK, found: dict[Any, Any] | None = None) -> Result:
     """The bound; factors rescale named weights (as normalize plans to), norms caches operator norms.
 
     `norm` measures one linear operator (a layer's weight, a BatchNorm-folded or merged kernel); by

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from lipaudit.graph.model import Arg, Graph, Node
-from lipaudit.graph.ops.activations import ERF, GELU, GELU_TANH, HARDSWISH, SELU, SILU
 from lipaudit.graph.ops.base import Uncovered
+from lipaudit.graph.ops.registry import lookup
 from lipaudit.spectral import Interval
 
 # identity maps that may sit inside a block
@@ -285,55 +285,14 @@ def _flag(a: Arg | None) -> bool | None:
 
 
 def slopes(node: Node) -> tuple[float, float] | None:
-    """The secant-slope range of an elementwise activation, from every argument that changes it."""
-    op = node.op.rstrip("_") if node.op.endswith("_") and not node.op.startswith("_") else node.op
-    if op == "relu":
-        return (0.0, 1.0)
-    if op in ("relu6", "hardtanh", "clamp", "clip"):
-        if any(a.kind == "tensor" for _, a in node.args[1:]):
-            return None
-        lo = _num(node.arg("min_val") or node.arg("min"), -1.0 if op == "hardtanh" else -math.inf)
-        hi = _num(node.arg("max_val") or node.arg("max"), 1.0 if op == "hardtanh" else math.inf)
-        if op == "relu6":
-            lo, hi = 0.0, 6.0
-        if lo is None or hi is None:
-            return None
-        return (0.0, 1.0) if lo < hi else (0.0, 0.0)
-    if op == "leaky_relu":
-        s = _num(node.arg("negative_slope", 1), 0.01)
-        return None if s is None else (min(s, 1.0), max(s, 1.0))
-    if op == "tanh":
-        return (0.0, 1.0)
-    if op == "sigmoid":
-        return (0.0, 0.25)
-    if op == "hardsigmoid":
-        return (0.0, 0.1666666717)  # torch differentiates it with the float32 number nearest 1/6
-    if op == "hardswish":
-        return (-0.5, HARDSWISH)  # x (x + 3) / 6 on [-3, 3]: slope (2x + 3) / 6; 0 below, 1 above
-    if op == "selu":
-        return (0.0, SELU)  # scale above 0, scale alpha exp(x) below
-    if op in ("log_sigmoid", "atan"):
-        return (0.0, 1.0)
-    if op == "erf":
-        return (0.0, ERF)
-    if op in ("gelu", "silu"):
-        # f(x) - f(-x) = x for both, so f'(x) + f'(-x) = 1: the slopes lie in [1 - c, c] with c = sup f'
-        if op == "silu":
-            c = SILU
-        else:
-            mode = node.arg("approximate")
-            if mode is not None and mode.kind not in ("str", "none"):
-                return None
-            c = GELU_TANH if mode is not None and mode.value == "tanh" else GELU
-        return (1.0 - c, c)
-    if op == "elu":
-        alpha = _num(node.arg("alpha", 1), 1.0)
-        scale = _num(node.arg("scale", 2), 1.0)
-        inscale = _num(node.arg("input_scale", 3), 1.0)
-        if alpha is None or scale is None or inscale is None or alpha < 0 or scale < 0 or inscale < 0:
-            return None
-        return (0.0, max(scale * inscale, scale * inscale * alpha))
-    return None
+    """The secant-slope range of an elementwise activation, as its op registration gives it."""
+    entry = lookup(node.op, node.overload) if node.namespace == "aten" else None
+    if entry is None or entry.spec.slopes is None:
+        return None
+    try:
+        return entry.spec.slopes(node)
+    except Uncovered:
+        return None  # an argument that is not a fixed number
 
 
 @dataclass

@@ -245,3 +245,20 @@ def test_transformer_mlp_is_a_block(tmp_path: Path, act: nn.Module) -> None:
     assert r.lipschitz_upper is not None and r.lipschitz_upper < used[0]["product"]
     model = model.double()
     assert r.lipschitz_upper >= max(_sigma(model, x * s) for s in (0.1, 1.0, 3.0)) * (1 - 1e-9)
+
+
+def test_elu_input_scale_only_scales_the_negative_side(tmp_path: Path) -> None:
+    """aten.elu(x, alpha, scale, input_scale) has slope `scale` above 0 whatever input_scale is; a
+    range of scale * input_scale (as once assumed) would put this block's bound at 0.3 of the truth."""
+    from lipaudit.graph import GraphSettings, inspect_archive
+
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    with torch.no_grad():
+        for lay in (first, second):
+            lay.weight.copy_(torch.eye(4))
+            lay.bias.fill_(5.0)  # every pre-activation positive near x = 0: the Jacobian is I
+    model = nn.Sequential(first, Fn(lambda t: torch.ops.aten.elu(t, 1.0, 1.0, 0.3)), second).eval()
+    x = torch.zeros(1, 4)
+    r = inspect_archive(str(export_to(tmp_path / "elu.pt2", model, x)), GraphSettings(measure=False))
+    assert any(b["used"] for b in r.blocks), r.blocks
+    assert r.lipschitz_upper is not None and r.lipschitz_upper >= 1.0 - 1e-9

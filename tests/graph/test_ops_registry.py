@@ -339,6 +339,91 @@ def test_rule_against_jacobians_and_secants(name: str) -> None:
     assert sum(v for k, v in ran.items() if k != "invalid") > 0, f"aten.{name}: no case torch accepts"
 
 
+def _slope_names() -> list[str]:
+    return sorted(n for n, e in ops.REGISTRY.items() if e.spec.slopes is not None)
+
+
+def test_block_activations_register_their_slopes() -> None:
+    """The activations the block bounds rely on (graph/tighten.py) each carry a range."""
+    have = {n.rstrip("_") for n in _slope_names()}
+    assert {"relu", "hardtanh", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh", "hardswish"} <= have
+
+
+def check_slopes(name: str, case: Case, seed: int) -> str:
+    """'checked' or 'open'; fails when a derivative or a secant slope of the real op, elementwise,
+    leaves the range the registration gives."""
+    built = Built(name, case)
+    case = built.case
+    gen = torch.Generator().manual_seed(seed)
+    x0 = built.draw_point(gen)
+    outputs = [t.detach() for t in built.call(x0)]
+    _, node, _ = built.graph(outputs)
+    spec = built.entry.spec
+    assert spec.slopes is not None
+    try:
+        rng = spec.slopes(node)
+    except Uncovered:
+        return "open"
+    if rng is None:
+        return "open"
+    a, b = rng
+    assert a <= b, f"{name}: empty range {rng} at {case}"
+    (n,) = [v for v in built.vars if built.vars[v].dtype.is_floating_point][:1] or [None]
+    assert n is not None, f"{name}: an activation without a float operand at {case}"
+    tol = 1e-9 * max(1.0, abs(a), abs(b))
+
+    def f(t: torch.Tensor, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        return built.call({**x, n: t})[0].to(torch.float64)
+
+    for point in range(3):
+        x = x0 if point == 0 else built.draw_point(gen)
+        t = x[n].clone().requires_grad_(True)
+        y = f(t, x)
+        assert y.shape == t.shape, f"{name}: not elementwise at {case}"
+        (d,) = torch.autograd.grad(y.sum(), t)
+        assert bool(((d >= a - tol) & (d <= b + tol)).all()), (
+            f"{name}: f' in [{float(d.min())}, {float(d.max())}] leaves {rng} at {case}")
+        for eps in (1e-5, 1e-2, 1.0, 10.0):
+            step = eps * case.scale * torch.randn(t.shape, generator=gen, dtype=torch.float64)
+            x1 = x[n] + step
+            h = x1 - x[n]
+            keep = h != 0
+            if not bool(keep.any()):
+                continue
+            fy, fx = f(x1, x).detach(), y.detach()
+            secant = (fy - fx)[keep] / h[keep]
+            slack = tol + 4e-16 * (fy.abs() + fx.abs())[keep] / h[keep].abs()
+            assert bool(((secant >= a - slack) & (secant <= b + slack)).all()), (
+                f"{name}: secant slope in [{float(secant.min())}, {float(secant.max())}] leaves {rng} at {case}")
+    return "checked"
+
+
+@pytest.mark.parametrize("name", _slope_names())
+def test_slope_range_against_derivatives_and_secants(name: str) -> None:
+    entry = ops.REGISTRY[name]
+    sample = entry.spec.sample
+    assert sample is not None
+    ran: Counter[str] = Counter()
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        case = sample(HypothesisDraw(data), entry.runs_as)
+        try:
+            outcome = check_slopes(name, case, data.draw(st.integers(0, 2**31 - 1)))
+        except (RuntimeError, LookupError, IndexError, ValueError) as e:
+            if isinstance(e, AssertionError):
+                raise
+            ran["invalid"] += 1
+            reject()
+        ran[outcome] += 1
+
+    run()
+    TALLY.update({f"slopes:{k}": v for k, v in ran.items()})
+    assert sum(v for k, v in ran.items() if k != "invalid") > 0, f"aten.{name}: no case torch accepts"
+
+
 def test_long_run_tally() -> None:
     """The outcome counts per family, written to $LIPAUDIT_TALLY (a JSON file) when it is set."""
     path = os.environ.get("LIPAUDIT_TALLY")

@@ -1,5 +1,6 @@
 """Elementwise activations: sup |f'| from the node's own parameters; discontinuous or unbounded
-cases are uncovered. Each constant is checked by tests/graph/test_ops_registry.py."""
+cases are uncovered. Activations the block bounds use also register their secant-slope range
+[a, b] (graph/tighten.py). Each constant and range is checked by tests/graph/test_ops_registry.py."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from lipaudit.graph.ops.base import (
     broadcastable,
     first,
     lg,
+    num,
     number,
     out,
     small_shape,
@@ -56,7 +58,33 @@ _CONST = {"sigmoid": 0.25, "hardsigmoid": HARDSIGMOID, "silu": SILU, "mish": MIS
           "hardswish": HARDSWISH}
 
 
-@register(*sorted(_ONE | set(_CONST) | {"gelu"}), sample=_plain)
+# Secant-slope ranges [a, b] of the activations whose range the block bounds use.
+_RANGES = {
+    "relu": (0.0, 1.0), "relu6": (0.0, 1.0), "tanh": (0.0, 1.0), "log_sigmoid": (0.0, 1.0), "atan": (0.0, 1.0),
+    "sigmoid": (0.0, 0.25), "hardsigmoid": (0.0, HARDSIGMOID), "erf": (0.0, ERF),
+    "hardswish": (-0.5, HARDSWISH),  # x (x + 3) / 6 on [-3, 3]: slope (2x + 3) / 6; 0 below, 1 above
+    "selu": (0.0, SELU),  # scale above 0, scale alpha exp(x) below
+    # f(x) - f(-x) = x, so f'(x) + f'(-x) = 1: the slopes lie in [1 - c, c] with c = sup f'
+    "silu": (1.0 - SILU, SILU),
+}
+
+
+def _op(node: Node) -> str:
+    return node.op.rstrip("_")  # an in-place variant has the range of its op
+
+
+def _fixed_range(node: Node) -> tuple[float, float] | None:
+    op = _op(node)
+    if op == "gelu":
+        mode = node.arg("approximate")
+        if mode is not None and mode.kind not in ("str", "none"):
+            return None
+        c = GELU_TANH if mode is not None and mode.value == "tanh" else GELU
+        return (1.0 - c, c)  # as silu: gelu(x) - gelu(-x) = x in both forms
+    return _RANGES.get(op)
+
+
+@register(*sorted(_ONE | set(_CONST) | {"gelu"}), sample=_plain, slopes=_fixed_range)
 def fixed_slope(ctx: Context, node: Node) -> Effect:
     if node.op.rstrip("_") == "gelu":
         a = node.arg("approximate")
@@ -70,7 +98,12 @@ def _leaky(d: Draw, name: str) -> Case:
     return Case({"self": _x(d), "negative_slope": d.choice([0.01, 0.2, -0.5, 3.0, -2.0])}, focus=(0.0,))
 
 
-@register("leaky_relu", sample=_leaky)
+def _leaky_range(node: Node) -> tuple[float, float]:
+    s = number(node.arg("negative_slope", 1), 0.01)
+    return (min(s, 1.0), max(s, 1.0))
+
+
+@register("leaky_relu", sample=_leaky, slopes=_leaky_range)
 def leaky_relu(ctx: Context, node: Node) -> Effect:
     return unary(ctx, node, max(1.0, abs(number(node.arg("negative_slope", 1), 0.01))))
 
@@ -83,7 +116,17 @@ def _elu(d: Draw, name: str) -> Case:
                  "input_scale": d.choice([1.0, 2.0, -1.0, 0.3])}, focus=(0.0, -4.0))
 
 
-@register("elu", sample=_elu)
+def _elu_range(node: Node) -> tuple[float, float] | None:
+    alpha = number(node.arg("alpha", 1), 1.0)
+    scale = number(node.arg("scale", 2), 1.0)
+    inscale = number(node.arg("input_scale", 3), 1.0)
+    if alpha < 0 or scale < 0 or inscale < 0:
+        return None
+    # scale above 0 (input_scale applies below 0 only); scale alpha inscale exp(inscale x) below, in (0, its value at 0]
+    return (0.0, scale * max(1.0, alpha * inscale))
+
+
+@register("elu", sample=_elu, slopes=_elu_range)
 def elu(ctx: Context, node: Node) -> Effect:
     """scale * x above 0, scale * alpha * (exp(input_scale x) - 1) below: the slope below is
     |scale alpha input_scale| exp(input_scale x), largest at 0 when input_scale >= 0, unbounded else."""
@@ -168,7 +211,13 @@ def _hardtanh(d: Draw, name: str) -> Case:
     return Case({"self": _x(d), "min_val": lo, "max_val": lo + d.choice([2.0, 6.0, 0.0])}, focus=(lo,))
 
 
-@register("hardtanh", sample=_hardtanh)
+def _hardtanh_range(node: Node) -> tuple[float, float]:
+    lo = number(node.arg("min_val", 1), -1.0)
+    hi = number(node.arg("max_val", 2), 1.0)
+    return (0.0, 1.0) if lo < hi else (0.0, 0.0)  # lo >= hi: constant
+
+
+@register("hardtanh", sample=_hardtanh, slopes=_hardtanh_range)
 def hardtanh(ctx: Context, node: Node) -> Effect:
     return unary(ctx, node, 1.0)
 
@@ -203,7 +252,21 @@ def _clamp(d: Draw, name: str) -> Case:
     return Case({"self": x, "min": lo, "max": hi}, overload="Tensor" if tensors else "default")
 
 
-@register("clamp", "clip", "clamp_min", "clamp_max", sample=_clamp)
+def _clamp_range(node: Node) -> tuple[float, float] | None:
+    if any(a.kind == "tensor" for _, a in node.args[1:]):
+        return None  # bounds that move with the input
+    lo = num(node.arg("min", 1), -math.inf)
+    hi = num(node.arg("max", 2), math.inf)
+    if _op(node) == "clamp_min":
+        hi = math.inf
+    elif _op(node) == "clamp_max":
+        lo, hi = -math.inf, num(node.arg("max", 1), math.inf)
+    if lo is None or hi is None:
+        return None
+    return (0.0, 1.0) if lo < hi else (0.0, 0.0)
+
+
+@register("clamp", "clip", "clamp_min", "clamp_max", sample=_clamp, slopes=_clamp_range)
 def clamp(ctx: Context, node: Node) -> Effect:
     """min(max(x, lo), hi) moves each output element by at most the largest move of the x, lo or hi
     element it reads: squares add, and each operand counts as often as broadcasting copies it."""

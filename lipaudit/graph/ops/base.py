@@ -141,6 +141,9 @@ class Draw(Protocol):
 
 
 Sample = Callable[[Draw, str], Case]
+# The secant-slope range [a, b] of an elementwise activation node, or None where its arguments leave
+# it open; used by the block bounds (graph/tighten.py).
+Slopes = Callable[[Node], "tuple[float, float] | None"]
 
 
 # -- reading arguments ---------------------------------------------------------------------------
@@ -242,6 +245,7 @@ class Spec:
     alias: bool = False  # the output may share memory with the first operand (views)
     inplace: bool = True  # register name_ for each name that torch has
     extra: dict[str, Any] = field(default_factory=dict)
+    slopes: Slopes | None = None  # elementwise activations only
 
 
 def small_shape(d: Draw, ndim: tuple[int, int] = (1, 3), hi: int = 4) -> tuple[int, ...]:

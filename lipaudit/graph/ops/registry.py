@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lipaudit.graph.model import Graph, Node
-from lipaudit.graph.ops.base import Rule, Sample, Spec
+from lipaudit.graph.ops.base import Rule, Sample, Slopes, Spec
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,16 @@ def _add(entry: Entry) -> None:
 
 
 def register(*names: str, sample: Sample | None, run: bool = True, alias: bool = False,
-             inplace: bool = True, extra: dict[str, Any] | None = None) -> Callable[[Rule], Rule]:
+             inplace: bool = True, extra: dict[str, Any] | None = None,
+             slopes: Slopes | None = None) -> Callable[[Rule], Rule]:
     """Register a rule for aten ops `names` ("op" for every overload, "op.overload" for one), with
-    the generator of its test cases. Each in-place variant torch has (`relu_` for `relu`) is
-    registered with the same rule; a name registered twice is an error at import."""
+    the generator of its test cases and, for an elementwise activation, its secant-slope range.
+    Each in-place variant torch has (`relu_` for `relu`) is registered with the same rule;
+    a name registered twice is an error at import."""
 
     def deco(fn: Rule) -> Rule:
         family = fn.__module__.rsplit(".", 1)[-1]
-        spec = Spec(tuple(names), fn, sample, family, run, alias, inplace, dict(extra or {}))
+        spec = Spec(tuple(names), fn, sample, family, run, alias, inplace, dict(extra or {}), slopes)
         for n in names:
             _add(Entry(n, spec))
             base, dot, overload = n.partition(".")

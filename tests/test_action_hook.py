@@ -134,7 +134,7 @@ def test_action_step_runs_lipaudit_and_keeps_its_exit_code(tmp_path: Path) -> No
     assert "::notice title=lipaudit::" in result.stdout
     assert (tmp_path / "summary.md").read_text(encoding="utf-8").startswith("## lipaudit")
     # one audit: the summary's numbers are the log's
-    assert "30.974" in (tmp_path / "summary.md").read_text(encoding="utf-8") and "30.974" in result.stdout
+    assert "31.072" in (tmp_path / "summary.md").read_text(encoding="utf-8") and "31.072" in result.stdout
     result = _run_audit_step(tmp_path, {"paths": DEMO, "format": "github", "fail-above": "5", "summary": "true"},
                              bin_dir)
     assert result.returncode == 1

@@ -24,7 +24,7 @@ def test_stdout_is_only_the_report_and_summary_goes_to_stderr() -> None:
     result = run("inspect", DEMO, "--format", "json")
     assert result.exit_code == 0
     validate(json.loads(result.stdout))
-    assert "no certified network bound" in result.stderr and "estimate 30.974" in result.stderr
+    assert "no certified network bound" in result.stderr and "estimate 31.072" in result.stderr
     quiet = run("inspect", DEMO, "--format", "json", "-q")
     assert quiet.stderr == ""
 
@@ -44,11 +44,11 @@ def test_quiet_table_is_the_summary_line_and_its_reason() -> None:
     ok = run("inspect", DEMO, "-q")
     assert ok.stdout.splitlines() == [
         f"{DEMO}: 5 layers, no certified network bound (the wiring is not known (export the model, or pass "
-        "--model)); estimate 30.974 (product of 5 layers), 10 findings (0 errors): PASSED"]
+        "--model)); estimate 31.072 (product of 5 layers), 10 findings (0 errors): PASSED"]
     assert ok.stderr == ""
     bad = run("inspect", DEMO, "-q", "--fail-above", "1")
     assert bad.exit_code == 1 and len(bad.stdout.splitlines()) == 1
-    assert "FAILED: 1 error: LIP001" in bad.stdout and "30.97" in bad.stdout
+    assert "FAILED: 1 error: LIP001" in bad.stdout and "31.07" in bad.stdout
 
 
 def test_github_annotations_are_workflow_commands() -> None:

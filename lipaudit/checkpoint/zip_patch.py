@@ -24,7 +24,7 @@ from lipaudit.checkpoint.select import check_size, select_state_dict
 from lipaudit.checkpoint.torch_reader import ZipLayout, _storage_pid, check_zip
 from lipaudit.checkpoint.unpickler import Storage, unpickle
 from lipaudit.errors import MalformedInputError, OutputError
-from lipaudit.text import visible
+from lipaudit.text import clean_message, visible
 
 _CENTRAL = b"PK\x01\x02"
 _DESCRIPTOR = b"PK\x07\x08"
@@ -95,6 +95,23 @@ def _central_entries(f: IO[bytes], start: int, count: int) -> dict[str, int]:
     return out
 
 
+def _check_disjoint(source: Path, layout: ZipLayout, infos: dict[str, zipfile.ZipInfo],
+                    records: dict[str, Callable[[], bytes]], start_dir: int) -> None:
+    """Each record's data must lie clear of every other member (local header to data end) and of the
+    central directory: a crafted archive whose members overlap would be corrupted by the patch."""
+    spans = sorted((infos[n].header_offset, m.offset + m.size, n) for n, m in layout.members.items())
+    for name in records:
+        m = layout.members[name]
+        lo, hi = m.offset, m.offset + m.size
+        if hi > start_dir:
+            raise MalformedInputError(f"{source}: zip member {visible(name, 80)!r} runs into the central directory",
+                                      str(source))
+        for a, b, other in spans:
+            if other != name and a < hi and lo < b:
+                raise MalformedInputError(f"{source}: zip members {visible(name, 80)!r} and {visible(other, 80)!r} "
+                                          "overlap: the archive cannot be rewritten in place", str(source))
+
+
 def patch_writer(source: Path, layout: ZipLayout,
                  records: dict[str, Callable[[], bytes]]) -> Callable[[IO[bytes]], None]:
     """A writer (for checkpoint.writer.stage) of source with the named records' data replaced by
@@ -106,6 +123,7 @@ def patch_writer(source: Path, layout: ZipLayout,
             with zipfile.ZipFile(src) as z:
                 infos = {i.filename: i for i in z.infolist()}
                 central = _central_entries(src, z.start_dir, len(infos))
+                _check_disjoint(source, layout, infos, records, z.start_dir)
             for name, value in records.items():
                 m, info = layout.members[name], infos[name]
                 data = value()
@@ -151,6 +169,16 @@ def _crc_ok(path: Path, name: str) -> bool:
     return bool(info.flag_bits & 0x8) or local == info.CRC
 
 
+def _unreadable(path: Path) -> bool:
+    """Whether Python's zipfile fails on the archive's own member headers."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return True
+    return False
+
+
 def check_patched(source: Path, written: Path, layout: ZipLayout, records: dict[str, Callable[[], bytes]],
                   shown: str) -> None:
     """The written archive is the source but for the records: same members at the same places,
@@ -159,8 +187,13 @@ def check_patched(source: Path, written: Path, layout: ZipLayout, records: dict[
         with zipfile.ZipFile(written) as z:
             bad = z.testzip()
             names = [i.filename for i in z.infolist()]
-    except (zipfile.BadZipFile, OSError) as e:
-        raise OutputError(f"{shown}: the written archive does not read back ({e})", shown) from None
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        # ValueError: a local header whose name does not decode (UnicodeDecodeError)
+        if isinstance(e, ValueError) and _unreadable(source):
+            raise MalformedInputError(f"{shown}: a member's local header does not read back ({clean_message(e, 80)}); "
+                                      "it cannot be rewritten safely", shown) from None
+        raise OutputError(f"{shown}: the written archive does not read back ({clean_message(e, 80)})",
+                          shown) from None
     if bad is not None:
         if not _crc_ok(source, bad):  # the input's member was already inconsistent
             raise MalformedInputError(f"{shown}: member {visible(bad, 80)!r} fails its CRC check", shown)

@@ -363,6 +363,21 @@ def test_structured_fuzz(capped: Worker, tmp_path_factory: pytest.TempPathFactor
     assert result.get("rss", 0) < RSS_LIMIT and result["seconds"] < CASE_SECONDS, (seed, result)
 
 
+def test_overlapping_members_are_read_but_not_patched(capped: Worker, tmp_path: Path) -> None:
+    """A case the fuzzer found: the central directory puts one member's data over another's local
+    header. torch reads it, so inspect does; writing the first member would break the second, so
+    normalize refuses it as malformed (it once wrote the file, failed its own check, exit 70)."""
+    import torch
+
+    name, data, _ = make_case(_seeds(), 3988493)
+    torch.load(io.BytesIO(data), weights_only=True)
+    for sub in ("read", "write"):
+        (tmp_path / sub).mkdir()
+    assert check_case(capped, tmp_path / "read", name, data, False)["code"] == 0
+    result = check_case(capped, tmp_path / "write", name, data, True)
+    assert result["code"] == 4 and result["clean"] and not result["left"], result
+
+
 def test_mutators_change_structure() -> None:
     seeds = _seeds()
     rng = random.Random(0)

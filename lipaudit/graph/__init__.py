@@ -164,6 +164,10 @@ def graph_of(arch: Pt2Archive, limits: Limits | None = None) -> Loaded:
         graph = parse_graph(arch.program, arch.shown, (limits or Limits()).nodes)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
         raise MalformedInputError(f"{arch.shown}: malformed graph JSON ({type(e).__name__})", arch.shown) from None
+    for name, fqn in list(graph.params.items()):
+        if fqn not in arch.weights and fqn in arch.constants:
+            # a non-persistent buffer: torch.export.save stores it with the constants
+            graph.constants[name] = graph.params.pop(name)
     for fqn in graph.params.values():
         if fqn not in arch.weights:
             raise MalformedInputError(f"{arch.shown}: the graph uses {visible(fqn, 80)!r}, which the weights config "

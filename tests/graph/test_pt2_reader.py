@@ -271,3 +271,25 @@ def test_declared_shapes_must_match_the_ops(tmp_path: Path) -> None:
     bad = _edit_json(FIXTURES / "unet.pt2", "models/model.json", tmp_path / "bad.pt2", edit)
     with pytest.raises(MalformedInputError, match="declares shapes"):
         inspect_archive(str(bad), FAST)
+
+
+def test_non_persistent_buffer_is_read_from_the_constants(tmp_path: Path) -> None:
+    """torch.export.save keeps a buffer registered with persistent=False among the constants, not
+    the weights; torch.export.load reads such a file, so lipaudit must too, and bound x @ c by ||c||."""
+
+    class NonPersistent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("c", torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * 100,
+                                 persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.c
+
+    model = NonPersistent()
+    path = tmp_path / "np.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 4),)), str(path))
+    r = inspect_archive(str(path), GraphSettings(measure=False))
+    truth = float(torch.linalg.matrix_norm(model.c.double(), 2))
+    assert r.certified and r.lipschitz_upper is not None
+    assert truth <= r.lipschitz_upper <= truth * (1 + 1e-6)

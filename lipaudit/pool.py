@@ -16,8 +16,6 @@ from typing import TypeVar
 
 import torch
 
-from lipaudit.runtime import tune_malloc
-
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -30,7 +28,6 @@ _saved = 1
 def single_threaded() -> Iterator[None]:
     """torch on one thread while any caller is inside; nested and concurrent callers share it."""
     global _depth, _saved
-    tune_malloc()  # every measurement runs inside
     with _lock:
         if _depth == 0:
             _saved = torch.get_num_threads()

@@ -703,8 +703,10 @@ def _grid_sizes(ks: Sequence[int], target: float, fft: bool = True) -> list[int]
     """N_i with prod_i (1 - t_i^2 / 2) >= 1 / (1 + target), t_i = pi (k_i - 1) / (2 N_i); FFT-friendly
     sizes when fft (the Gram route evaluates any grid directly)."""
     d = len(ks)
-    # 1e-5 to spare: a grid point whose lower end is the cap's base then closes by factorisation
-    t = math.sqrt(2 * (1 - ((1 + target) / (1 + 1e-5)) ** (-1 / d)))
+    # a little to spare (1e-5, less for tiny targets): a grid point whose lower end is the cap's
+    # base then closes by its own factorisation
+    spare = min(1e-5, target * 1e-3)
+    t = math.sqrt(2 * (1 - ((1 + target) / (1 + spare)) ** (-1 / d)))
     sizes = [max(2, math.ceil(math.pi * (s - 1) / 2 / t)) for s in ks]
     return [_smooth(n) for n in sizes] if fft else sizes
 

@@ -448,7 +448,6 @@ class _Search:
         self.upper = 0.0
         self.points = 0
         self.exact_points = 0
-        self.ritz_points = 0
         self.open_trace = 0.0  # max trace P over the points the last settle left open
         self.best_w: torch.Tensor | None = None  # where the lower end was found
 
@@ -470,7 +469,6 @@ class _Search:
         if n < _RITZ_WIDTH:
             self.exact_at(neg, w)
             return
-        self.ritz_points += 1
         best = 0.0
         for j in range(neg.shape[0]):
             x = _ritz_vector(neg[j], _RITZ_STEPS)

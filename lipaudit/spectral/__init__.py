@@ -97,26 +97,31 @@ def lanczos_top_vector(
     seed: int,
     device: str | torch.device = "cpu",
     start: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Top Ritz vector of the symmetric PSD operator gram (A^T A) after a few Lanczos steps.
+    """Top Ritz vector of the Hermitian PSD operator gram (A^H A) after a few Lanczos steps, real
+    or complex (dtype float64 or complex128).
 
     Full reorthogonalisation; the caller turns it into a lower bound by evaluating ||A x||, so
     rounding in the recurrence can only make the bound less tight, never wrong."""
     steps = max(1, min(steps, n))
     if start is None:
         g = torch.Generator().manual_seed(seed)
-        start = torch.randn(n, generator=g, dtype=torch.float64)
-    v = start.to(device=device, dtype=torch.float64)
-    basis = torch.zeros(n, steps, dtype=torch.float64, device=device)
+        if dtype.is_complex:
+            start = torch.view_as_complex(torch.randn(n, 2, generator=g, dtype=torch.float64))
+        else:
+            start = torch.randn(n, generator=g, dtype=torch.float64)
+    v = start.to(device=device, dtype=dtype)
+    basis = torch.zeros(n, steps, dtype=dtype, device=device)
     basis[:, 0] = v / torch.linalg.vector_norm(v)
     alpha: list[float] = []
     beta: list[float] = []
     for j in range(steps):
         z = gram(basis[:, j])
-        alpha.append(float(basis[:, j] @ z))
+        alpha.append(float(torch.vdot(basis[:, j], z).real))
         q = basis[:, : j + 1]
-        z = z - q @ (q.T @ z)
-        z = z - q @ (q.T @ z)  # twice is enough
+        z = z - q @ (q.mH @ z)
+        z = z - q @ (q.mH @ z)  # twice is enough
         b = float(torch.linalg.vector_norm(z))
         if j == steps - 1 or b <= 1e-12 * max(abs(a) for a in alpha):
             break
@@ -128,6 +133,6 @@ def lanczos_top_vector(
         off = torch.tensor(beta[: k - 1], dtype=torch.float64)
         t = t + torch.diag(off, 1) + torch.diag(off, -1)
     _, vecs = torch.linalg.eigh(t)
-    x = basis[:, :k] @ vecs[:, -1].to(device)
+    x = basis[:, :k] @ vecs[:, -1].to(device=device, dtype=dtype)
     unit: torch.Tensor = x / torch.linalg.vector_norm(x)
     return unit

@@ -293,39 +293,6 @@ class GramSymbol:
         return -(sym.mH @ sym)
 
 
-def _ritz_vector(neg: torch.Tensor, steps: int) -> torch.Tensor:
-    """Unit Ritz vector of the least eigenvalue of the Hermitian matrix neg (= -P) after `steps`
-    Lanczos steps with full reorthogonalisation, from a fixed start (the same bits every run)."""
-    n = neg.shape[-1]
-    steps = max(1, min(steps, n))
-    start = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    basis = torch.zeros(n, steps, dtype=neg.dtype, device=neg.device)
-    v = torch.view_as_complex(start).to(device=neg.device, dtype=neg.dtype)
-    basis[:, 0] = v / torch.linalg.vector_norm(v)
-    alpha: list[float] = []
-    beta: list[float] = []
-    for j in range(steps):
-        z = neg @ basis[:, j]
-        alpha.append(float(torch.vdot(basis[:, j], z).real))
-        q = basis[:, : j + 1]
-        z = z - q @ (q.mH @ z)
-        z = z - q @ (q.mH @ z)  # twice is enough
-        b = float(torch.linalg.vector_norm(z))
-        if j == steps - 1 or b <= 1e-12 * max(abs(a) for a in alpha):
-            break
-        beta.append(b)
-        basis[:, j + 1] = z / b
-    k = len(alpha)
-    t = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-    if k > 1:
-        off = torch.tensor(beta[: k - 1], dtype=torch.float64)
-        t = t + torch.diag(off, 1) + torch.diag(off, -1)
-    _, vecs = torch.linalg.eigh(t)
-    x = basis[:, :k] @ vecs[:, 0].to(device=neg.device, dtype=neg.dtype)
-    unit: torch.Tensor = x / torch.linalg.vector_norm(x)
-    return unit
-
-
 def top_eigenvalue(neg: torch.Tensor) -> torch.Tensor:
     """lambda_max(P) from -P."""
     top: torch.Tensor = (-torch.linalg.eigvalsh(neg)[..., 0]).clamp(min=0)
@@ -471,11 +438,15 @@ class _Search:
             return
         best = 0.0
         for j in range(neg.shape[0]):
-            x = _ritz_vector(neg[j], _RITZ_STEPS)
-            px = neg[j] @ x
-            q = -float(torch.vdot(x, px).real) / float(torch.vdot(x, x).real)
+            p = neg[j]
+
+            def gram(v: torch.Tensor, p: torch.Tensor = p) -> torch.Tensor:
+                return -(p @ v)  # P v
+
+            x = lanczos_top_vector(gram, n, _RITZ_STEPS, 0, p.device, dtype=p.dtype)
+            q = -float(torch.vdot(x, p @ x).real) / float(torch.vdot(x, x).real)
             # rounding of the two products (Higham, Thm 3.5; complex factor 4) against ||P||_F >= |P|
-            err = 8 * (n + 2) * _EPS * float(torch.linalg.matrix_norm(neg[j])) + self.sym.p_error
+            err = 8 * (n + 2) * _EPS * float(torch.linalg.matrix_norm(p)) + self.sym.p_error
             best = max(best, q - err)
         if best > self.lower2:
             self.lower2 = best

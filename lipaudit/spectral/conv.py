@@ -542,7 +542,7 @@ class _Search:
                     if bool(closed.any()):
                         self.upper = max(self.upper, cap)
                         still = still[~closed]
-                if not len(still) or tries >= _MAX_EXACT or (not final and ritzed):
+                if not len(still) or tries >= _MAX_EXACT:
                     break
                 first = int(still[0])
                 if not final or (factor > 0 and first not in ritzed and len(ritzed) < _MAX_EXACT

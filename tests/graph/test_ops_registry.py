@@ -223,14 +223,47 @@ def _within(value: float, log10_bound: float, slack: float) -> bool:
     return value <= 10.0**log10_bound * (1 + slack) + 1e-12
 
 
-def check(name: str, case: Case, seed: int) -> str:
-    """'covered', 'uncovered' or 'constant'; fails on a factor below the truth."""
+def _built(name: str, case: Case, seed: int) -> tuple[Built, torch.Generator, dict[str, torch.Tensor],
+                                                     list[torch.Tensor], Graph, Node, list[str]]:
+    """The case's node, a seeded generator, a first point, the op's outputs there and its graph."""
     built = Built(name, case)
-    case = built.case
     gen = torch.Generator().manual_seed(seed)
     x0 = built.draw_point(gen)
     outputs = [t.detach() for t in built.call(x0)]
-    g, node, outs = built.graph(outputs)
+    return (built, gen, x0, outputs, *built.graph(outputs))
+
+
+def _run_cases(name: str, check_one: Callable[[str, Case, int], str], tally: str) -> None:
+    """check_one on the cases the registration's generator draws; arguments torch refuses are
+    rejected, and at least one case must run."""
+    entry = ops.REGISTRY[name]
+    sample = entry.spec.sample
+    assert sample is not None, f"aten.{name} has no case generator"
+    ran: Counter[str] = Counter()
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        case = sample(HypothesisDraw(data), entry.runs_as)  # an in-place name gets its out-of-place cases
+        try:
+            outcome = check_one(name, case, data.draw(st.integers(0, 2**31 - 1)))
+        except (RuntimeError, LookupError, IndexError, ValueError) as e:
+            if isinstance(e, AssertionError):
+                raise
+            ran["invalid"] += 1
+            reject()  # arguments torch itself refuses (an in-place op cannot broadcast its operand)
+        ran[outcome] += 1
+
+    run()
+    TALLY.update({f"{tally}:{k}": v for k, v in ran.items()})
+    assert sum(v for k, v in ran.items() if k != "invalid") > 0, f"aten.{name}: no case torch accepts"
+
+
+def check(name: str, case: Case, seed: int) -> str:
+    """'covered', 'uncovered' or 'constant'; fails on a factor below the truth."""
+    built, gen, x0, outputs, g, node, outs = _built(name, case, seed)
+    case = built.case
     try:
         own = built.factors(g, node, outs, {})
     except Uncovered:
@@ -314,29 +347,7 @@ def test_a_second_registration_is_refused() -> None:
 
 @pytest.mark.parametrize("name", _names())
 def test_rule_against_jacobians_and_secants(name: str) -> None:
-    entry = ops.REGISTRY[name]
-    sample = entry.spec.sample
-    assert sample is not None, f"aten.{name} has no case generator"
-    ran: Counter[str] = Counter()
-
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
-    @given(data=st.data())
-    def run(data: st.DataObject) -> None:
-        d = HypothesisDraw(data)
-        case = sample(d, entry.runs_as)  # an in-place name gets its out-of-place cases
-        try:
-            outcome = check(name, case, data.draw(st.integers(0, 2**31 - 1)))
-        except (RuntimeError, LookupError, IndexError, ValueError) as e:
-            if isinstance(e, AssertionError):
-                raise
-            ran["invalid"] += 1
-            reject()  # arguments torch itself refuses (an in-place op cannot broadcast its operand)
-        ran[outcome] += 1
-
-    run()
-    TALLY.update({f"{entry.spec.family}:{k}": v for k, v in ran.items()})
-    assert sum(v for k, v in ran.items() if k != "invalid") > 0, f"aten.{name}: no case torch accepts"
+    _run_cases(name, check, ops.REGISTRY[name].spec.family)
 
 
 def _slope_names() -> list[str]:
@@ -352,12 +363,8 @@ def test_block_activations_register_their_slopes() -> None:
 def check_slopes(name: str, case: Case, seed: int) -> str:
     """'checked' or 'open'; fails when a derivative or a secant slope of the real op, elementwise,
     leaves the range the registration gives."""
-    built = Built(name, case)
+    built, gen, x0, _, _, node, _ = _built(name, case, seed)
     case = built.case
-    gen = torch.Generator().manual_seed(seed)
-    x0 = built.draw_point(gen)
-    outputs = [t.detach() for t in built.call(x0)]
-    _, node, _ = built.graph(outputs)
     spec = built.entry.spec
     assert spec.slopes is not None
     try:
@@ -400,28 +407,7 @@ def check_slopes(name: str, case: Case, seed: int) -> str:
 
 @pytest.mark.parametrize("name", _slope_names())
 def test_slope_range_against_derivatives_and_secants(name: str) -> None:
-    entry = ops.REGISTRY[name]
-    sample = entry.spec.sample
-    assert sample is not None
-    ran: Counter[str] = Counter()
-
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
-    @given(data=st.data())
-    def run(data: st.DataObject) -> None:
-        case = sample(HypothesisDraw(data), entry.runs_as)
-        try:
-            outcome = check_slopes(name, case, data.draw(st.integers(0, 2**31 - 1)))
-        except (RuntimeError, LookupError, IndexError, ValueError) as e:
-            if isinstance(e, AssertionError):
-                raise
-            ran["invalid"] += 1
-            reject()
-        ran[outcome] += 1
-
-    run()
-    TALLY.update({f"slopes:{k}": v for k, v in ran.items()})
-    assert sum(v for k, v in ran.items() if k != "invalid") > 0, f"aten.{name}: no case torch accepts"
+    _run_cases(name, check_slopes, "slopes")
 
 
 def test_long_run_tally() -> None:

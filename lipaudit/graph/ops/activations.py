@@ -58,15 +58,8 @@ _CONST = {"sigmoid": 0.25, "hardsigmoid": HARDSIGMOID, "silu": SILU, "mish": MIS
           "hardswish": HARDSWISH}
 
 
-# Secant-slope ranges [a, b] of the activations whose range the block bounds use.
-_RANGES = {
-    "relu": (0.0, 1.0), "relu6": (0.0, 1.0), "tanh": (0.0, 1.0), "log_sigmoid": (0.0, 1.0), "atan": (0.0, 1.0),
-    "sigmoid": (0.0, 0.25), "hardsigmoid": (0.0, HARDSIGMOID), "erf": (0.0, ERF),
-    "hardswish": (-0.5, HARDSWISH),  # x (x + 3) / 6 on [-3, 3]: slope (2x + 3) / 6; 0 below, 1 above
-    "selu": (0.0, SELU),  # scale above 0, scale alpha exp(x) below
-    # f(x) - f(-x) = x, so f'(x) + f'(-x) = 1: the slopes lie in [1 - c, c] with c = sup f'
-    "silu": (1.0 - SILU, SILU),
-}
+# Nondecreasing activations the block bounds use: their secant slopes lie in [0, sup f'].
+_MONOTONE = {"relu", "relu6", "tanh", "log_sigmoid", "atan", "sigmoid", "hardsigmoid", "erf", "selu"}
 
 
 def _op(node: Node) -> str:
@@ -75,22 +68,31 @@ def _op(node: Node) -> str:
 
 def _fixed_range(node: Node) -> tuple[float, float] | None:
     op = _op(node)
-    if op == "gelu":
+    if op in _MONOTONE:
+        return (0.0, 1.0 if op in _ONE else _CONST[op])
+    if op == "hardswish":
+        return (-0.5, HARDSWISH)  # x (x + 3) / 6 on [-3, 3]: slope (2x + 3) / 6; 0 below, 1 above
+    if op == "silu":
+        c = SILU
+    elif op == "gelu":
         mode = node.arg("approximate")
         if mode is not None and mode.kind not in ("str", "none"):
             return None
         c = GELU_TANH if mode is not None and mode.value == "tanh" else GELU
-        return (1.0 - c, c)  # as silu: gelu(x) - gelu(-x) = x in both forms
-    return _RANGES.get(op)
+    else:
+        return None
+    # silu and both forms of gelu: f(x) - f(-x) = x, so f'(x) + f'(-x) = 1 and the slopes lie in
+    # [1 - c, c] with c = sup f'
+    return (1.0 - c, c)
 
 
 @register(*sorted(_ONE | set(_CONST) | {"gelu"}), sample=_plain, slopes=_fixed_range)
 def fixed_slope(ctx: Context, node: Node) -> Effect:
-    if node.op.rstrip("_") == "gelu":
+    op = _op(node)
+    if op == "gelu":
         a = node.arg("approximate")
         mode = a.value if a is not None and a.kind == "str" else "none"
         return unary(ctx, node, GELU_TANH if mode == "tanh" else GELU)
-    op = node.op.rstrip("_")
     return unary(ctx, node, 1.0 if op in _ONE else _CONST[op])
 
 

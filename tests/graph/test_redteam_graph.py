@@ -72,3 +72,28 @@ def test_detach_does_not_inflate_the_measured_lower_end(tmp_path: Path) -> None:
     assert r.lipschitz_upper is not None and r.lipschitz_upper >= true
     assert r.lipschitz_lower is not None and r.lipschitz_lower <= true * (1 + 1e-9)
     assert r.lipschitz_lower >= 0.5 * true  # the measurement still finds the real slope
+
+
+class _Scaled(nn.Module):
+    def __init__(self, c: float, divide: bool) -> None:
+        super().__init__()
+        self.c, self.divide = c, divide
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.c if self.divide else x * self.c
+
+
+@pytest.mark.parametrize(("c", "divide"), [(1e-300, True), (1e-39, True), (1e39, False)])
+def test_a_scalar_out_of_float32_range_is_uncovered(tmp_path: Path, c: float, divide: bool) -> None:
+    """x / 1e-300 in float32 divides by 0 (torch rounds the number to float32), and x / 1e-39 or
+    x * 1e39 overflow for any input above 0.4: a float32 graph gets no bound, not 1e300."""
+    x = torch.randn(1, 4)
+    assert not bool(torch.isfinite(_Scaled(c, divide)(x)).all())
+    r = inspect_archive(str(export_to(tmp_path / "s.pt2", _Scaled(c, divide), x)), GraphSettings(measure=False))
+    assert not r.certified and r.lipschitz_upper is None
+
+
+def test_a_scalar_in_range_keeps_its_bound(tmp_path: Path) -> None:
+    x = torch.randn(1, 4)
+    r = inspect_archive(str(export_to(tmp_path / "s.pt2", _Scaled(0.1, True), x)), GraphSettings(measure=False))
+    assert r.certified and r.lipschitz_upper is not None and 10.0 <= r.lipschitz_upper <= 10.0 * (1 + 1e-6)

@@ -78,6 +78,22 @@ def _mul(d: Draw, name: str) -> Case:
     return Case({"self": Var(shape), "other": other}, overload="Scalar" if isinstance(other, float) else "Tensor")
 
 
+_FLOAT_TYPES = {6: torch.float16, 7: torch.float32, 8: torch.float64, 13: torch.bfloat16}
+
+
+def _scalar_scale(ctx: Context, node: Node, c: float, inverse: bool) -> float:
+    """|c| (1 / |c| when inverse) for a number that multiplies (divides) the tensor: torch rounds it
+    to the output's float type first, where a tiny divisor is 0 and a huge factor is inf. The
+    larger of the exact and the rounded scale, whichever way torch applies it."""
+    dt = _FLOAT_TYPES.get(ctx.g.dtypes.get(out(node), 7), torch.float64)
+    r = abs(float(torch.tensor(c, dtype=torch.float64).to(dt)))
+    top = torch.finfo(dt).max
+    if not math.isfinite(c) or r > top or (inverse and (r == 0.0 or 1.0 / r > top)):
+        raise Uncovered(f"{'division' if inverse else 'multiplication'} by {c:g}, which is zero or out of range "
+                        f"in {str(dt).removeprefix('torch.')}")
+    return max(1.0 / abs(c), 1.0 / r) if inverse else max(abs(c), r)
+
+
 def _const_scale(ctx: Context, c: str, inverse: bool) -> float:
     v = ctx.value(c)
     if not v.is_floating_point():
@@ -97,10 +113,10 @@ def mul(ctx: Context, node: Node) -> Effect:
     if a is None or a.kind != "tensor":
         raise Uncovered("mul without a tensor operand")
     if b is None or b.kind != "tensor":
-        c = abs(number(b, 1.0))
-        if not math.isfinite(c):
-            raise Uncovered("multiplication by a non-finite number")
-        return Gains(((str(a.value), lg(c)),))
+        c = number(b, 1.0)
+        if c == 0.0:
+            return Gains(((str(a.value), lg(0.0)),))
+        return Gains(((str(a.value), lg(_scalar_scale(ctx, node, c, False))),))
     ca, cb = ctx.is_const(a.value), ctx.is_const(b.value)
     if not ca and not cb:
         found = product_pattern(ctx, a.value, b.value)
@@ -153,10 +169,7 @@ def div(ctx: Context, node: Node) -> Effect:
     if mode is not None and mode.kind == "str":
         raise Uncovered("rounding division is not continuous")
     if b is None or b.kind != "tensor":
-        c = number(b, 1.0)
-        if c == 0.0 or not math.isfinite(c):
-            raise Uncovered("division by zero or a non-finite number")
-        return Gains(((str(a.value), -lg(abs(c))),))
+        return Gains(((str(a.value), lg(_scalar_scale(ctx, node, number(b, 1.0), True))),))
     if not ctx.is_const(b.value):
         raise Uncovered("division by an input-dependent tensor")
     return Gains(((str(a.value), lg(_const_scale(ctx, b.value, True)) + ctx.ratio(a.value, out(node))),))

@@ -175,25 +175,43 @@ class BlockBound:
 Norm = Callable[[Lin], float]
 
 
-def chain_bound(items: list[Lin | Act], residual: bool, norm: Norm) -> tuple[float, float, bool]:
-    """(product, tightened upper, whether the loop transformation lowered it) for
-    W_n Act_{n-1} ... Act_1 W_1 (+ I): items alternate maps and activations."""
+def _split(items: list[Lin | Act]) -> tuple[list[Lin], list[Act]]:
     ws = [it for it in items if isinstance(it, Lin)]
     acts = [it for it in items if isinstance(it, Act)]
     if len(ws) != len(acts) + 1:
         raise ValueError("a block must alternate maps and activations")
+    return ws, acts
+
+
+def composites(items: list[Lin | Act], ends_only: bool = False) -> dict[tuple[int, int], Lin]:
+    """comp[(k, j)] = W_k m_{k-1} W_{k-1} ... m_{j+1} W_{j+1}, maps numbered from 1 (ends_only: the
+    whole chain's, (n, 0), alone); a composite over MAX_KERNEL entries and those beyond it are left out."""
+    ws, acts = _split(items)
     n = len(ws)
-    own = [1.0 if w.unit else norm(w) for w in ws]
-    product = math.prod(own) * math.prod(a.gain for a in acts) + (1.0 if residual else 0.0)
-    # comp[(k, j)] = W_k m_{k-1} W_{k-1} ... m_{j+1} W_{j+1}, maps numbered from 1
     comp: dict[tuple[int, int], Lin] = {}
-    for k in range(1, n + 1):
+    for k in range(n if ends_only else 1, n + 1):
         comp[(k, k - 1)] = ws[k - 1]
         for j in range(k - 2, -1, -1):
             step = compose(comp[(k, j + 1)], scaled_lin(ws[j], acts[j].m))
             if step.kernel.numel() > MAX_KERNEL:
                 break
             comp[(k, j)] = step
+    return {key: w for key, w in comp.items() if not ends_only or key == (n, 0)}
+
+
+def chain_bound(items: list[Lin | Act], residual: bool, norm: Norm,
+                whole: Lin | None = None) -> tuple[float, float, bool]:
+    """(product, tightened upper, whether the loop transformation lowered it) for
+    W_n Act_{n-1} ... Act_1 W_1 (+ I): items alternate maps and activations. whole, when given, is
+    the same linear map as the chain's composite M_n0 (a rebalanced block's is its original's), used
+    in its place so it is measured once."""
+    ws, acts = _split(items)
+    n = len(ws)
+    own = [1.0 if w.unit else norm(w) for w in ws]
+    product = math.prod(own) * math.prod(a.gain for a in acts) + (1.0 if residual else 0.0)
+    comp = composites(items)
+    if whole is not None and (n, 0) in comp:
+        comp[(n, 0)] = whole
     known: dict[tuple[int, int], float] = {}
 
     def comp_norm(k: int, j: int) -> float:
@@ -230,13 +248,16 @@ def rebalance(items: list[Lin | Act], sweeps: int = 4) -> list[Lin | Act] | None
     """The same block with channel scalings moved across each activation: W_j -> D_j^-1 W_j D_{j-1}
     with positive diagonal D_j constant over space (D_0 = D_n = I). Diagonal maps commute with the
     slope diagonals, so the block is unchanged; the product and loop-transformation bounds are not.
-    D_j balances the channel norms of W_j's rows and W_{j+1}'s columns."""
+    D_j balances the channel norms of W_j's rows and W_{j+1}'s columns. Beside an identity map
+    D_j stays I: there a scaling cannot lower any term (||W D^-1|| ||D|| >= ||W||) and would turn the
+    identity into a map to measure. None when no D_j is free."""
     ws = [it for it in items if isinstance(it, Lin)]
-    if len(ws) < 2:
+    free = [j for j in range(len(ws) - 1) if not ws[j].unit and not ws[j + 1].unit]
+    if not free:
         return None
     ks = [w.kernel.clone() for w in ws]
     for _ in range(sweeps):
-        for j in range(len(ks) - 1):
+        for j in free:
             a = ks[j].flatten(1).norm(dim=1)
             b = ks[j + 1].transpose(0, 1).flatten(1).norm(dim=1)
             ok = (a > 0) & (b > 0) & torch.isfinite(a) & torch.isfinite(b)
@@ -248,7 +269,9 @@ def rebalance(items: list[Lin | Act], sweeps: int = 4) -> list[Lin | Act] | None
     i = 0
     for it in items:
         if isinstance(it, Lin):
-            out.append(Lin(ks[i], it.stride, it.pad, it.params, it.spreads, key=_key(f"bal{sweeps}:{i}", *ws)))
+            touched = i in free or i - 1 in free
+            out.append(Lin(ks[i], it.stride, it.pad, it.params, it.spreads, it.unit,
+                           _key(f"bal{sweeps}:{i}", *ws)) if touched else it)
             i += 1
         else:
             out.append(it)
@@ -641,7 +664,9 @@ def _rebalanced(items: list[Lin | Act], residual: bool, norm: Norm) -> tuple[flo
     scaled = rebalance(items)
     if scaled is None:
         return math.inf, "product"
-    _, up, loop = chain_bound(scaled, residual, norm)
+    # D_0 = D_n = I: the whole chain's composite is the original's (the scalings cancel inside it)
+    whole = composites(items, ends_only=True).get((len(_split(items)[0]), 0))
+    _, up, loop = chain_bound(scaled, residual, norm, whole)
     return up, "loop transformation" if loop else "product"
 
 

@@ -121,6 +121,37 @@ def test_residual_and_two_activations_above_every_vertex(seed: int) -> None:
     assert upper2 < upper
 
 
+def test_rebalanced_rule_measures_no_second_whole_chain() -> None:
+    """The scalings cancel inside the whole chain's composite: the rebalanced rule asks for the
+    original's (one key, so one measurement), and next to an identity map nothing is rebalanced."""
+    from lipaudit.graph.tighten import Block, evaluate, identity
+    from lipaudit.spectral import Interval
+
+    g = torch.Generator().manual_seed(7)
+    w1 = Lin(torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64), (1, 1), (1, 1), (), True, key="w1")
+    w2 = Lin(torch.randn(4, 6, 3, 3, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 6).reshape(1, -1, 1, 1),
+             (1, 1), (1, 1), (), True, key="w2")
+    asked: list[str] = []
+
+    def record(w: Lin) -> Interval:
+        asked.append(w.key)
+        return Interval(1.0, 1.0, "x", "x", True)
+
+    blk = Block("x", "y", ("a",), [w1, Act(0, 1, "r"), w2], True, False)
+    evaluate(blk, record)
+    wholes = [k for k in asked if k.startswith("I+")]
+    assert len(wholes) == 1 and len(asked) == len(set(asked))
+    assert any(k.startswith("bal") for k in asked)  # the rebalanced maps themselves are still measured
+    # an activation at the end: [W, act, I] leaves nothing to rebalance
+    assert rebalance([w1, Act(0, 1, "r"), identity(6, 2, w1.kernel)]) is None
+    # the composite it reuses is the rebalanced chain's own, up to rounding
+    bal = rebalance([w1, Act(0, 1, "r"), w2])
+    assert bal is not None
+    ours = compose(bal[2], Lin(bal[0].kernel * 0.5, (1, 1), (1, 1), (), True))
+    theirs = compose(w2, Lin(w1.kernel * 0.5, (1, 1), (1, 1), (), True))
+    assert torch.allclose(ours.kernel, theirs.kernel, rtol=1e-12, atol=1e-12)
+
+
 class _Inverted(nn.Module):
     """An inverted residual block with padding, a depthwise conv and a stride option."""
 

@@ -102,6 +102,18 @@ def compose(b: Lin, a: Lin) -> Lin:
     d = a.d
     sa = a.stride
     kb = b.kernel
+    if all(t == 1 for t in kb.shape[2:]) and all(p == 0 for p in b.pad) and all(s == 1 for s in b.stride):
+        # a pointwise map after a (BatchNorm folded into a conv): a matrix product over channels,
+        # or a row scaling when the matrix is diagonal; the same sums as the convolution below
+        mat = kb.reshape(kb.shape[0], kb.shape[1])
+        flat = a.kernel.reshape(a.kernel.shape[0], -1)
+        diag = torch.diagonal(mat)
+        if not mat.is_meta and mat.shape[0] == mat.shape[1] and bool(torch.equal(mat, torch.diag(diag))):
+            out = diag[:, None] * flat
+        else:
+            out = mat @ flat
+        return Lin(out.reshape(kb.shape[0], *a.kernel.shape[1:]), a.stride, a.pad, a.params + b.params,
+                   a.spreads or b.spreads, key=_key("", b, a))
     if any(s > 1 for s in sa):
         taps = [(kb.shape[2 + i] - 1) * sa[i] + 1 for i in range(d)]
         wide = kb.new_zeros(kb.shape[0], kb.shape[1], *taps)

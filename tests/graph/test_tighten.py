@@ -41,11 +41,16 @@ def _dense_conv(k: torch.Tensor, stride: int, pad: int, n: int, groups: int = 1)
     return out.reshape(out.shape[0], -1).T
 
 
-@pytest.mark.parametrize(("sa", "sb"), [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_compose_is_the_sequential_infinite_convolution(sa: int, sb: int) -> None:
+@pytest.mark.parametrize(("sa", "sb", "tail"), [(1, 1, "conv"), (2, 1, "conv"), (1, 2, "conv"), (2, 2, "conv"),
+                                              (1, 1, "pointwise"), (2, 1, "pointwise"), (2, 1, "diagonal")])
+def test_compose_is_the_sequential_infinite_convolution(sa: int, sb: int, tail: str) -> None:
     g = torch.Generator().manual_seed(sa * 10 + sb)
     ka = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
     kb = torch.randn(5, 4, 3, 2, generator=g, dtype=torch.float64)
+    if tail == "pointwise":  # a 1x1 map after a (matrix product route)
+        kb = kb[:, :, :1, :1].contiguous()
+    elif tail == "diagonal":  # BatchNorm after a (row scaling route)
+        kb = torch.diag(torch.randn(4, generator=g, dtype=torch.float64)).reshape(4, 4, 1, 1)
     a = Lin(ka, (sa, sa), (0, 0), (), True)
     b = Lin(kb, (sb, sb), (0, 0), (), True)
     c = compose(b, a)

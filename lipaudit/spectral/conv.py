@@ -604,8 +604,7 @@ def _fold(h: torch.Tensor, sizes: Sequence[int], dil: Sequence[int]) -> torch.Te
     return out
 
 
-def _fft_grid(kg: torch.Tensor, sizes: Sequence[int], dil: Sequence[int], budget: Budget,
-              lows: list[torch.Tensor] | None = None) -> tuple[float, float]:
+def _fft_grid(kg: torch.Tensor, sizes: Sequence[int], dil: Sequence[int], budget: Budget) -> tuple[float, float]:
     """kg (g, m, n, k...): max over groups and the n-point grid of sigma_max(K_j^(2 pi r / n)), bracketed.
 
     One FFT per channel pair; the error of a float64 FFT of size N is at most log2(N) eta ||y||
@@ -641,8 +640,6 @@ def _fft_grid(kg: torch.Tensor, sizes: Sequence[int], dil: Sequence[int], budget
             e_p = (8 * (m + 4) * _EPS + svd_error(n, n)) * f2
             up, low = (lam + e_p).sqrt(), (lam - e_p).clamp(min=0).sqrt()
         group_low = (low - e_k).clamp(min=0).max(dim=1).values
-        if lows is not None:
-            lows.append(group_low)
         lo = max(lo, float(group_low.max()))
         hi = max(hi, float((up + e_k).max()))
     return lo, hi
@@ -866,7 +863,10 @@ def row_lower(k: torch.Tensor, rtol: float = 1e-2, budget: Budget | None = None)
     """max over output channels o of a proven lower end of S(K[o:o+1]), and the best o.
 
     One output channel's operator is a row block of whichever group holds it, so this is a
-    lower end of the norm for every grouping the shape allows."""
+    lower end of the norm for every grouping the shape allows. Its symbol is a vector, whose
+    squared norm is the real trigonometric polynomial sum_q R_o(q) cos(w.q) of the row's
+    autocorrelation R_o(q) = sum_{i, p} K[o, i, p] K[o, i, p + q]: a few shifts per row, evaluated
+    on a grid as fine as the certificate's by one small product per batch of points."""
     budget = budget or Budget()
     if k.numel() == 0 or not bool(torch.any(k != 0)):
         return 0.0, 0
@@ -878,15 +878,34 @@ def row_lower(k: torch.Tensor, rtol: float = 1e-2, budget: Budget | None = None)
         norms = torch.linalg.vector_norm(ks.reshape(c_out, -1), dim=1)
         best = int(torch.argmax(norms))
         return unscale_lower(float(norms[best]) * (1 - (c_in + 4) * _EPS), e), best
-    sizes = _grid_sizes(spatial, rtol * _TARGET)
-    # A coarser grid still gives a lower end: keep the table small.
-    while math.prod(sizes) * c_out * c_in > 2**26 and any(n > 2 * s for n, s in zip(sizes, spatial, strict=True)):
-        i = max(range(len(sizes)), key=lambda j: sizes[j] / spatial[j])
-        sizes[i] = _smooth(max(2 * spatial[i], sizes[i] // 2))
-    kg = ks.reshape(c_out, 1, c_in, *spatial).transpose(1, 2)
-    lows: list[torch.Tensor] = []
-    lo, _ = _fft_grid(kg, sizes, [1] * len(sizes), budget, lows)
-    return unscale_lower(lo, e), int(torch.argmax(torch.cat(lows)))
+    budget.need(ks.numel() * 8 * 3, "the kernel's row autocorrelation")
+    every = (slice(None), slice(None))
+    shifts = [q for q in itertools.product(*(range(-(s - 1), s) for s in spatial)) if q >= tuple(0 for _ in q)]
+    table = torch.empty(len(shifts), c_out, dtype=ks.dtype, device=ks.device)
+    for i, q in enumerate(shifts):
+        budget.check()
+        pairs = list(zip(q, spatial, strict=True))
+        src = ks[(*every, *(slice(max(0, -qi), s - max(0, qi)) for qi, s in pairs))]
+        dst = ks[(*every, *(slice(max(0, qi), s - max(0, -qi)) for qi, s in pairs))]
+        table[i] = (src * dst).reshape(c_out, -1).sum(dim=1) * (1 if i == 0 else 2)
+    fro2 = table[0].clamp(min=0)  # R_o(0) = ||K_o||_F^2 bounds every |R_o(q)|
+    # Rounding of the table (gamma of c_in prod(k) terms), of the phases (eps |w.q| each) and of the
+    # sum over shifts, each against ||K_o||_F^2 per shift (generous constants, as for GramSymbol).
+    terms = c_in * math.prod(spatial) + len(shifts) + 8 + int(2 * math.pi * sum(2 * s for s in spatial))
+    err = (8 * len(shifts) * terms * _EPS) * fro2 + 2.0**-1000
+    w = _uniform_points(_grid_sizes(spatial, rtol * _TARGET, fft=False))
+    shift_t = torch.tensor(shifts, dtype=torch.float64, device=ks.device).T
+    step = max(1, budget.chunk() // (8 * max(c_out, len(shifts)) * 2))
+    best_val, best_o = -math.inf, 0
+    for sl in _chunks(len(w), step):
+        budget.check()
+        power = torch.cos(w[sl].to(ks.device) @ shift_t) @ table  # (points, c_out): ||K_o^(w)||^2
+        low = (power - err).max(dim=0).values
+        o = int(torch.argmax(low))
+        if float(low[o]) > best_val:
+            best_val, best_o = float(low[o]), o
+    lower = math.sqrt(max(best_val, 0.0)) * (1 - 4 * _EPS)
+    return unscale_lower(lower, e), best_o
 
 
 def conv_interval(

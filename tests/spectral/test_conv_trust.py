@@ -121,6 +121,39 @@ def test_row_lower_is_a_lower_end_of_each_row() -> None:
     assert lo >= rows[best].lower * (1 - 2e-2)
 
 
+@pytest.mark.parametrize("shape", [(6, 3, 3, 3), (4, 5, 2, 2), (3, 2, 5), (5, 2, 1, 4), (3, 2, 3, 2, 2)])
+@pytest.mark.parametrize("scale", [1.0, 1e-300, 1e300])
+def test_row_lower_against_each_row_symbol_on_a_fine_grid(shape: tuple[int, ...], scale: float) -> None:
+    """Each row's symbol summed directly (sum_p K[o, :, p] e^{-i w.p}) on a 64-point-per-axis grid
+    in float64: the fine maximum over rows, divided by its grid factor, is above the true value,
+    and the fine maximum itself is below it; row_lower must sit under the first and near the second."""
+    w = _kernel(shape, seed=sum(shape))
+    d = len(shape) - 2
+    n = 64
+    axes = [torch.arange(n, dtype=torch.float64) * (2 * math.pi / n)] * d
+    grid = torch.cartesian_prod(*axes).reshape(-1, d)
+    taps = torch.cartesian_prod(*(torch.arange(s, dtype=torch.float64) for s in shape[2:])).reshape(-1, d)
+    phase = grid @ taps.T  # (points, taps)
+    flat = w.reshape(shape[0], shape[1], -1)  # (o, i, taps)
+    re = torch.einsum("pt,oit->poi", torch.cos(phase), flat)
+    im = torch.einsum("pt,oit->poi", torch.sin(phase), flat)
+    fine = float((re**2 + im**2).sum(dim=2).max().sqrt())
+    factor = math.prod(1 - (math.pi * (s - 1) / 2 / n) ** 2 / 2 for s in shape[2:])
+    lo, best = row_lower(w * scale)
+    assert lo <= fine / factor * scale * (1 + 1e-12)
+    assert lo >= fine * scale * (1 - 2e-2)
+    alone, _ = row_lower(w[best : best + 1] * scale)
+    assert alone == pytest.approx(lo, rel=1e-12)  # the best row is the one that attains it
+
+
+def test_row_lower_of_a_delta_row_is_its_value() -> None:
+    w = torch.zeros(3, 2, 3, 3, dtype=torch.float64)
+    w[1, 0, 1, 2] = -2.5  # S of a single tap is its magnitude at every frequency
+    w[0, 1, 0, 0] = 0.5
+    lo, best = row_lower(w)
+    assert best == 1 and lo == pytest.approx(2.5, rel=1e-12) and lo <= 2.5
+
+
 @pytest.mark.parametrize("groups", [None, 1, 3])
 def test_grouped_at_an_input_size(groups: int | None) -> None:
     """--input-size on a grouped layer: never the ungrouped value as a lower end."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -69,8 +70,11 @@ def unscale(x: float, e: int) -> float:
 
 
 def unscale_lower(x: float, e: int) -> float:
-    """x * 2^e rounded down: a result that lands in the subnormal range may lose bits."""
+    """x * 2^e rounded down: a result that lands in the subnormal range may lose bits, and one past
+    the largest float (a finite norm of finite weights) is that largest float, not infinity."""
     y = unscale(x, e)
+    if y == math.inf and math.isfinite(x):
+        return sys.float_info.max
     return math.nextafter(y, 0.0) if 0.0 < y < 2.0**-1021 else y
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -1183,7 +1184,7 @@ def circular_interval(
         return _circular_dense(k, sizes, pads, _per_axis(stride, len(sizes)), dil, groups)
     circ = grid_bound(k, sizes, rtol, groups=groups, dilation=dil, deadline=deadline, max_bytes=max_bytes)
     upper = circ.upper * math.sqrt(hi) * (1 + 4 * _EPS)
-    lower = circ.lower * math.sqrt(lo) * (1 - 4 * _EPS)
+    lower = min(circ.lower * math.sqrt(lo) * (1 - 4 * _EPS), sys.float_info.max)  # finite weights, finite norm
     if hi == lo:
         method = "grid-circular"
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 
@@ -376,3 +377,15 @@ def test_grouping_pair_shares_one_search() -> None:
     unknown, ungrouped = grouping_pair(w, RTOL)
     assert unknown == conv_interval(w, RTOL) and ungrouped == conv_interval(w, RTOL, groups=1)
     assert unknown.grouping_assumed and unknown.lower <= ungrouped.lower
+
+
+def test_a_norm_past_the_largest_float_has_that_float_as_its_lower_end() -> None:
+    """Finite weights have a finite norm; above 1.8e308 it cannot be stored, so the lower end is the
+    largest float (rounded down) and the upper end infinity, never a lower end of infinity."""
+    from lipaudit.spectral.dense import exact_norm
+
+    big = torch.full((6, 4, 3, 3), 1.7e308, dtype=torch.float64)
+    for iv in (conv_interval(big, 1e-2), conv_interval(big, 1e-2, groups=1),
+               exact_norm(big.reshape(6, -1))):
+        assert iv.lower == sys.float_info.max and iv.upper == math.inf
+    assert row_lower(big)[0] == sys.float_info.max

@@ -195,16 +195,21 @@ def _split(items: list[Lin | Act]) -> tuple[list[Lin], list[Act]]:
     return ws, acts
 
 
-def composites(items: list[Lin | Act], ends_only: bool = False) -> dict[tuple[int, int], Lin]:
+def composites(items: list[Lin | Act], ends_only: bool = False,
+               whole: Lin | None = None) -> dict[tuple[int, int], Lin]:
     """comp[(k, j)] = W_k m_{k-1} W_{k-1} ... m_{j+1} W_{j+1}, maps numbered from 1 (ends_only: the
-    whole chain's, (n, 0), alone); a composite over MAX_KERNEL entries and those beyond it are left out."""
+    whole chain's, (n, 0), alone; whole: that one, when known); a composite over MAX_KERNEL entries
+    and those beyond it are left out."""
     ws, acts = _split(items)
     n = len(ws)
     comp: dict[tuple[int, int], Lin] = {}
     for k in range(n if ends_only else 1, n + 1):
         comp[(k, k - 1)] = ws[k - 1]
         for j in range(k - 2, -1, -1):
-            step = compose(comp[(k, j + 1)], scaled_lin(ws[j], acts[j].m))
+            if whole is not None and (k, j) == (n, 0):
+                step = whole
+            else:
+                step = compose(comp[(k, j + 1)], scaled_lin(ws[j], acts[j].m))
             if step.kernel.numel() > MAX_KERNEL:
                 break
             comp[(k, j)] = step
@@ -221,9 +226,7 @@ def chain_bound(items: list[Lin | Act], residual: bool, norm: Norm,
     n = len(ws)
     own = [1.0 if w.unit else norm(w) for w in ws]
     product = math.prod(own) * math.prod(a.gain for a in acts) + (1.0 if residual else 0.0)
-    comp = composites(items)
-    if whole is not None and (n, 0) in comp:
-        comp[(n, 0)] = whole
+    comp = composites(items, whole=whole)
     known: dict[tuple[int, int], float] = {}
 
     def comp_norm(k: int, j: int) -> float:

@@ -1,4 +1,4 @@
-"""Hostile and broken inputs (shared/BAD_INPUTS.md): documented exit code, one line, nothing run or left."""
+"""Hostile and broken inputs (docs/security.md): documented exit code, one line, nothing run or left."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ is reported from that operator's measurement, so no weight is measured twice.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,9 +37,7 @@ _PLACEHOLDER = Interval(1.0, 1.0, "planned", "planned", True)
 
 def op_key(op: LinearOp) -> tuple[Any, ...]:
     """One operator, whatever walk asked for it: its kind, geometry and the bytes of its kernel."""
-    w = op.weight.detach().to(torch.float64).contiguous().cpu()
-    digest = hashlib.blake2b(w.numpy().tobytes(), digest_size=16).hexdigest()
-    return (op.kind, tuple(w.shape), op.stride, op.dilation, op.groups, op.transposed, digest)
+    return (op.kind, tuple(op.weight.shape), op.stride, op.dilation, op.groups, op.transposed, op.digest())
 
 
 def _kind_for(op: LinearOp) -> LayerKind:

@@ -9,7 +9,6 @@ out, so one norm of the combined operator replaces a product of norms.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from lipaudit.graph import ops, rules, tighten
 from lipaudit.graph.interpret import Evaluator
 from lipaudit.graph.model import Graph, Node
 from lipaudit.graph.ops import Constant, Diagonal, Effect, Linear, LinearOp, Uncovered
+from lipaudit.graph.ops.base import weight_digest
 from lipaudit.graph.ops.registry import inplace_hazard
 from lipaudit.settings import BLOCK_WORK
 from lipaudit.spectral import Interval
@@ -193,7 +193,7 @@ class Bounder:
     def op_norm(self, op: LinearOp) -> Interval:
         # known by its content as well as its names: a merged operator may carry the same names as one of
         # its parts (a weight computed from a parameter has none), and a temporary's address can be reused
-        ident: Any = (op.params, hashlib.sha256(op.weight.detach().contiguous().cpu().numpy().tobytes()).hexdigest())
+        ident: Any = (op.params, op.digest())
         key = (op.kind, ident, tuple(op.weight.shape), op.stride, op.dilation, op.groups, op.axis, op.transposed,
                op.tag)
         iv = self.norms.get(key)
@@ -325,9 +325,9 @@ class Bounder:
         d = w.d
         if not bool(torch.isfinite(w.kernel).all()):
             raise ValueError("weights hold NaN or Inf")
-        tag = "block:" + hashlib.sha256(w.kernel.contiguous().numpy().tobytes()).hexdigest()[:32]
+        digest = weight_digest(w.kernel)
         op = LinearOp("dense" if d == 0 else "conv", w.kernel, "", (), stride=w.stride, dilation=(1,) * d,
-                      tag=tag)
+                      tag="block:" + digest[:32], known_digest=digest)
         if self.norm is not None:
             return self.norm(op)
         if d == 0:

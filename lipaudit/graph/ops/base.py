@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,19 @@ class LinearOp:
     groups: int = 1
     transposed: bool = False
     tag: str = ""  # tells apart operators cut from the same parameters (slices of a batched weight)
+    known_digest: str = field(default="", repr=False, compare=False)
+
+    def digest(self) -> str:
+        """weight_digest(self.weight), computed once per operator."""
+        if not self.known_digest:
+            self.known_digest = weight_digest(self.weight)
+        return self.known_digest
+
+
+def weight_digest(w: torch.Tensor) -> str:
+    """A weight's float64 bytes, hashed: the identity of an operator however a walk built it."""
+    raw = w.detach().to(torch.float64).contiguous().cpu().numpy().tobytes()
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
 # -- what a rule returns ------------------------------------------------------------------------

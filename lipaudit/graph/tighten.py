@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -95,22 +94,8 @@ class Act:
         return max(abs(self.a), abs(self.b))
 
 
-# the block being bounded's store of composites (evaluate sets it)
-_BUILT: ContextVar[dict[str, Lin] | None] = ContextVar("built", default=None)
-
-
 def compose(b: Lin, a: Lin) -> Lin:
     """b after a, as one map: strides multiply, taps of b are dilated by a's stride."""
-    store = _BUILT.get()
-    key = _key("", b, a)
-    if store is not None and key:
-        if key not in store:
-            store[key] = _compose(b, a)
-        return store[key]
-    return _compose(b, a)
-
-
-def _compose(b: Lin, a: Lin) -> Lin:
     if a.d == 0:
         return Lin(b.kernel @ a.kernel, (), (), a.params + b.params, a.spreads or b.spreads,
                    key=_key("", b, a))
@@ -472,9 +457,6 @@ class Block:
     items: list[Lin | Act]
     residual: bool
     composed: bool
-    # composites built while bounding this block, by key: a second walk over the same blocks
-    # (the audit plans, then bounds) reuses them
-    built: dict[str, Lin] = field(default_factory=dict, init=False, repr=False, compare=False)
 
 
 def _fit(raw: list[Lin | Act]) -> tuple[list[Lin | Act], bool] | None:
@@ -725,13 +707,10 @@ def evaluate(blk: Block, norm: Callable[[Lin], Interval]) -> tuple[BlockBound | 
             seen[w.key] = value
         return value
 
-    token = _BUILT.set(blk.built)
     try:
         found = {name: rule(blk.items, blk.residual, upper) for name, rule in RULES.items()}
     except ValueError:
         return None, certified
-    finally:
-        _BUILT.reset(token)
     product = found["product"][0]
     best = min(found, key=lambda name: found[name][0])  # ties go to the first registered
     up, label = found[best]

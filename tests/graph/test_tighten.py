@@ -157,43 +157,6 @@ def test_rebalanced_rule_measures_no_second_whole_chain() -> None:
     assert torch.allclose(ours.kernel, theirs.kernel, rtol=1e-12, atol=1e-12)
 
 
-def test_a_second_walk_reuses_the_blocks_composites(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The audit bounds the same blocks twice (plan, then bound): composites are built once, and
-    the shape-only pass on the meta device keeps its own."""
-    from lipaudit.graph import tighten
-    from lipaudit.graph.tighten import Block, evaluate
-    from lipaudit.spectral import Interval
-
-    g = torch.Generator().manual_seed(8)
-    w1 = Lin(torch.randn(5, 4, 3, 3, generator=g, dtype=torch.float64), (1, 1), (1, 1), (), True, key="w1")
-    w2 = Lin(torch.randn(4, 5, 3, 3, generator=g, dtype=torch.float64), (1, 1), (1, 1), (), True, key="w2")
-    blk = Block("x", "y", ("a",), [w1, Act(0, 1, "r"), w2], True, False)
-    calls: list[str] = []
-    real = tighten._compose
-
-    def counting(b: Lin, a: Lin) -> Lin:
-        calls.append(b.kernel.device.type)
-        return real(b, a)
-
-    monkeypatch.setattr(tighten, "_compose", counting)
-    seen: list[list[bytes]] = []
-
-    def record(w: Lin) -> Interval:
-        seen[-1].append(w.kernel.numpy().tobytes())
-        return Interval(1.0, 1.0, "x", "x", True)
-
-    for _ in range(2):
-        seen.append([])
-        evaluate(blk, record)
-    assert seen[0] == seen[1]  # the same operators, bit for bit
-    first = len(calls)
-    assert first > 0
-    evaluate(blk, record)
-    assert len(calls) == first  # nothing composed again
-    tighten.cost(blk)  # on meta tensors: composes, into a store of its own
-    assert "meta" in calls and all(not w.kernel.is_meta for w in blk.built.values())
-
-
 class _Inverted(nn.Module):
     """An inverted residual block with padding, a depthwise conv and a stride option."""
 

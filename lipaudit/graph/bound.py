@@ -327,7 +327,8 @@ class Bounder:
             raise ValueError("weights hold NaN or Inf")
         digest = weight_digest(w.kernel)
         op = LinearOp("dense" if d == 0 else "conv", w.kernel, "", (), stride=w.stride, dilation=(1,) * d,
-                      tag="block:" + digest[:32], known_digest=digest)
+                      tag="block:" + digest[:32])
+        op.known_digest = digest
         if self.norm is not None:
             return self.norm(op)
         if d == 0:

@@ -244,3 +244,17 @@ def test_never_looser_than_the_walk_without_blocks(tmp_path: Path, core: bool) -
     assert tight.outputs["input"] <= plain.outputs["input"] + 1e-12
     assert tight.outputs["input"] < plain.outputs["input"] - 0.05
     assert 10 ** tight.outputs["input"] >= jacobian_norm(model, x.double()) * (1 - 1e-9)
+
+
+def test_an_operator_digest_follows_its_weight() -> None:
+    """The digest is kept on the operator; a copy with another weight must not carry it over."""
+    import dataclasses
+
+    from lipaudit.graph.ops.base import LinearOp, weight_digest
+
+    op = LinearOp("dense", torch.ones(2, 3, dtype=torch.float64), "x", ())
+    first = op.digest()
+    assert first == weight_digest(torch.ones(2, 3, dtype=torch.float32))  # float64 bytes either way
+    other = dataclasses.replace(op, weight=torch.zeros(2, 3, dtype=torch.float64))
+    assert other.digest() != first and op.digest() == first
+

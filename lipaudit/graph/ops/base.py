@@ -37,7 +37,8 @@ class LinearOp:
     groups: int = 1
     transposed: bool = False
     tag: str = ""  # tells apart operators cut from the same parameters (slices of a batched weight)
-    known_digest: str = field(default="", repr=False, compare=False)
+    # not an argument: a copy with another weight (dataclasses.replace) must not inherit it
+    known_digest: str = field(default="", init=False, repr=False, compare=False)
 
     def digest(self) -> str:
         """weight_digest(self.weight), computed once per operator."""

@@ -195,25 +195,36 @@ def _split(items: list[Lin | Act]) -> tuple[list[Lin], list[Act]]:
     return ws, acts
 
 
-def composites(items: list[Lin | Act], ends_only: bool = False,
-               whole: Lin | None = None) -> dict[tuple[int, int], Lin]:
-    """comp[(k, j)] = W_k m_{k-1} W_{k-1} ... m_{j+1} W_{j+1}, maps numbered from 1 (ends_only: the
-    whole chain's, (n, 0), alone; whole: that one, when known); a composite over MAX_KERNEL entries
-    and those beyond it are left out."""
-    ws, acts = _split(items)
+def _row(ws: list[Lin], acts: list[Act], k: int, whole: Lin | None = None) -> dict[tuple[int, int], Lin]:
+    """comp[(k, j)] for j = k - 1 down to 0, as far as they stay within MAX_KERNEL entries; whole,
+    when given, is (n, 0)."""
     n = len(ws)
+    row = {(k, k - 1): ws[k - 1]}
+    for j in range(k - 2, -1, -1):
+        if whole is not None and (k, j) == (n, 0):
+            step = whole
+        else:
+            step = compose(row[(k, j + 1)], scaled_lin(ws[j], acts[j].m))
+        if step.kernel.numel() > MAX_KERNEL:
+            break
+        row[(k, j)] = step
+    return row
+
+
+def composites(items: list[Lin | Act], whole: Lin | None = None) -> dict[tuple[int, int], Lin]:
+    """comp[(k, j)] = W_k m_{k-1} W_{k-1} ... m_{j+1} W_{j+1}, maps numbered from 1 (whole: the
+    chain's (n, 0), when known); a composite over MAX_KERNEL entries and those beyond it are left out."""
+    ws, acts = _split(items)
     comp: dict[tuple[int, int], Lin] = {}
-    for k in range(n if ends_only else 1, n + 1):
-        comp[(k, k - 1)] = ws[k - 1]
-        for j in range(k - 2, -1, -1):
-            if whole is not None and (k, j) == (n, 0):
-                step = whole
-            else:
-                step = compose(comp[(k, j + 1)], scaled_lin(ws[j], acts[j].m))
-            if step.kernel.numel() > MAX_KERNEL:
-                break
-            comp[(k, j)] = step
-    return {key: w for key, w in comp.items() if not ends_only or key == (n, 0)}
+    for k in range(1, len(ws) + 1):
+        comp |= _row(ws, acts, k, whole)
+    return comp
+
+
+def whole_map(items: list[Lin | Act]) -> Lin | None:
+    """The chain's composite M_n0 alone (None over MAX_KERNEL entries)."""
+    ws, acts = _split(items)
+    return _row(ws, acts, len(ws)).get((len(ws), 0))
 
 
 def chain_bound(items: list[Lin | Act], residual: bool, norm: Norm,
@@ -680,8 +691,7 @@ def _rebalanced(items: list[Lin | Act], residual: bool, norm: Norm) -> tuple[flo
     if scaled is None:
         return math.inf, "product"
     # D_0 = D_n = I: the whole chain's composite is the original's (the scalings cancel inside it)
-    whole = composites(items, ends_only=True).get((len(_split(items)[0]), 0))
-    _, up, loop = chain_bound(scaled, residual, norm, whole)
+    _, up, loop = chain_bound(scaled, residual, norm, whole_map(items))
     return up, "loop transformation" if loop else "product"
 
 

@@ -167,6 +167,18 @@ def _grouped(k: torch.Tensor, groups: int) -> torch.Tensor:
     return kg.contiguous()
 
 
+def _overlaps(ks: Sequence[int]) -> list[tuple[tuple[int, ...], tuple[slice, ...], tuple[slice, ...]]]:
+    """(q, src, dst) for the shifts q >= 0 (lexicographically) of a kernel with taps ks: the spatial
+    slices with K[..., src] meeting K[..., dst] = K[..., src + q], so sum_p K_p K_{p+q} pairs them."""
+    out = []
+    for q in itertools.product(*(range(-(s - 1), s) for s in ks)):
+        if q >= tuple(0 for _ in q):
+            pairs = list(zip(q, ks, strict=True))
+            out.append((q, tuple(slice(max(0, -qi), s - max(0, qi)) for qi, s in pairs),
+                        tuple(slice(max(0, qi), s - max(0, -qi)) for qi, s in pairs)))
+    return out
+
+
 class GramSymbol:
     """P_j(w) = K_j^(w)^H K_j^(w) for every group j, on the smaller channel side, for batches of w.
 
@@ -241,14 +253,13 @@ class GramSymbol:
         traces of the cosine terms, each table row filled in place (no stacked copies)."""
         g, n = self.g, self.n
         every = (slice(None), slice(None), slice(None))
-        shifts = [q for q in itertools.product(*(range(-(s - 1), s) for s in self.ks)) if q >= tuple(0 for _ in q)]
+        overlaps = _overlaps(self.ks)
+        shifts = [q for q, _, _ in overlaps]
         neg_cos = torch.empty(len(shifts), g, n, n, dtype=kg.dtype, device=kg.device)
         sin_t = torch.empty_like(neg_cos)
         tr = torch.empty(len(shifts), g, dtype=kg.dtype, device=kg.device)
-        for i, q in enumerate(shifts):
-            pairs = list(zip(q, self.ks, strict=True))
-            src = kg[(*every, *(slice(max(0, -qi), s - max(0, qi)) for qi, s in pairs))]
-            dst = kg[(*every, *(slice(max(0, qi), s - max(0, -qi)) for qi, s in pairs))]
+        for i, (_, to, fro) in enumerate(overlaps):
+            src, dst = kg[(*every, *to)], kg[(*every, *fro)]
             a = src.transpose(1, 2).reshape(g, n, -1) @ dst.transpose(1, 2).reshape(g, n, -1).transpose(1, 2)
             at = a.transpose(-1, -2)
             if i == 0:
@@ -881,13 +892,12 @@ def row_lower(k: torch.Tensor, rtol: float = 1e-2, budget: Budget | None = None)
         return unscale_lower(float(norms[best]) * (1 - (c_in + 4) * _EPS), e), best
     budget.need(ks.numel() * 8 * 3, "the kernel's row autocorrelation")
     every = (slice(None), slice(None))
-    shifts = [q for q in itertools.product(*(range(-(s - 1), s) for s in spatial)) if q >= tuple(0 for _ in q)]
+    overlaps = _overlaps(spatial)
+    shifts = [q for q, _, _ in overlaps]
     table = torch.empty(len(shifts), c_out, dtype=ks.dtype, device=ks.device)
-    for i, q in enumerate(shifts):
+    for i, (_, to, fro) in enumerate(overlaps):
         budget.check()
-        pairs = list(zip(q, spatial, strict=True))
-        src = ks[(*every, *(slice(max(0, -qi), s - max(0, qi)) for qi, s in pairs))]
-        dst = ks[(*every, *(slice(max(0, qi), s - max(0, -qi)) for qi, s in pairs))]
+        src, dst = ks[(*every, *to)], ks[(*every, *fro)]
         table[i] = (src * dst).reshape(c_out, -1).sum(dim=1) * (1 if i == 0 else 2)
     fro2 = table[0].clamp(min=0)  # R_o(0) = ||K_o||_F^2 bounds every |R_o(q)|
     # Rounding of the table (gamma of c_in prod(k) terms), of the phases (eps |w.q| each) and of the

@@ -235,10 +235,11 @@ class GraphStrategy:
                             unverified=self._unverified, blocks=self._blocks)
 
     def run(self, settings: Settings) -> GraphBound:
-        from lipaudit.graph import lower_end, summarise
+        from lipaudit.graph import floor_end, lower_end, summarise
 
         res = self.walk(settings)
-        return summarise(res, lower_end(self.loaded(settings), self.graph_settings(settings)))
+        loaded, gs = self.loaded(settings), self.graph_settings(settings)
+        return summarise(res, lower_end(loaded, gs), floor_end(loaded, gs))
 
     def key_of(self, param: str) -> str:
         """The checkpoint key of a graph parameter (the same name in a .pt2; matched for --graph/--model)."""

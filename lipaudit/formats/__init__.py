@@ -284,6 +284,9 @@ def how_bounded(net: Network) -> str:
     layers = plural(net.layers_counted, "layer")
     if net.method == "graph":
         lower = f"; measured lower end {fmt_num(net.lipschitz_lower)}" if net.lipschitz_lower is not None else ""
+        floor = (net.details or {}).get("slope_floor")
+        if isinstance(floor, (int, float)):
+            lower += f"; slope floor {fmt_num(float(floor))} (no slope-based bound goes lower)"
         return f"over the exported graph, {layers}{lower}"
     assumed = " under --assume chain" if (net.details or {}).get("assumed") else ""
     return (f"product of {layers}{assumed}"

@@ -336,6 +336,10 @@ def _bound_card(net: Mapping[str, Any]) -> str:
         bracket = f"[{_fmt(lower)}, {_fmt(upper)}], ratio {_fmt(upper / lower, 3)}"
     else:
         bracket = f"[not measured, {_esc(value)}]"
+    floor = _num((net.get("details") or {}).get("slope_floor"))
+    if floor is not None and upper is not None and floor > 0:
+        bracket += (f"; slope floor {_fmt(floor)}: a certificate that sees activations only through their "
+                    f"slopes cannot go below it (upper / floor {_fmt(upper / floor, 3)})")
     if net.get("certified"):
         return (f'<div class="card bound"><div class="muted">network Lipschitz constant</div>'
                 f'<div class="big">L &le; {_esc(value)}</div><div>bracket {bracket}</div>'

@@ -17,13 +17,14 @@ from lipaudit.graph.bound import INPUT, LinearOp, Result, bound_graph
 from lipaudit.graph.interpret import Evaluator, check_shapes
 from lipaudit.graph.lower import Measured, measure
 from lipaudit.graph.model import Graph, parse_graph
+from lipaudit.graph.relax import Floor, slope_floor
 from lipaudit.settings import BLOCK_WORK
 from lipaudit.spectral import Interval
 from lipaudit.text import visible
 
 __all__ = [
-    "GraphBound", "GraphSettings", "Loaded", "graph_of", "inspect_archive", "inspect_state_dict", "load_archive",
-    "lower_end", "match_state_dict", "on_state_dict",
+    "GraphBound", "GraphSettings", "Loaded", "floor_end", "graph_of", "inspect_archive", "inspect_state_dict",
+    "load_archive", "lower_end", "match_state_dict", "on_state_dict",
 ]
 
 ASSUMPTIONS = (
@@ -97,6 +98,8 @@ class GraphBound:
     method: str = "graph"
     blocks: tuple[dict[str, Any], ...] = ()  # blocks bounded as a whole (lipaudit/graph/tighten.py)
     lower_detail: dict[str, Any] = field(default_factory=dict)  # how the lower end was found
+    slope_floor: float | None = None  # no slope-based certificate goes below it (lipaudit/graph/relax.py)
+    floor_detail: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lipschitz_upper(self) -> float | None:
@@ -132,10 +135,14 @@ class GraphBound:
             "nodes": [{k: (num(v) if isinstance(v, float) else v) for k, v in n.items()} for n in self.nodes],
             "layers": {k: v.to_dict() for k, v in self.layers.items()},
             "assumptions": list(self.assumptions),
-            "seconds": {"bound": self.bound_seconds, "lower": self.lower_seconds},
+            "seconds": {"bound": self.bound_seconds, "lower": self.lower_seconds,
+                        "floor": self.floor_detail.get("seconds")},
             "lower_note": self.lower_note,
-            "bracket": {"lower": num(self.lipschitz_lower), "upper": num(upper), "ratio": num(self.ratio)},
+            "bracket": {"lower": num(self.lipschitz_lower), "upper": num(upper), "ratio": num(self.ratio),
+                        "slope_floor": num(self.slope_floor)},
             "lower": self.lower_detail,
+            "slope_floor": num(self.slope_floor),
+            "floor": self.floor_detail,
             "blocks": [{k: (num(v) if isinstance(v, float) else v) for k, v in b.items()} for b in self.blocks],
         }
 
@@ -185,7 +192,8 @@ def graph_of(arch: Pt2Archive, limits: Limits | None = None) -> Loaded:
     return Loaded(arch, graph, load, limits=limits)
 
 
-def summarise(res: Result, lower: Measured | None, assumptions: tuple[str, ...] = ASSUMPTIONS) -> GraphBound:
+def summarise(res: Result, lower: Measured | None, floor: Floor | None = None,
+              assumptions: tuple[str, ...] = ASSUMPTIONS) -> GraphBound:
     reaches = [k for k in res.outputs if k != INPUT and res.outputs[k] != -math.inf]
     upper = res.outputs.get(INPUT, -math.inf)
     # any uncovered node leaves the network uncertified, even one whose output the bound never met
@@ -212,6 +220,13 @@ def summarise(res: Result, lower: Measured | None, assumptions: tuple[str, ...] 
         if math.log10(lower_value) > log10_upper + 1e-6:
             raise AssertionError("measured Jacobian norm above the certified bound along "
                                  + " -> ".join(res.path))
+    floor_value = floor.value if floor is not None else None
+    if floor_value is not None and log10_upper is not None and floor_value > 0:
+        # every rule of the walk sees a replaced activation through its slope range only, so the
+        # replaced network is covered by the same certificate
+        if math.log10(floor_value) > log10_upper + 1e-6:
+            raise AssertionError("a slope-replaced network's Jacobian norm is above the certified bound along "
+                                 + " -> ".join(res.path))
     note = "" if lower is None else (f"{lower.starts} starts, {lower.steps} steps from {lower.start_from}"
                                      + (f"; {lower.note}" if lower.note else ""))
     return GraphBound(
@@ -223,6 +238,7 @@ def summarise(res: Result, lower: Measured | None, assumptions: tuple[str, ...] 
         lower_detail={} if lower is None else {
             "work": lower.work, "budget": lower.budget, "seed": lower.seed, "starts": lower.starts,
             "steps": lower.steps, "best_start": lower.best_start, "best_scale": lower.best_scale},
+        slope_floor=floor_value, floor_detail={} if floor is None else floor.to_dict(),
     )
 
 
@@ -273,8 +289,17 @@ def lower_end(loaded: Loaded, settings: GraphSettings) -> Measured | None:
     return measure(loaded.graph, loaded.evaluator(), samples, settings.measure_work, settings.seed, settings.limits)
 
 
+def floor_end(loaded: Loaded, settings: GraphSettings) -> Floor | None:
+    """The slope floor, with the lower end's budget (None when not asked for)."""
+    if not settings.measure:
+        return None
+    samples, _why = loaded.archive.sample_inputs()
+    return slope_floor(loaded.graph, loaded.evaluator(), samples, settings.measure_work, settings.seed,
+                       settings.limits)
+
+
 def _bound(loaded: Loaded, settings: GraphSettings) -> GraphBound:
-    return summarise(bound_loaded(loaded, settings), lower_end(loaded, settings))
+    return summarise(bound_loaded(loaded, settings), lower_end(loaded, settings), floor_end(loaded, settings))
 
 
 def inspect_archive(path: str, settings: GraphSettings | None = None) -> GraphBound:

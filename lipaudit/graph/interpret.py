@@ -149,12 +149,16 @@ def _value(a: Arg, env: dict[str, torch.Tensor]) -> Any:
 
 
 def run_node(node: Node, env: dict[str, torch.Tensor], graph: Graph | None = None,
-             budget: Budget | None = None, smooth: float | None = None) -> None:
+             budget: Budget | None = None, smooth: float | None = None,
+             relax: dict[str, torch.Tensor] | None = None) -> None:
     """Evaluate one node into env (float dtypes become float64), after checking the sizes of its
     outputs against the budget. smooth: run kinked activations as their stand-ins rounded at
-    scale 1 / smooth (graph/ops/smooth.py; for steering a search, never for a value reported)."""
+    scale 1 / smooth (graph/ops/smooth.py; for steering a search, never for a value reported).
+    relax: run the activation nodes it names as `slope * input` (graph/relax.py)."""
     fn = resolve(node, graph)
-    if smooth is not None:
+    if relax is not None and node.name in relax:
+        fn = partial(_times, relax[node.name])
+    elif smooth is not None:
         entry = ops.lookup(node.op, node.overload)
         stand_in = smoothed(entry.runs_as) if entry is not None else None
         if stand_in is not None:
@@ -195,6 +199,12 @@ def run_node(node: Node, env: dict[str, torch.Tensor], graph: Graph | None = Non
         if v.is_floating_point() and v.dtype != torch.float64:
             v = v.to(torch.float64)
         env[n] = v
+
+
+def _times(slope: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    x = args[0] if args else next(iter(kwargs.values()))
+    out: torch.Tensor = slope * x
+    return out
 
 
 class Evaluator:
@@ -276,8 +286,8 @@ def check_shapes(graph: Graph, meta: Callable[[str], torch.Tensor],
 
 def network_function(graph: Graph, consts: Evaluator,
                      limits: Limits | None = None) -> Callable[..., torch.Tensor]:
-    """f(inputs, smooth=None) = all float outputs, flattened and concatenated (smooth: see
-    run_node). Every node must be runnable, and a
+    """f(inputs, smooth=None, relax=None) = all float outputs, flattened and concatenated (smooth,
+    relax: see run_node). Every node must be runnable, and a
     pass over the graph within the budget (checked on shapes before anything is allocated)."""
     for n in graph.nodes:
         if n.outputs and any(o is not None for o in n.outputs):
@@ -309,7 +319,8 @@ def network_function(graph: Graph, consts: Evaluator,
                     if o is not None and o in shapes and not shapes[o].is_meta:
                         shapes[o] = shapes[o].to("meta")
 
-    def f(inputs: list[torch.Tensor], smooth: float | None = None) -> torch.Tensor:
+    def f(inputs: list[torch.Tensor], smooth: float | None = None,
+          relax: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         env: dict[str, torch.Tensor] = {}
         for name in list(graph.params) + list(graph.constants):
             v = consts.value(name)
@@ -319,7 +330,7 @@ def network_function(graph: Graph, consts: Evaluator,
             env[name] = x
         for n in graph.nodes:
             if any(o is not None for o in n.outputs):
-                run_node(n, env, graph, smooth=smooth)
+                run_node(n, env, graph, smooth=smooth, relax=relax)
         outs = [env[o].reshape(-1) for o in graph.outputs if o in env and env[o].is_floating_point()]
         if not outs:
             raise CannotRun("the graph has no float output")

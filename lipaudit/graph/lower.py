@@ -60,18 +60,18 @@ class Measured:
     best_scale: float | None = None  # that start's scale relative to the data
 
 
-class _Spent(Exception):
+class Spent(Exception):
     """The work budget is used up."""
 
 
-class _Counter:
+class Counter:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
 
     def take(self, n: int = 1) -> None:
         if self.used + n > self.budget:
-            raise _Spent
+            raise Spent
         self.used += n
 
 
@@ -160,7 +160,7 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
         for s, sh in zip(samples, fixed, strict=True))
     gen = torch.Generator().manual_seed(seed)
     points = start_points(fixed, samples if use else None, starts, gen)
-    counter = _Counter(work)
+    counter = Counter(work)
     best: float | None = None
     best_start: int | None = None
     best_scale: float | None = None
@@ -184,7 +184,7 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
                 break
             v = [t / nv for t in v]
             counter.take(2)
-            jv, back = _jvp_vjp(fx, x, v)
+            jv, back = jvp_vjp(fx, x, v)
             value = float(torch.linalg.vector_norm(jv))
             done_steps += 1
             if math.isfinite(value):
@@ -211,7 +211,7 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
                     idle += 1
                     if idle >= PATIENCE:
                         break  # this start has stopped climbing: try the next
-    except _Spent:
+    except Spent:
         note = ""
     except Exception as e:  # the measurement is optional; a graph it cannot run only stops it
         note = f"stopped early: {type(e).__name__}: {clean_message(e, 120)}"
@@ -219,7 +219,7 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
                     counter.used, work, seed, best_start, best_scale)
 
 
-def _jvp_vjp(fx: Callable[..., torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor]) -> tuple[
+def jvp_vjp(fx: Callable[..., torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor]) -> tuple[
         torch.Tensor, Callable[[torch.Tensor], Any]]:
     """(J v, u -> J^T u) at x. J v by forward mode, or, for ops without a forward-mode formula,
     as the transpose of the linear map u -> J^T u."""

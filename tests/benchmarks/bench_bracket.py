@@ -4,7 +4,8 @@ Run by hand: python tests/benchmarks/bench_bracket.py [--steps 300] [--work 400]
 Builds and trains tests/models/mobilenet.py's MobileNetV2-style network and small ResNet on
 synthetic data (fixed seeds, CPU), exports them with torch.export, and prints per network: the
 product of the layer norms, the previous graph bound (the walk without block bounds), the new
-certified upper end, the measured lower end, their ratio and the times.
+certified upper end, the measured lower end, their ratio, the slope floor (lipaudit/graph/relax.py:
+no certificate that sees activations only through their slope ranges goes below it) and the times.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from lipaudit.graph import GraphSettings, load_archive  # noqa: E402
 from lipaudit.graph.bound import bound_graph  # noqa: E402
 from lipaudit.graph.lower import measure  # noqa: E402
+from lipaudit.graph.relax import slope_floor  # noqa: E402
 from tests.models.mobilenet import build, export  # noqa: E402
 
 
@@ -56,6 +58,7 @@ def main() -> int:
             t0 = time.perf_counter()
             low = measure(loaded.graph, loaded.evaluator(), samples, args.work, s.seed)
             t_low = time.perf_counter() - t0
+            floor = slope_floor(loaded.graph, loaded.evaluator(), samples, args.work, s.seed)
         up = new.outputs["input"]
         lo = math.log10(low.lower) if low.lower else math.nan
         used = [b for b in new.blocks if b["used"]]
@@ -64,7 +67,9 @@ def main() -> int:
         print(f"{name}: trained {t_train:.0f} s; product 1e{new.chain_log10:.2f}; previous graph 1e{prev:.2f} "
               f"({t_old:.1f} s); new upper 1e{up:.2f} ({t_new:.1f} s, {len(used)} blocks: {', '.join(rules)}); "
               f"lower {low.lower:.4g} ({low.work} evaluations, start {low.best_start}, {t_low:.1f} s); "
-              f"ratio 1e{up - lo:.2f}")
+              f"ratio 1e{up - lo:.2f}; slope floor {floor.value or math.nan:.4g} ({floor.seconds:.1f} s): "
+              f"upper / floor 1e{up - math.log10(floor.value or math.nan):.2f}, "
+              f"floor / lower 1e{math.log10(floor.value or math.nan) - lo:.2f}")
     return 0
 
 

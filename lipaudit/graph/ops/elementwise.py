@@ -128,6 +128,10 @@ def mul(ctx: Context, node: Node) -> Effect:
     return Gains(((str(x), lg(_const_scale(ctx, c, False)) + ctx.ratio(x, o)),))
 
 
+# ops whose rule may read an operand as a function of the other (product_pattern)
+PRODUCTS = frozenset({"mul", "div", "true_divide"})
+
+
 def product_pattern(ctx: Context, a: str, b: str) -> tuple[str, float] | None:
     """x * sigmoid(x) (SiLU) and x * clamp(x + 3, 0, 6) (hardswish times 6), as core aten writes
     them: the operand x and the constant of the product as a function of x."""

@@ -426,3 +426,32 @@ def test_long_run_tally() -> None:
 
         with open(path, "w", encoding="utf-8") as f:
             json.dump(dict(sorted(TALLY.items())), f, indent=1)
+
+
+
+_EVAL_BN = {"batch_norm": (False, 0.1, 1e-5, False), "native_batch_norm": (False, 0.1, 1e-5),
+            "_native_batch_norm_legit_no_training": (0.1, 1e-5)}
+
+
+def test_every_stand_in_is_checked() -> None:
+    named = {e.runs_as for e in ops.REGISTRY.values() if callable(e.spec.extra.get("meta")) and e.spec.run}
+    assert set(_EVAL_BN) <= named
+
+
+@pytest.mark.parametrize("op", sorted(_EVAL_BN))
+@pytest.mark.parametrize("shape", [(2, 3), (2, 3, 5), (1, 4, 3, 3), (2, 2, 2, 2, 2)])
+def test_batch_norm_stand_in_agrees_with_the_op(op: str, shape: tuple[int, ...]) -> None:
+    """The shapes-only stand-in gives the op's own output shapes (the CPU kernel's, as the interpreter
+    runs it), and refuses statistics of the wrong length (the CPU kernel does not check them)."""
+    stand_in = ops.lookup(op).spec.extra["meta"]  # type: ignore[union-attr]
+    packet = getattr(torch.ops.aten, op).default
+    x = torch.randn(shape)
+    c = torch.rand(shape[1]) + 0.5
+    real = packet(x, c, c, c, c, *_EVAL_BN[op])
+    reals = list(real) if isinstance(real, (tuple, list)) else [real]
+    got = stand_in(x.to("meta"), *(t.to("meta") for t in (c, c, c, c)), *_EVAL_BN[op])
+    for r, g in zip(reals, got, strict=False):
+        assert tuple(r.shape) == tuple(g.shape)
+    short = torch.ones(shape[1] + 1)
+    with pytest.raises(ValueError):
+        stand_in(x.to("meta"), *(t.to("meta") for t in (short, c, c, c)), *_EVAL_BN[op])

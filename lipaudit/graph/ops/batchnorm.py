@@ -25,8 +25,21 @@ def _bn(d: Draw, name: str) -> Case:
     return Case({**stats, "training": False, "momentum": 0.1, "eps": 1e-5})
 
 
+def _shapes_only(input: torch.Tensor, *stats: object, **kwargs: object) -> tuple[torch.Tensor, ...]:
+    """The outputs' shapes without torch's meta kernel, whose first call imports the compiler stack
+    (about 1 s). The statistics must be per channel, as the real op checks."""
+    if input.dim() < 2:
+        raise ValueError("batch norm of a tensor with fewer than 2 dimensions")
+    c = input.shape[1]
+    for t in [*stats[:4], *(kwargs.get(k) for k in ("weight", "bias", "running_mean", "running_var"))]:
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != (c,):
+            raise ValueError("batch norm statistics of another length than the channels")
+    # eval mode saves no statistics: the CPU kernel returns them empty
+    return torch.empty_like(input), input.new_empty((0,)), input.new_empty((0,))
+
+
 @register("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm", "_native_batch_norm_legit",
-          "_native_batch_norm_legit_functional", sample=_bn)
+          "_native_batch_norm_legit_functional", sample=_bn, extra={"meta": _shapes_only})
 def batch_norm(ctx: Context, node: Node) -> Effect:
     x = node.arg("input", 0)
     if x is None or x.kind != "tensor":

@@ -239,7 +239,7 @@ class GraphStrategy:
 
         res = self.walk(settings)
         loaded, gs = self.loaded(settings), self.graph_settings(settings)
-        return summarise(res, lower_end(loaded, gs), floor_end(loaded, gs))
+        return summarise(res, lower_end(loaded, gs), floor_end(loaded, gs, res))
 
     def key_of(self, param: str) -> str:
         """The checkpoint key of a graph parameter (the same name in a .pt2; matched for --graph/--model)."""

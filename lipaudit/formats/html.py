@@ -442,8 +442,9 @@ def _blocks(net: Mapping[str, Any]) -> str:
     for b in blocks:
         if not isinstance(b, Mapping):
             continue
-        product, upper = _num(b.get("product")), _num(b.get("upper"))
+        product, upper, floor = _num(b.get("product")), _num(b.get("upper")), _num(b.get("floor"))
         gain = product / upper if product is not None and upper and upper > 0 else None
+        loose = upper / floor if upper is not None and floor and floor > 0 else None
         state = "skipped: " + str(b.get("skipped")) if b.get("skipped") else ("used" if b.get("used") else
                                                                               "not lower than the walk")
         nodes = b.get("nodes")
@@ -455,12 +456,18 @@ def _blocks(net: Mapping[str, Any]) -> str:
             f"<td>{_esc(rule)}</td><td class=n data-v=\"{_v(product)}\">{_fmt(product, 4)}</td>"
             f"<td class=n data-v=\"{_v(upper)}\">{_fmt(upper, 4)}</td>"
             f"<td class=n data-v=\"{_v(gain)}\">{_fmt(gain, 3) if gain is not None else ''}</td>"
+            f"<td class=n data-v=\"{_v(floor)}\">{_fmt(floor, 4) if floor is not None else ''}</td>"
+            f"<td class=n data-v=\"{_v(loose)}\">{_fmt(loose, 3) if loose is not None else ''}</td>"
             f"<td>{_esc(state)}</td></tr>")
     return ("<h2>Blocks</h2><p>Parts of the graph bounded as a whole (composite maps, the loop transformation "
             "of slope-restricted activations): each block's product of norms, its bound, and how much tighter "
-            "that is. The network bound takes the smaller along every path.</p>"
+            "that is. The network bound takes the smaller along every path. A block's slope floor is the "
+            "largest norm found for it with its activations replaced by slopes from their ranges: no bound that "
+            "sees activations only through their slopes goes below it, so bound / floor is what a better "
+            "method of that kind could still remove there.</p>"
             '<table class="sortable blocks"><thead><tr><th>block</th><th>nodes</th><th>residual</th><th>rule</th>'
-            "<th>product</th><th>bound</th><th>product / bound</th><th>state</th></tr></thead>"
+            "<th>product</th><th>bound</th><th>product / bound</th><th>slope floor</th><th>bound / floor</th>"
+            "<th>state</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 

@@ -87,13 +87,15 @@ def _blocks(details: object) -> list[str]:
         return []
     used = sum(1 for b in blocks if isinstance(b, dict) and b.get("used"))
     out = ["", f"<details><summary>{plural(len(blocks), 'block')} bounded as a whole, {used} lowering the bound"
-               "</summary>", "", "| block | rule | product | bound | state |", "|---|---|---:|---:|---|"]
+               "</summary>", "", "| block | rule | product | bound | slope floor | state |",
+           "|---|---|---:|---:|---:|---|"]
     for b in blocks:
         if not isinstance(b, dict):
             continue
         state = f"skipped: {b['skipped']}" if b.get("skipped") else ("used" if b.get("used") else "not lower")
         out.append(f"| {md(str(b.get('entry')), 80)} to {md(str(b.get('exit')), 80)} | {md(str(b.get('rule')))} | "
-                   f"{_number(b.get('product'))} | {_number(b.get('upper'))} | {md(state)} |")
+                   f"{_number(b.get('product'))} | {_number(b.get('upper'))} | {_number(b.get('floor'))} | "
+                   f"{md(state)} |")
     return [*out, "", "</details>"]
 
 

@@ -227,6 +227,15 @@ def summarise(res: Result, lower: Measured | None, floor: Floor | None = None,
         if math.log10(floor_value) > log10_upper + 1e-6:
             raise AssertionError("a slope-replaced network's Jacobian norm is above the certified bound along "
                                  + " -> ".join(res.path))
+    blocks = [dict(b) for b in res.blocks]
+    for b in blocks:
+        own = (floor.blocks or {}).get((b["entry"], b["exit"])) if floor is not None else None
+        if own is None:
+            continue
+        if own > b["upper"] * (1 + 1e-6):
+            raise AssertionError(f"a slope-replaced block's Jacobian norm is above its certified bound: "
+                                 f"{b['entry']} -> {b['exit']}")
+        b["floor"] = own
     note = "" if lower is None else (f"{lower.starts} starts, {lower.steps} steps from {lower.start_from}"
                                      + (f"; {lower.note}" if lower.note else ""))
     return GraphBound(
@@ -234,7 +243,7 @@ def summarise(res: Result, lower: Measured | None, floor: Floor | None = None,
         uncovered=tuple(res.uncovered), nodes=nodes, dominant_path=tuple(res.path), chain_log10=res.chain_log10,
         assumptions=assumptions, layers=layers, partial=tuple(res.partial), bound_seconds=res.seconds,
         lower_seconds=lower.seconds if lower is not None else None,
-        lower_note=note if lower is not None else "not measured", blocks=tuple(res.blocks),
+        lower_note=note if lower is not None else "not measured", blocks=tuple(blocks),
         lower_detail={} if lower is None else {
             "work": lower.work, "budget": lower.budget, "seed": lower.seed, "starts": lower.starts,
             "steps": lower.steps, "best_start": lower.best_start, "best_scale": lower.best_scale},
@@ -289,17 +298,19 @@ def lower_end(loaded: Loaded, settings: GraphSettings) -> Measured | None:
     return measure(loaded.graph, loaded.evaluator(), samples, settings.measure_work, settings.seed, settings.limits)
 
 
-def floor_end(loaded: Loaded, settings: GraphSettings) -> Floor | None:
-    """The slope floor, with the lower end's budget (None when not asked for)."""
+def floor_end(loaded: Loaded, settings: GraphSettings, res: Result | None = None) -> Floor | None:
+    """The slope floor, with the lower end's budget, and the floors of the blocks res used (None when
+    not asked for)."""
     if not settings.measure:
         return None
     samples, _why = loaded.archive.sample_inputs()
     return slope_floor(loaded.graph, loaded.evaluator(), samples, settings.measure_work, settings.seed,
-                       settings.limits)
+                       settings.limits, blocks=list(res.blocks) if res is not None else None)
 
 
 def _bound(loaded: Loaded, settings: GraphSettings) -> GraphBound:
-    return summarise(bound_loaded(loaded, settings), lower_end(loaded, settings), floor_end(loaded, settings))
+    res = bound_loaded(loaded, settings)
+    return summarise(res, lower_end(loaded, settings), floor_end(loaded, settings, res))
 
 
 def inspect_archive(path: str, settings: GraphSettings | None = None) -> GraphBound:

@@ -22,19 +22,22 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lipaudit.checkpoint.limits import Limits
-from lipaudit.graph.interpret import CannotRun, Evaluator, network_function
+from lipaudit.graph.interpret import CannotRun, Evaluator, network_function, run_node
 from lipaudit.graph.lower import _FLOATS, Counter, Spent, check_memory, jvp_vjp, start_points
 from lipaudit.graph.model import Graph
 from lipaudit.graph.ops.elementwise import PRODUCTS
 from lipaudit.graph.ops.registry import lookup
 from lipaudit.text import clean_message
 
+# each block's own floor gets this share (in percent) of the network's budget
+BLOCK_SHARE = 50
 # Adam on the slopes' logits: step, decay rates
 RATE = 0.3
 BETA1, BETA2 = 0.9, 0.999
@@ -50,10 +53,12 @@ class Floor:
     seed: int
     note: str
     seconds: float = 0.0
+    blocks: dict[tuple[str, str], float] | None = None  # (entry, exit) -> the block's own floor
 
     def to_dict(self) -> dict[str, Any]:
         return {"value": self.value, "relaxed": self.relaxed, "kept": self.kept, "work": self.work,
-                "budget": self.budget, "seed": self.seed, "note": self.note, "seconds": self.seconds}
+                "budget": self.budget, "seed": self.seed, "note": self.note, "seconds": self.seconds,
+                "block_work": BLOCK_SHARE * self.budget // 100}
 
 
 def relaxable(graph: Graph) -> tuple[dict[str, tuple[float, float, tuple[int, ...]]], int]:
@@ -83,15 +88,18 @@ def relaxable(graph: Graph) -> tuple[dict[str, tuple[float, float, tuple[int, ..
 
 
 def slope_floor(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, work: int, seed: int,
-                limits: Limits | None = None) -> Floor:
+                limits: Limits | None = None, blocks: list[dict[str, Any]] | None = None) -> Floor:
     """The largest Jacobian norm of a slope-replaced network found with at most `work` function
-    evaluations (a J v with its J^T u counts 2, a gradient with respect to the slopes 3)."""
+    evaluations (a J v with its J^T u counts 2, a gradient with respect to the slopes 3); with
+    `blocks` (the walk's), each used block's own floor too."""
     check_memory(graph, limits or Limits())
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fl = _floor(graph, consts, samples, work, seed, limits)
-    return Floor(fl.value, fl.relaxed, fl.kept, fl.work, fl.budget, fl.seed, fl.note, time.perf_counter() - t0)
+    own = block_floors(graph, consts, blocks, BLOCK_SHARE * work // 100, seed) if blocks else None
+    return Floor(fl.value, fl.relaxed, fl.kept, fl.work, fl.budget, fl.seed, fl.note, time.perf_counter() - t0,
+                 own)
 
 
 def _floor(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, work: int, seed: int,
@@ -114,11 +122,63 @@ def _floor(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, 
         tuple(s.shape) == sh and s.is_floating_point() and bool(torch.isfinite(s).all())
         for s, sh in zip(samples, fixed, strict=True))
     x = start_points(fixed, samples if use else None, 1, gen)[0][0]
+    counter = Counter(work)
+    best, note = _search(lambda xs, s: f(xs, relax=s), x, ranges, counter, gen)
+    return Floor(best, len(ranges), kept, counter.used, work, seed, note)
+
+
+def block_floors(graph: Graph, consts: Evaluator, blocks: list[dict[str, Any]], work: int, seed: int) -> dict[
+        tuple[str, str], float]:
+    """{(entry, exit): floor} of each block the walk used (graph/tighten.py), each searched with `work`
+    evaluations of the block alone. A block holds only linear maps and activations, so with every
+    activation replaced its Jacobian is the same at every point: zero will do."""
+    ranges, _ = relaxable(graph)
+    out: dict[tuple[str, str], float] = {}
+    for b in blocks:
+        names = b.get("nodes") or []
+        shape = graph.shapes.get(b["entry"]) or graph.hints.get(b["entry"])
+        if not b.get("used") or not names or shape is None or any(n not in graph.order for n in names):
+            continue
+        nodes = [graph.nodes[graph.order[n]] for n in names]
+        inside = {n: ranges[n] for n in names if n in ranges}
+        if not inside:
+            continue
+        env0: dict[str, torch.Tensor] = {}
+        for n in nodes:
+            for t in n.tensor_inputs():
+                v = consts.value(t) if t != b["entry"] else None
+                if v is not None:
+                    env0[t] = v
+
+        def run(xs: list[torch.Tensor], s: dict[str, torch.Tensor], nodes: list[Any] = nodes,
+                env0: dict[str, torch.Tensor] = env0, entry: str = b["entry"], exit: str = b["exit"]) -> torch.Tensor:
+            env = dict(env0)
+            env[entry] = xs[0]
+            for n in nodes:
+                run_node(n, env, graph, relax=s)
+            return env[exit].reshape(-1)
+
+        gen = torch.Generator().manual_seed(seed)
+        x = [torch.zeros(tuple(int(v) for v in shape), dtype=torch.float64)]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                value, _ = _search(run, x, inside, Counter(work), gen)
+        except CannotRun:
+            continue
+        if value is not None:
+            out[(b["entry"], b["exit"])] = value
+    return out
+
+
+def _search(run: Callable[[list[torch.Tensor], dict[str, torch.Tensor]], torch.Tensor], x: list[torch.Tensor],
+            ranges: dict[str, tuple[float, float, tuple[int, ...]]], counter: Counter,
+            gen: torch.Generator) -> tuple[float | None, str]:
+    """The largest ||J v|| / ||v|| of run(., slopes) at x found within the counter's budget."""
     theta = {n: 0.5 * torch.randn(sh, generator=gen, dtype=torch.float64) for n, (_, _, sh) in ranges.items()}
     first = {n: torch.zeros_like(t) for n, t in theta.items()}
     second = {n: torch.zeros_like(t) for n, t in theta.items()}
     v = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in x]
-    counter = Counter(work)
     best: float | None = None
     note = ""
 
@@ -126,11 +186,11 @@ def _floor(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, 
         return {n: (a + (b - a) * torch.sigmoid(th[n])).clamp(a, b) for n, (a, b, _) in ranges.items()}
 
     try:
-        for step in range(1, work + 1):
+        for step in range(1, counter.budget + 1):
             fixed_slopes = slopes(theta)
 
             def fx(*xs: torch.Tensor, s: dict[str, torch.Tensor] = fixed_slopes) -> torch.Tensor:
-                return f(list(xs), relax=s)
+                return run(list(xs), s)
 
             nv = math.sqrt(math.fsum(float((t * t).sum()) for t in v))
             if nv == 0 or not math.isfinite(nv):
@@ -144,7 +204,7 @@ def _floor(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, 
                 best = value
             v = [t.detach() for t in back(jv)]
             counter.take(3)
-            grads = _slope_gradient(f, x, v, theta, slopes)
+            grads = _slope_gradient(run, x, v, theta, slopes)
             if grads is None:
                 break
             for n, g in grads.items():
@@ -157,11 +217,13 @@ def _floor(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, 
         pass
     except Exception as e:  # optional, like the lower end: a graph it cannot run only stops it
         note = f"stopped early: {type(e).__name__}: {clean_message(e, 120)}"
-    return Floor(best, len(ranges), kept, counter.used, work, seed, note)
+    return best, note
 
 
-def _slope_gradient(f: Any, x: list[torch.Tensor], v: list[torch.Tensor], theta: dict[str, torch.Tensor],
-                    slopes: Any) -> dict[str, torch.Tensor] | None:
+def _slope_gradient(run: Callable[[list[torch.Tensor], dict[str, torch.Tensor]], torch.Tensor],
+                    x: list[torch.Tensor], v: list[torch.Tensor], theta: dict[str, torch.Tensor],
+                    slopes: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> dict[
+                        str, torch.Tensor] | None:
     """The gradient of ||J v||^2 / ||v||^2 with respect to the slopes' logits."""
     nv = math.sqrt(math.fsum(float((t * t).sum()) for t in v))
     if nv == 0 or not math.isfinite(nv):
@@ -170,7 +232,7 @@ def _slope_gradient(f: Any, x: list[torch.Tensor], v: list[torch.Tensor], theta:
     th = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
     with torch.enable_grad():
         s = slopes(th)
-        jv = torch.func.jvp(lambda *xs: f(list(xs), relax=s), tuple(x), tuple(u))[1]
+        jv = torch.func.jvp(lambda *xs: run(list(xs), s), tuple(x), tuple(u))[1]
         gs = torch.autograd.grad((jv * jv).sum(), list(th.values()), allow_unused=True)
     out = {n: (g if g is not None else torch.zeros_like(th[n])) for n, g in zip(th, gs, strict=True)}
     if not all(bool(torch.isfinite(g).all()) for g in out.values()):

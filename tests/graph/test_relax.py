@@ -104,9 +104,37 @@ def test_floor_never_above_the_certified_upper_end(tmp_path: Path, seed: int) ->
     assert r.slope_floor <= r.lipschitz_upper
     d = r.to_dict()
     assert d["bracket"]["slope_floor"] == r.slope_floor and d["floor"]["relaxed"] == 5
+    floored = [b for b in r.blocks if "floor" in b]
+    assert floored and all(0 < b["floor"] <= b["upper"] for b in floored)
 
 
 def test_floor_of_a_fixture_sits_inside_the_bracket_ends() -> None:
     r = inspect_archive(str(FIXTURES / "resnet_small.pt2"), GraphSettings(measure_work=60))
     assert r.slope_floor is not None and r.lipschitz_upper is not None
     assert r.slope_floor <= r.lipschitz_upper
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(torch.relu(self.a(x)))
+
+
+def test_a_block_floor_reaches_its_slope_box_maximum(tmp_path: Path) -> None:
+    """x + W2 relu(W1 x) is one block; its floor is max over the vertices of ||I + W2 L W1||."""
+    torch.manual_seed(7)
+    model = nn.Sequential(_ResidualMLP(), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    r = inspect_archive(str(export_to(tmp_path / "r.pt2", model, torch.randn(1, 4, dtype=torch.float64))),
+                        GraphSettings(measure=True, measure_work=400))
+    w1, w2 = model[0].a.weight.detach(), model[0].b.weight.detach()
+    truth = 0.0
+    for signs in itertools.product((0.0, 1.0), repeat=6):
+        lam = torch.tensor(signs, dtype=torch.float64)
+        truth = max(truth, float(torch.linalg.matrix_norm(torch.eye(4, dtype=torch.float64)
+                                                          + w2 @ (lam[:, None] * w1), ord=2)))
+    floored = [b for b in r.blocks if "floor" in b and b["residual"]]
+    assert len(floored) == 1
+    assert truth * 0.98 <= floored[0]["floor"] <= truth * (1 + 1e-9) <= floored[0]["upper"]

@@ -228,6 +228,10 @@ def common_options(f: Any) -> Any:
                      help="Work of a graph's block bounds, as a multiple of its layers' own work (from shapes, "
                           "the same on every machine); blocks are bounded cheapest first within it, the others "
                           "by the product [default: 0.1]."),
+        click.option("--floor-work", type=click.IntRange(min=0), default=None,
+                     help="Graphs: network evaluations for the slope floor, the value no bound that sees "
+                          "activations only through their slope ranges goes below (0: not searched) "
+                          "[default: 200]."),
         click.option("--jobs", "-j", type=click.IntRange(min=1), default=None,
                      help="Layers (or files) measured at once [default: the number of CPUs, at most 8]."),
         click.option("--max-tensors", type=click.IntRange(min=1), default=None,
@@ -253,7 +257,7 @@ def revision_option(f: Any) -> Any:
 
 
 def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
-    from lipaudit.settings import BLOCK_WORK, CONV_POINTS, CONV_RTOL, DENSE_RTOL, Settings, default_jobs
+    from lipaudit.settings import BLOCK_WORK, CONV_POINTS, CONV_RTOL, DENSE_RTOL, FLOOR_WORK, Settings, default_jobs
 
     rtol = p["rtol"]
     return Settings(
@@ -263,7 +267,8 @@ def _settings(p: dict[str, Any], method: str, **gates: Any) -> Settings:
         limits=_limits(p["max_tensors"], p["max_tensor_bytes"], p["max_total_bytes"], p["allow_unknown_classes"]),
         jobs=p["jobs"] if p["jobs"] is not None else default_jobs(), layer_time_s=p["layer_time_budget"],
         conv_points=p["conv_points"] or CONV_POINTS,
-        block_work=p["block_work"] if p.get("block_work") is not None else BLOCK_WORK, **gates,
+        block_work=p["block_work"] if p.get("block_work") is not None else BLOCK_WORK,
+        floor_work=p["floor_work"] if p.get("floor_work") is not None else FLOOR_WORK, **gates,
     )
 
 

@@ -20,6 +20,8 @@ CONV_RTOL = 1e-2
 CONV_POINTS = 1_000_000
 # work of a graph's block bounds, as a multiple of its layers' own (lipaudit/graph/tighten.py)
 BLOCK_WORK = 0.1
+# function evaluations of the slope floor's search (lipaudit/graph/relax.py); 0 leaves it out
+FLOOR_WORK = 200
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Settings:
     # Work of the block bounds of a graph (lipaudit/graph/tighten.py), as a multiple of the work of
     # its layers' own operators, counted from shapes: blocks are bounded cheapest first within it.
     block_work: float = BLOCK_WORK
+    floor_work: int = FLOOR_WORK
     # Wall-clock safety net of one layer (seconds), for hostile inputs only: when it fires the layer's
     # bound is reported as not certified (LIP015) and gates fail on it.
     layer_time_s: float = 120.0
@@ -91,6 +94,7 @@ class Settings:
             "allow_uncertified": self.allow_uncertified,
             "conv_points": self.conv_points,
             "block_work": self.block_work,
+            "floor_work": self.floor_work,
             "layer_time_s": self.layer_time_s,
             "ignore": list(self.ignore),
             "fail_on": str(self.fail_on),

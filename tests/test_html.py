@@ -269,6 +269,31 @@ def test_graph_reports_show_each_block_with_its_rule() -> None:
     assert f"{len(blocks)} blocks bounded as a whole" in md or "1 block bounded as a whole" in md
 
 
+
+@needs_matplotlib
+def test_graph_reports_show_the_slope_floor() -> None:
+    """The floor is in the JSON bracket, the HTML card and block table and the Markdown block table;
+    --floor-work 0 leaves it out."""
+    from tests.conftest import run
+
+    args = ("inspect", ROOT / "fixtures" / "resnet_small.pt2", "--format", "json", "-q", "--measure-work", "20")
+    doc = json.loads(run(*args, "--floor-work", "60").stdout)
+    details = doc["network"]["details"]
+    floor, upper = details["bracket"]["slope_floor"], details["bracket"]["upper"]
+    assert 0 < floor <= upper and details["floor"]["work"] <= 60 and doc["settings"]["floor_work"] == 60
+    page = html_format.render_html(doc, {})
+    assert "slope floor" in page and "<th>slope floor</th>" in page
+    floored = [b for b in details["blocks"] if "floor" in b]
+    assert all(b["floor"] <= b["upper"] for b in floored)
+    off = json.loads(run(*args, "--floor-work", "0").stdout)["network"]["details"]
+    assert off["slope_floor"] is None and off["floor"] == {}
+    assert all("floor" not in b for b in off["blocks"])
+    from lipaudit.formats import fmt_num
+    from lipaudit.formats.markdown import _blocks
+
+    rows = "\n".join(_blocks(details))
+    assert "| slope floor |" in rows and all(f"| {fmt_num(b['floor'])} |" in rows for b in floored)
+
 def _scripts(page: str) -> list[dict[str, str | None]]:
     return [a for t, a in _parse(page).tags if t == "script"]
 

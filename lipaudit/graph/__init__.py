@@ -18,7 +18,7 @@ from lipaudit.graph.interpret import Evaluator, check_shapes
 from lipaudit.graph.lower import Measured, measure
 from lipaudit.graph.model import Graph, parse_graph
 from lipaudit.graph.relax import Floor, slope_floor
-from lipaudit.settings import BLOCK_WORK
+from lipaudit.settings import BLOCK_WORK, FLOOR_WORK
 from lipaudit.spectral import Interval
 from lipaudit.text import visible
 
@@ -44,12 +44,13 @@ class GraphSettings:
     measure: bool = True  # run the interpreter for a measured lower end
     measure_work: int = 200  # function evaluations for the measured lower end (lipaudit/graph/lower.py)
     block_work: float = BLOCK_WORK  # block bounds' work over the layers' own (lipaudit/graph/tighten.py)
+    floor_work: int = FLOOR_WORK  # function evaluations for the slope floor (lipaudit/graph/relax.py); 0: none
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> GraphSettings:
         """From the CLI's Settings (any object with rtol, conv_rtol, seed, limits)."""
-        values = {k: getattr(settings, k) for k in ("rtol", "conv_rtol", "seed", "limits", "block_work")
+        values = {k: getattr(settings, k) for k in ("rtol", "conv_rtol", "seed", "limits", "block_work", "floor_work")
                   if hasattr(settings, k)}
         values.update(overrides)
         return cls(**values)
@@ -299,12 +300,12 @@ def lower_end(loaded: Loaded, settings: GraphSettings) -> Measured | None:
 
 
 def floor_end(loaded: Loaded, settings: GraphSettings, res: Result | None = None) -> Floor | None:
-    """The slope floor, with the lower end's budget, and the floors of the blocks res used (None when
-    not asked for)."""
-    if not settings.measure:
+    """The slope floor and the floors of the blocks res used (None when not asked for: no
+    measurement, or no floor work)."""
+    if not settings.measure or settings.floor_work <= 0:
         return None
     samples, _why = loaded.archive.sample_inputs()
-    return slope_floor(loaded.graph, loaded.evaluator(), samples, settings.measure_work, settings.seed,
+    return slope_floor(loaded.graph, loaded.evaluator(), samples, settings.floor_work, settings.seed,
                        settings.limits, blocks=list(res.blocks) if res is not None else None)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,14 @@ def _names(x: Any) -> list[str | None]:
     return []
 
 
+def _float(v: object) -> float | None:
+    """A float argument: a JSON number, or the strings torch.export writes for infinities (a NaN
+    argument stays unknown)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return {"Infinity": math.inf, "-Infinity": -math.inf}.get(v) if isinstance(v, str) else None
+
+
 def parse_arg(raw: Any, shown: str) -> Arg:
     if not isinstance(raw, dict) or len(raw) != 1:
         return Arg("other", None)
@@ -116,9 +125,11 @@ def parse_arg(raw: Any, shown: str) -> Arg:
     if kind in ("as_float", "as_sym_float"):
         if isinstance(v, dict):
             v = v.get("as_float")
-        return Arg("float", float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else Arg("other", None)
+        f = _float(v)
+        return Arg("float", f) if f is not None else Arg("other", None)
     if kind == "as_floats" and isinstance(v, list):
-        return Arg("floats", [float(x) for x in v if isinstance(x, (int, float))])
+        fs = [_float(x) for x in v]
+        return Arg("floats", [f for f in fs if f is not None]) if None not in fs else Arg("other", None)
     if kind in ("as_bool", "as_sym_bool"):
         return Arg("bool", bool(v)) if isinstance(v, bool) else Arg("other", None)
     if kind == "as_bools" and isinstance(v, list):

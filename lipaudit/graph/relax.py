@@ -34,6 +34,7 @@ from lipaudit.graph.lower import _FLOATS, Counter, Spent, check_memory, jvp_vjp,
 from lipaudit.graph.model import Graph
 from lipaudit.graph.ops.elementwise import PRODUCTS
 from lipaudit.graph.ops.registry import lookup
+from lipaudit.graph.tighten import slopes as slopes_of
 from lipaudit.text import clean_message
 
 # each block's own floor gets this share (in percent) of the network's budget
@@ -74,7 +75,7 @@ def relaxable(graph: Graph) -> tuple[dict[str, tuple[float, float, tuple[int, ..
         entry = lookup(n.op, n.overload) if n.namespace == "aten" else None
         if entry is None or entry.spec.slopes is None or not n.outputs or n.outputs[0] not in varying:
             continue
-        rng = entry.spec.slopes(n)
+        rng = slopes_of(n)
         name = n.outputs[0]
         shape = graph.shapes.get(name) or graph.hints.get(name) if name else None
         read_as_function = any(

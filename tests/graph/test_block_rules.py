@@ -64,6 +64,10 @@ ACTS: dict[str, tuple[Callable[[], nn.Module], float, float]] = {
     "sigmoid": (nn.Sigmoid, 0.0, 0.25),
     "elu": (lambda: nn.ELU(1.5), 0.0, 1.5),
     "hardtanh": (lambda: nn.Hardtanh(-0.5, 2.0), 0.0, 1.0),
+    "mish": (nn.Mish, *_derivative_range(nn.functional.mish)),
+    "celu": (lambda: nn.CELU(0.5), 0.0, 1.0),
+    "softplus": (lambda: nn.Softplus(2.0, threshold=math.inf), 0.0, 1.0),
+    "softshrink": (lambda: nn.Softshrink(0.3), 0.0, 1.0),
 }
 
 

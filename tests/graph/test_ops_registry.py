@@ -365,7 +365,8 @@ def _slope_names() -> list[str]:
 def test_block_activations_register_their_slopes() -> None:
     """The activations the block bounds rely on (graph/tighten.py) each carry a range."""
     have = {n.rstrip("_") for n in _slope_names()}
-    assert {"relu", "hardtanh", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh", "hardswish"} <= have
+    assert {"relu", "hardtanh", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "mish", "celu",
+            "softplus", "softshrink", "threshold"} <= have
 
 
 def check_slopes(name: str, case: Case, seed: int) -> str:

@@ -293,3 +293,19 @@ def test_non_persistent_buffer_is_read_from_the_constants(tmp_path: Path) -> Non
     truth = float(torch.linalg.matrix_norm(model.c.double(), 2))
     assert r.certified and r.lipschitz_upper is not None
     assert truth <= r.lipschitz_upper <= truth * (1 + 1e-6)
+
+
+def test_float_arguments_read_the_infinities_torch_export_writes() -> None:
+    """torch.export writes inf as the string "Infinity"; a NaN or an unknown entry stays unknown, and
+    a list with one never loses it silently."""
+    import math
+
+    from lipaudit.graph.model import parse_arg
+
+    assert parse_arg({"as_float": "Infinity"}, "x").value == math.inf
+    assert parse_arg({"as_float": "-Infinity"}, "x").value == -math.inf
+    assert parse_arg({"as_float": 2}, "x").value == 2.0
+    assert parse_arg({"as_float": "NaN"}, "x").kind == "other"
+    assert parse_arg({"as_float": True}, "x").kind == "other"
+    assert parse_arg({"as_floats": [1.5, "Infinity"]}, "x").value == [1.5, math.inf]
+    assert parse_arg({"as_floats": [1.5, "NaN"]}, "x").kind == "other"

@@ -34,6 +34,7 @@ GELU = 1.12891  # at x = sqrt(2): Phi(x) + x phi(x) = 1.1289041...
 GELU_TANH = 1.12900  # 1.1289931...
 SILU = 1.09984  # at x ~ 2.3994: 1.0998393...
 MISH = 1.08850  # 1.0884982...
+MISH_MIN = -0.11253  # inf f' at x ~ -2.2564: -0.1125261...
 ERF = 1.12838  # 2 / sqrt(pi) = 1.1283792...
 SELU = 1.75810  # scale * alpha = 1.7580993...
 HARDSWISH = 1.5  # slope of x (x + 3) / 6 at x = 3
@@ -71,7 +72,9 @@ def _fixed_range(node: Node) -> tuple[float, float] | None:
     if op in _MONOTONE:
         return (0.0, 1.0 if op in _ONE else _CONST[op])
     if op == "hardswish":
-        return (-0.5, HARDSWISH)  # x (x + 3) / 6 on [-3, 3]: slope (2x + 3) / 6; 0 below, 1 above
+        return (-0.5, HARDSWISH)
+    if op == "mish":
+        return (MISH_MIN, MISH)  # x (x + 3) / 6 on [-3, 3]: slope (2x + 3) / 6; 0 below, 1 above
     if op == "silu":
         c = SILU
     elif op == "gelu":
@@ -140,7 +143,11 @@ def elu(ctx: Context, node: Node) -> Effect:
     return unary(ctx, node, abs(scale) * max(1.0, abs(alpha * input_scale)))
 
 
-@register("celu", sample=_elu)
+def _celu_range(node: Node) -> tuple[float, float] | None:
+    return (0.0, 1.0) if number(node.arg("alpha", 1), 1.0) > 0 else None
+
+
+@register("celu", sample=_elu, slopes=_celu_range)
 def celu(ctx: Context, node: Node) -> Effect:
     """max(0, x) + min(0, alpha (exp(x / alpha) - 1)): slope exp(x / alpha) below 0, at most 1 for
     alpha > 0; for alpha < 0 it grows without bound as x -> -inf."""
@@ -157,7 +164,14 @@ def _softplus(d: Draw, name: str) -> Case:
     return Case({"self": _x(d), "beta": beta, "threshold": t}, focus=focus, scale=abs(focus[0]) + 2.0)
 
 
-@register("softplus", sample=_softplus)
+def _softplus_range(node: Node) -> tuple[float, float] | None:
+    """The slope is sigmoid(beta x), in (0, 1) for either sign of beta, where no threshold cuts in."""
+    beta = number(node.arg("beta", 1), 1.0)
+    t = number(node.arg("threshold", 2), 20.0)
+    return (0.0, 1.0) if beta != 0 and math.isfinite(beta) and math.isinf(t) and t > 0 else None
+
+
+@register("softplus", sample=_softplus, slopes=_softplus_range)
 def softplus(ctx: Context, node: Node) -> Effect:
     """log(1 + exp(beta x)) / beta switches to x where beta x > threshold; the two differ there by
     log1p(exp(-threshold)) / |beta|, which is zero for no finite threshold: a jump, not Lipschitz."""
@@ -177,7 +191,12 @@ def _threshold(d: Draw, name: str) -> Case:
     return Case({"self": _x(d), "threshold": t, "value": d.choice([t, 0.0, 2.0])}, focus=(t,))
 
 
-@register("threshold", sample=_threshold)
+def _threshold_range(node: Node) -> tuple[float, float] | None:
+    same = number(node.arg("threshold", 1), 0.0) == number(node.arg("value", 2), 0.0)
+    return (0.0, 1.0) if same else None  # then max(x, t)
+
+
+@register("threshold", sample=_threshold, slopes=_threshold_range)
 def threshold(ctx: Context, node: Node) -> Effect:
     """x above the threshold, value elsewhere: continuous (and then max(x, t)) only when value == t."""
     t = number(node.arg("threshold", 1), 0.0)
@@ -200,7 +219,11 @@ def hardshrink(ctx: Context, node: Node) -> Effect:
     return unary(ctx, node, 1.0)
 
 
-@register("softshrink", sample=_shrink)
+def _softshrink_range(node: Node) -> tuple[float, float] | None:
+    return (0.0, 1.0) if number(node.arg("lambd", 1), 0.5) >= 0 else None  # slope 0 inside, 1 outside
+
+
+@register("softshrink", sample=_shrink, slopes=_softshrink_range)
 def softshrink(ctx: Context, node: Node) -> Effect:
     lam = number(node.arg("lambd", 1), 0.5)
     if lam < 0:

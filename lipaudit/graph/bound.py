@@ -19,7 +19,7 @@ import torch
 
 from lipaudit.graph import ops, rules, tighten
 from lipaudit.graph.interpret import Evaluator
-from lipaudit.graph.model import Graph, Node
+from lipaudit.graph.model import FLOAT_CODES, Graph, Node
 from lipaudit.graph.ops import Constant, Diagonal, Effect, Linear, LinearOp, Uncovered
 from lipaudit.graph.ops.base import weight_digest
 from lipaudit.graph.ops.registry import inplace_hazard
@@ -30,7 +30,6 @@ __all__ = ["INPUT", "LinearOp", "Result", "Uncovered", "bound_graph"]
 
 INPUT = "input"
 Lip = dict[str, float]  # source -> log10 of the Lipschitz constant
-_FLOATS = (6, 7, 8, 13)
 
 
 def log_sum(xs: list[float]) -> float:
@@ -394,7 +393,7 @@ class Bounder:
         effect = entry.spec.rule(self, node)
         if not isinstance(effect, Constant):
             dtype = node.arg("dtype")
-            if dtype is not None and dtype.kind == "dtype" and int(dtype.value) not in _FLOATS:
+            if dtype is not None and dtype.kind == "dtype" and int(dtype.value) not in FLOAT_CODES:
                 raise Uncovered("conversion of input-dependent values to a non-float type")
         self.apply(node, outs, effect)
 

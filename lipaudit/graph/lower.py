@@ -26,7 +26,7 @@ import torch
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.errors import ResourceLimitError
 from lipaudit.graph.interpret import CannotRun, Evaluator, network_function
-from lipaudit.graph.model import Graph
+from lipaudit.graph.model import FLOAT_CODES, Graph
 from lipaudit.text import clean_message
 
 # the input scales tried, relative to the data's: the data itself, then points further out
@@ -39,7 +39,6 @@ BETAS = (1.0, 2.0, 4.0, 8.0)
 ASCENT = 100
 PATIENCE = 16
 STEP = 0.05
-_FLOATS = (6, 7, 8, 13)  # half, float, double, bfloat16 dtype codes
 _BYTES = 8  # everything runs in float64
 # rough peak of a forward plus a reverse pass, in copies of every intermediate tensor
 _COPIES = 3
@@ -152,7 +151,7 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
     shapes = [graph.shapes.get(n) or graph.hints.get(n) for n in graph.inputs]
     if not shapes or any(s is None for s in shapes):
         return Measured(None, 0.0, 0, 0, "", "not measured: input sizes are not known", 0, work, seed)
-    if not all(graph.dtypes.get(n, 7) in _FLOATS for n in graph.inputs):
+    if not all(graph.dtypes.get(n, 7) in FLOAT_CODES for n in graph.inputs):
         return Measured(None, 0.0, 0, 0, "", "not measured: non-float inputs", 0, work, seed)
     fixed = [tuple(int(v) for v in s or ()) for s in shapes]
     use = samples is not None and len(samples) == len(fixed) and all(

@@ -21,6 +21,9 @@ _HOSTILE = re.compile(
 _SYMBOLIC = ("_operator.", "math.", "torch.sym_", "torch._sym_")
 
 
+# the dtype codes of float tensors in an archive's graph: half, float, double, bfloat16
+FLOAT_CODES = (6, 7, 8, 13)
+
 @dataclass(frozen=True)
 class Arg:
     """One argument: kind is tensor, tensors, opt_tensors, int, ints, float, floats, bool, bools, str,

@@ -30,8 +30,8 @@ import torch
 
 from lipaudit.checkpoint.limits import Limits
 from lipaudit.graph.interpret import CannotRun, Evaluator, network_function, run_node
-from lipaudit.graph.lower import _FLOATS, Counter, Spent, check_memory, jvp_vjp, start_points
-from lipaudit.graph.model import Graph
+from lipaudit.graph.lower import Counter, Spent, check_memory, jvp_vjp, start_points
+from lipaudit.graph.model import FLOAT_CODES, Graph
 from lipaudit.graph.ops.elementwise import PRODUCTS
 from lipaudit.graph.ops.registry import lookup
 from lipaudit.graph.tighten import slopes as slopes_of
@@ -115,7 +115,7 @@ def _floor(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, 
     shapes = [graph.shapes.get(n) or graph.hints.get(n) for n in graph.inputs]
     if not shapes or any(s is None for s in shapes):
         return Floor(None, len(ranges), kept, 0, work, seed, "not measured: input sizes are not known")
-    if not all(graph.dtypes.get(n, 7) in _FLOATS for n in graph.inputs):
+    if not all(graph.dtypes.get(n, 7) in FLOAT_CODES for n in graph.inputs):
         return Floor(None, len(ranges), kept, 0, work, seed, "not measured: non-float inputs")
     fixed = [tuple(int(v) for v in s or ()) for s in shapes]
     gen = torch.Generator().manual_seed(seed)

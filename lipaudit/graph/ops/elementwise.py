@@ -25,8 +25,6 @@ from lipaudit.graph.ops.base import (
 )
 from lipaudit.graph.ops.registry import register
 
-_FLOATS = (6, 7, 8, 13)
-
 
 def _operand(d: Draw, shape: tuple[int, ...], scalar: bool = True) -> object:
     k = d.int(0, 3 if scalar else 2)

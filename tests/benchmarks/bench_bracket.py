@@ -5,7 +5,8 @@ Builds and trains tests/models/mobilenet.py's MobileNetV2-style network and smal
 synthetic data (fixed seeds, CPU), exports them with torch.export, and prints per network: the
 product of the layer norms, the previous graph bound (the walk without block bounds), the new
 certified upper end, the measured lower end, their ratio, the slope floor (lipaudit/graph/relax.py:
-no certificate that sees activations only through their slope ranges goes below it) and the times.
+no certificate that sees activations only through their slope ranges goes below it) and the times,
+then each used block's bound against its own floor.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from lipaudit.graph import GraphSettings, load_archive  # noqa: E402
 from lipaudit.graph.bound import bound_graph  # noqa: E402
 from lipaudit.graph.lower import measure  # noqa: E402
-from lipaudit.graph.relax import slope_floor  # noqa: E402
+from lipaudit.graph.relax import block_floors, slope_floor  # noqa: E402
 from tests.models.mobilenet import build, export  # noqa: E402
 
 
@@ -59,6 +60,7 @@ def main() -> int:
             low = measure(loaded.graph, loaded.evaluator(), samples, args.work, s.seed)
             t_low = time.perf_counter() - t0
             floor = slope_floor(loaded.graph, loaded.evaluator(), samples, args.work, s.seed)
+            own = block_floors(loaded.graph, loaded.evaluator(), list(new.blocks), args.work // 2, s.seed)
         up = new.outputs["input"]
         lo = math.log10(low.lower) if low.lower else math.nan
         used = [b for b in new.blocks if b["used"]]
@@ -70,6 +72,14 @@ def main() -> int:
               f"ratio 1e{up - lo:.2f}; slope floor {floor.value or math.nan:.4g} ({floor.seconds:.1f} s): "
               f"upper / floor 1e{up - math.log10(floor.value or math.nan):.2f}, "
               f"floor / lower 1e{math.log10(floor.value or math.nan) - lo:.2f}")
+        floored = [b for b in new.blocks if (b["entry"], b["exit"]) in own]
+        ups = math.prod(b["upper"] for b in floored)
+        lows = math.prod(own[(b["entry"], b["exit"])] for b in floored)
+        print(f"  {len(floored)} used blocks: bound / floor from "
+              f"{min((b['upper'] / own[(b['entry'], b['exit'])] for b in floored), default=math.nan):.2f} to "
+              f"{max((b['upper'] / own[(b['entry'], b['exit'])] for b in floored), default=math.nan):.2f}; "
+              f"product of their bounds {ups:.3g}, of their floors {lows:.3g} (inside blocks {ups / lows:.3g}x; "
+              f"network floor {floor.value or math.nan:.3g})")
     return 0
 
 

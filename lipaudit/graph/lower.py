@@ -116,7 +116,27 @@ def measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None,
                     m.seed, m.best_start, m.best_scale)
 
 
-def _norm(xs: list[torch.Tensor]) -> float:
+def runnable(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None,
+             limits: Limits | None) -> tuple[Callable[..., torch.Tensor], list[tuple[int, ...]], bool] | str:
+    """(the network function, the input shapes, whether the samples fit them), or why the network
+    cannot be run for a measurement."""
+    try:
+        f = network_function(graph, consts, limits)
+    except CannotRun as e:
+        return f"not measured: {e}"
+    shapes = [graph.shapes.get(n) or graph.hints.get(n) for n in graph.inputs]
+    if not shapes or any(s is None for s in shapes):
+        return "not measured: input sizes are not known"
+    if not all(graph.dtypes.get(n, 7) in FLOAT_CODES for n in graph.inputs):
+        return "not measured: non-float inputs"
+    fixed = [tuple(int(v) for v in s or ()) for s in shapes]
+    use = samples is not None and len(samples) == len(fixed) and all(
+        tuple(s.shape) == sh and s.is_floating_point() and bool(torch.isfinite(s).all())
+        for s, sh in zip(samples, fixed, strict=True))
+    return f, fixed, use
+
+
+def norm_of(xs: list[torch.Tensor]) -> float:
     return math.sqrt(math.fsum(float((t * t).sum()) for t in xs))
 
 
@@ -144,19 +164,10 @@ def start_points(shapes: list[tuple[int, ...]], samples: list[torch.Tensor] | No
 
 def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, work: int, seed: int,
              starts: int, steps: int, ascent: int, inner: int, limits: Limits | None) -> Measured:
-    try:
-        f = network_function(graph, consts, limits)
-    except CannotRun as e:
-        return Measured(None, 0.0, 0, 0, "", f"not measured: {e}", 0, work, seed)
-    shapes = [graph.shapes.get(n) or graph.hints.get(n) for n in graph.inputs]
-    if not shapes or any(s is None for s in shapes):
-        return Measured(None, 0.0, 0, 0, "", "not measured: input sizes are not known", 0, work, seed)
-    if not all(graph.dtypes.get(n, 7) in FLOAT_CODES for n in graph.inputs):
-        return Measured(None, 0.0, 0, 0, "", "not measured: non-float inputs", 0, work, seed)
-    fixed = [tuple(int(v) for v in s or ()) for s in shapes]
-    use = samples is not None and len(samples) == len(fixed) and all(
-        tuple(s.shape) == sh and s.is_floating_point() and bool(torch.isfinite(s).all())
-        for s, sh in zip(samples, fixed, strict=True))
+    ready = runnable(graph, consts, samples, limits)
+    if isinstance(ready, str):
+        return Measured(None, 0.0, 0, 0, "", ready, 0, work, seed)
+    f, fixed, use = ready
     gen = torch.Generator().manual_seed(seed)
     points = start_points(fixed, samples if use else None, starts, gen)
     counter = Counter(work)
@@ -178,7 +189,7 @@ def _measure(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None
     def power(x: list[torch.Tensor], v: list[torch.Tensor], count: int, index: int, scale: float) -> list[torch.Tensor]:
         nonlocal best, best_start, best_scale, done_steps, here
         for _ in range(count):
-            nv = _norm(v)
+            nv = norm_of(v)
             if nv == 0 or not math.isfinite(nv):
                 break
             v = [t / nv for t in v]
@@ -236,7 +247,7 @@ def _ascend(fx: Callable[..., torch.Tensor], x: list[torch.Tensor], v: list[torc
     """One step on x along the gradient of ||J(x) v||^2, J the Jacobian of fx (the rounded network),
     of length STEP ||x|| (a random nudge where the gradient vanishes)."""
     xs = [t.detach().requires_grad_(True) for t in x]
-    size = max(_norm(x), 1e-3) * STEP
+    size = max(norm_of(x), 1e-3) * STEP
     grads: list[torch.Tensor] | None = None
     with torch.enable_grad():
         try:
@@ -246,7 +257,8 @@ def _ascend(fx: Callable[..., torch.Tensor], x: list[torch.Tensor], v: list[torc
                 grads = [t for t in g if t is not None]
         except (NotImplementedError, RuntimeError):
             grads = None
-    if grads is None or _norm(grads) == 0 or not math.isfinite(_norm(grads)):
+    ng = norm_of(grads) if grads is not None else 0.0
+    if grads is None or ng == 0 or not math.isfinite(ng):
         grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in x]
-    ng = _norm(grads)
+        ng = norm_of(grads)
     return [(t + size * g / ng).detach() for t, g in zip(x, grads, strict=True)]

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from lipaudit.checkpoint.limits import Limits
-from lipaudit.graph.interpret import CannotRun, Evaluator, network_function, run_node
-from lipaudit.graph.lower import Counter, Spent, check_memory, jvp_vjp, start_points
-from lipaudit.graph.model import FLOAT_CODES, Graph
+from lipaudit.graph.interpret import Evaluator, run_node
+from lipaudit.graph.lower import Counter, Spent, check_memory, jvp_vjp, norm_of, runnable, start_points
+from lipaudit.graph.model import Graph
 from lipaudit.graph.ops.elementwise import PRODUCTS
 from lipaudit.graph.ops.registry import lookup
 from lipaudit.graph.tighten import slopes as slopes_of
@@ -98,42 +98,43 @@ def slope_floor(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fl = _floor(graph, consts, samples, work, seed, limits)
-    own = block_floors(graph, consts, blocks, BLOCK_SHARE * work // 100, seed) if blocks else None
-    return Floor(fl.value, fl.relaxed, fl.kept, fl.work, fl.budget, fl.seed, fl.note, time.perf_counter() - t0,
-                 own)
+    own = block_floors(graph, consts, blocks, BLOCK_SHARE * work // 100, seed, fl.ranges) if blocks else None
+    return Floor(fl.value, len(fl.ranges), fl.kept, fl.work, work, seed, fl.note, time.perf_counter() - t0, own)
+
+
+@dataclass(frozen=True)
+class _Found:
+    value: float | None
+    ranges: dict[str, tuple[float, float, tuple[int, ...]]]
+    kept: int
+    work: int
+    note: str
 
 
 def _floor(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, work: int, seed: int,
-           limits: Limits | None) -> Floor:
+           limits: Limits | None) -> _Found:
     ranges, kept = relaxable(graph)
     if not ranges:
-        return Floor(None, 0, kept, 0, work, seed, "no activation with a slope range to replace")
-    try:
-        f = network_function(graph, consts, limits)
-    except CannotRun as e:
-        return Floor(None, len(ranges), kept, 0, work, seed, f"not measured: {e}")
-    shapes = [graph.shapes.get(n) or graph.hints.get(n) for n in graph.inputs]
-    if not shapes or any(s is None for s in shapes):
-        return Floor(None, len(ranges), kept, 0, work, seed, "not measured: input sizes are not known")
-    if not all(graph.dtypes.get(n, 7) in FLOAT_CODES for n in graph.inputs):
-        return Floor(None, len(ranges), kept, 0, work, seed, "not measured: non-float inputs")
-    fixed = [tuple(int(v) for v in s or ()) for s in shapes]
+        return _Found(None, ranges, kept, 0, "no activation with a slope range to replace")
+    ready = runnable(graph, consts, samples, limits)
+    if isinstance(ready, str):
+        return _Found(None, ranges, kept, 0, ready)
+    f, fixed, use = ready
     gen = torch.Generator().manual_seed(seed)
-    use = samples is not None and len(samples) == len(fixed) and all(
-        tuple(s.shape) == sh and s.is_floating_point() and bool(torch.isfinite(s).all())
-        for s, sh in zip(samples, fixed, strict=True))
     x = start_points(fixed, samples if use else None, 1, gen)[0][0]
     counter = Counter(work)
     best, note = _search(lambda xs, s: f(xs, relax=s), x, ranges, counter, gen)
-    return Floor(best, len(ranges), kept, counter.used, work, seed, note)
+    return _Found(best, ranges, kept, counter.used, note)
 
 
-def block_floors(graph: Graph, consts: Evaluator, blocks: list[dict[str, Any]], work: int, seed: int) -> dict[
-        tuple[str, str], float]:
+def block_floors(graph: Graph, consts: Evaluator, blocks: list[dict[str, Any]], work: int, seed: int,
+                 ranges: dict[str, tuple[float, float, tuple[int, ...]]] | None = None) -> dict[tuple[str, str], float]:
     """{(entry, exit): floor} of each block the walk used (graph/tighten.py), each searched with `work`
     evaluations of the block alone. A block holds only linear maps and activations, so with every
-    activation replaced its Jacobian is the same at every point: zero will do."""
-    ranges, _ = relaxable(graph)
+    activation replaced its Jacobian is the same at every point: zero will do. ranges: relaxable's,
+    when known."""
+    if ranges is None:
+        ranges = relaxable(graph)[0]
     out: dict[tuple[str, str], float] = {}
     for b in blocks:
         names = b.get("nodes") or []
@@ -161,12 +162,9 @@ def block_floors(graph: Graph, consts: Evaluator, blocks: list[dict[str, Any]], 
 
         gen = torch.Generator().manual_seed(seed)
         x = [torch.zeros(tuple(int(v) for v in shape), dtype=torch.float64)]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                value, _ = _search(run, x, inside, Counter(work), gen)
-        except CannotRun:
-            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value, _ = _search(run, x, inside, Counter(work), gen)
         if value is not None:
             out[(b["entry"], b["exit"])] = value
     return out
@@ -193,7 +191,7 @@ def _search(run: Callable[[list[torch.Tensor], dict[str, torch.Tensor]], torch.T
             def fx(*xs: torch.Tensor, s: dict[str, torch.Tensor] = fixed_slopes) -> torch.Tensor:
                 return run(list(xs), s)
 
-            nv = math.sqrt(math.fsum(float((t * t).sum()) for t in v))
+            nv = norm_of(v)
             if nv == 0 or not math.isfinite(nv):
                 v = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in x]
                 continue
@@ -226,7 +224,7 @@ def _slope_gradient(run: Callable[[list[torch.Tensor], dict[str, torch.Tensor]],
                     slopes: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> dict[
                         str, torch.Tensor] | None:
     """The gradient of ||J v||^2 / ||v||^2 with respect to the slopes' logits."""
-    nv = math.sqrt(math.fsum(float((t * t).sum()) for t in v))
+    nv = norm_of(v)
     if nv == 0 or not math.isfinite(nv):
         return None
     u = [t / nv for t in v]

@@ -160,9 +160,9 @@ def run_node(node: Node, env: dict[str, torch.Tensor], graph: Graph | None = Non
         fn = partial(_times, relax[node.name])
     elif smooth is not None:
         entry = ops.lookup(node.op, node.overload)
-        stand_in = smoothed(entry.runs_as) if entry is not None else None
-        if stand_in is not None:
-            fn = partial(stand_in, smooth)
+        rounded = smoothed(entry.runs_as) if entry is not None else None
+        if rounded is not None:
+            fn = partial(rounded, smooth)
     train = node.arg("training") or node.arg("train")
     if train is not None and train.kind == "bool" and train.value:
         raise CannotRun("training-mode op")
@@ -174,8 +174,9 @@ def run_node(node: Node, env: dict[str, torch.Tensor], graph: Graph | None = Non
             args.append(v)
         else:
             kwargs[name] = v
-    shapes_only = _stand_in(node)
-    if shapes_only is not None and any(isinstance(v, torch.Tensor) and v.is_meta for v in args):
+    shapes_only = stand_in(node)
+    if shapes_only is not None and any(isinstance(t, torch.Tensor) and t.is_meta
+                                       for v in args for t in (v if isinstance(v, list) else [v])):
         fn = shapes_only
     if budget is not None:
         for name, size in _output_bytes(node, graph, shapes_only or fn, args, kwargs):
@@ -204,11 +205,30 @@ def run_node(node: Node, env: dict[str, torch.Tensor], graph: Graph | None = Non
         env[n] = v
 
 
-def _stand_in(node: Node) -> Callable[..., Any] | None:
-    """The registry's shapes-only stand-in for an op whose meta kernel is slow to load."""
+def stand_in(node: Node) -> Callable[..., Any] | None:
+    """The rule's shapes-only stand-in for torch's meta kernel (graph/ops/meta.py), called as
+    fn(op, arguments by schema name, defaults filled in)."""
     entry = ops.lookup(node.op, node.overload) if node.namespace == "aten" else None
     fn = entry.spec.extra.get("meta") if entry is not None else None
-    return fn if callable(fn) else None
+    if not callable(fn):
+        return None
+    try:
+        schema = getattr(getattr(torch.ops.aten, node.op), node.overload)._schema
+    except (AttributeError, RuntimeError):
+        return None
+    return partial(_by_name, fn, node.op, schema)
+
+
+def _by_name(fn: Callable[[str, dict[str, Any]], Any], op: str, schema: Any, *args: Any, **kwargs: Any) -> Any:
+    params = schema.arguments
+    if len(args) > len(params):
+        raise TypeError(f"{op}: too many arguments")
+    named = {p.name: v for p, v in zip(params, args, strict=False)}
+    named.update(kwargs)
+    for p in params:
+        if p.name not in named and p.has_default_value():
+            named[p.name] = p.default_value
+    return fn(op, named)
 
 
 def _times(slope: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from lipaudit.graph.model import Arg, Graph, Node
+from lipaudit.graph.ops import meta
 from lipaudit.graph.ops.base import Uncovered
 from lipaudit.graph.ops.registry import lookup
 from lipaudit.spectral import Interval
@@ -94,8 +95,24 @@ class Act:
         return max(abs(self.a), abs(self.b))
 
 
+def _shapes_only(*ws: Lin) -> bool:
+    """Maps on the meta device (the block cost model): their results are built from sizes, since
+    torch's meta kernels for these steps import the compiler stack."""
+    return any(w.kernel.is_meta for w in ws)
+
+
 def compose(b: Lin, a: Lin) -> Lin:
     """b after a, as one map: strides multiply, taps of b are dilated by a's stride."""
+    if _shapes_only(a, b):
+        if b.kernel.shape[1] != a.kernel.shape[0] or b.d != a.d:
+            raise RuntimeError("maps whose channels do not meet")
+        taps = [(tb - 1) * s + ta for tb, ta, s in zip(b.kernel.shape[2:], a.kernel.shape[2:], a.stride, strict=True)]
+        if b.pointwise:
+            taps = list(a.kernel.shape[2:])
+        return Lin(meta.empty([b.kernel.shape[0], a.kernel.shape[1], *taps], a.kernel),
+                   tuple(sa * sb for sa, sb in zip(a.stride, b.stride, strict=True)),
+                   tuple(sa * pb + pa for sa, pb, pa in zip(a.stride, b.pad, a.pad, strict=True)),
+                   a.params + b.params, a.spreads or b.spreads, key=_key("", b, a))
     if a.d == 0:
         return Lin(b.kernel @ a.kernel, (), (), a.params + b.params, a.spreads or b.spreads,
                    key=_key("", b, a))
@@ -132,10 +149,12 @@ def compose(b: Lin, a: Lin) -> Lin:
 
 def plus_identity(w: Lin, scale: float) -> Lin:
     """I + scale * w for a map from a space to itself."""
-    k = w.kernel * scale
+    k = w.kernel if _shapes_only(w) else w.kernel * scale
     if w.d == 0:
         if k.shape[0] != k.shape[1]:
             raise ValueError("a residual sum of different sizes")
+        if _shapes_only(w):
+            return Lin(k, (), (), w.params, w.spreads, key=_key(f"I+{scale!r}", w))
         return Lin(k + torch.eye(k.shape[0], dtype=k.dtype, device=k.device), (), (), w.params, w.spreads,
                    key=_key(f"I+{scale!r}", w))
     if k.shape[0] != k.shape[1] or any(s != 1 for s in w.stride):
@@ -144,6 +163,10 @@ def plus_identity(w: Lin, scale: float) -> Lin:
     lo = [min(0, p) for p in w.pad]
     hi = [max(k.shape[2 + i] - 1, w.pad[i]) for i in range(w.d)]
     taps = [hi[i] - lo[i] + 1 for i in range(w.d)]
+    if _shapes_only(w):
+        return Lin(meta.empty([k.shape[0], k.shape[1], *taps], k), w.stride,
+                   tuple(p - q for p, q in zip(w.pad, lo, strict=True)), w.params, w.spreads,
+                   key=_key(f"I+{scale!r}", w))
     out = k.new_zeros(k.shape[0], k.shape[1], *taps)
     out[(slice(None), slice(None), *[slice(-lo[i], -lo[i] + k.shape[2 + i]) for i in range(w.d)])] = k
     centre = tuple(w.pad[i] - lo[i] for i in range(w.d))
@@ -156,7 +179,8 @@ def plus_identity(w: Lin, scale: float) -> Lin:
 
 
 def scaled_lin(w: Lin, s: float) -> Lin:
-    return Lin(w.kernel * s, w.stride, w.pad, w.params, w.spreads, key=_key(f"{s!r}*", w))
+    return Lin(w.kernel if _shapes_only(w) else w.kernel * s, w.stride, w.pad, w.params, w.spreads,
+               key=_key(f"{s!r}*", w))
 
 
 def _key(op: str, *parts: Lin) -> str:
@@ -282,7 +306,7 @@ def rebalance(items: list[Lin | Act], sweeps: int = 4) -> list[Lin | Act] | None
     if not free:
         return None
     ks = [w.kernel.clone() for w in ws]
-    for _ in range(sweeps):
+    for _ in range(0 if _shapes_only(*ws) else sweeps):
         for j in free:
             a = ks[j].flatten(1).norm(dim=1)
             b = ks[j + 1].transpose(0, 1).flatten(1).norm(dim=1)
@@ -520,7 +544,10 @@ def _fit(raw: list[Lin | Act]) -> tuple[list[Lin | Act], bool] | None:
 
 def identity(n: int, d: int, like: torch.Tensor) -> Lin:
     """The identity on n channels with d spatial axes (pointwise)."""
-    k = torch.eye(n, dtype=like.dtype, device=like.device).reshape(n, n, *([1] * d))
+    if like.is_meta:
+        k = meta.empty([n, n, *([1] * d)], like)
+    else:
+        k = torch.eye(n, dtype=like.dtype, device=like.device).reshape(n, n, *([1] * d))
     return Lin(k, (1,) * d, (0,) * d, (), False, unit=True, key=f"I{n}")
 
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from lipaudit.checkpoint.pt2 import DTYPES
 from lipaudit.graph import ops
 from lipaudit.graph.bound import Bounder
-from lipaudit.graph.interpret import Evaluator, allowed
+from lipaudit.graph.interpret import CannotRun, Evaluator, allowed, check_shapes, run_node, stand_in
 from lipaudit.graph.model import Arg, Graph, Node
 from lipaudit.graph.ops import Case, Const, Uncovered, Var
 
@@ -430,29 +430,111 @@ def test_long_run_tally() -> None:
 
 
 
-_EVAL_BN = {"batch_norm": (False, 0.1, 1e-5, False), "native_batch_norm": (False, 0.1, 1e-5),
-            "_native_batch_norm_legit_no_training": (0.1, 1e-5)}
+def _stand_in_names() -> list[str]:
+    return sorted(n for n, e in ops.REGISTRY.items() if callable(e.spec.extra.get("meta")) and e.spec.run)
 
 
-def test_every_stand_in_is_checked() -> None:
-    named = {e.runs_as for e in ops.REGISTRY.values() if callable(e.spec.extra.get("meta")) and e.spec.run}
-    assert set(_EVAL_BN) <= named
+def test_common_network_ops_have_stand_ins() -> None:
+    """Shapes-only stand-ins for the ops of common CNNs and MLPs: without them, checking an archive's
+    shapes imports the compiler stack (graph/ops/meta.py)."""
+    have = {ops.REGISTRY[n].runs_as for n in _stand_in_names()}
+    assert {"convolution", "conv2d", "linear", "addmm", "mm", "matmul", "batch_norm", "relu", "hardtanh", "silu",
+            "add", "mul", "cat", "max_pool2d", "adaptive_avg_pool2d", "mean", "upsample_nearest2d",
+            "_native_batch_norm_legit_no_training"} <= have
 
 
-@pytest.mark.parametrize("op", sorted(_EVAL_BN))
-@pytest.mark.parametrize("shape", [(2, 3), (2, 3, 5), (1, 4, 3, 3), (2, 2, 2, 2, 2)])
-def test_batch_norm_stand_in_agrees_with_the_op(op: str, shape: tuple[int, ...]) -> None:
-    """The shapes-only stand-in gives the op's own output shapes (the CPU kernel's, as the interpreter
-    runs it), and refuses statistics of the wrong length (the CPU kernel does not check them)."""
-    stand_in = ops.lookup(op).spec.extra["meta"]  # type: ignore[union-attr]
-    packet = getattr(torch.ops.aten, op).default
-    x = torch.randn(shape)
-    c = torch.rand(shape[1]) + 0.5
-    real = packet(x, c, c, c, c, *_EVAL_BN[op])
-    reals = list(real) if isinstance(real, (tuple, list)) else [real]
-    got = stand_in(x.to("meta"), *(t.to("meta") for t in (c, c, c, c)), *_EVAL_BN[op])
-    for r, g in zip(reals, got, strict=False):
-        assert tuple(r.shape) == tuple(g.shape)
-    short = torch.ones(shape[1] + 1)
+def check_stand_in(name: str, case: Case, seed: int) -> str:
+    """The shapes check (interpret.check_shapes, which runs the stand-in on meta tensors) finds every
+    output shape the real op gives, and no node it cannot run."""
+    built, _, x0, outputs, g, node, _ = _built(name, case, seed)
+    mismatched, unverified = check_shapes(g, lambda n: built.consts[n].to("meta"))
+    if unverified:
+        with pytest.raises(CannotRun):  # only a node the interpreter never runs (training mode)
+            run_node(node, {**built.consts, **x0}, g)
+        return "refused"
+    assert not mismatched, (name, case, [tuple(t.shape) for t in outputs], mismatched)
+    return "checked"
+
+
+@pytest.mark.parametrize("name", _stand_in_names())
+def test_stand_in_gives_the_op_shapes(name: str) -> None:
+    _run_cases(name, check_stand_in, "stand-ins")
+
+
+def _meta(*shape: int) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float64, device="meta")
+
+
+@pytest.mark.parametrize(("op", "overload", "args"), [
+    ("conv2d", "default", {"input": _meta(1, 3, 5, 5), "weight": _meta(4, 2, 3, 3), "stride": [1],
+                           "padding": [0], "dilation": [1], "groups": 1}),  # channels
+    ("conv2d", "default", {"input": _meta(1, 2, 2, 2), "weight": _meta(4, 2, 3, 3), "stride": [1],
+                           "padding": [0], "dilation": [1], "groups": 1}),  # a kernel wider than the input
+    ("conv_transpose2d", "input", {"input": _meta(1, 2, 3, 3), "weight": _meta(2, 4, 3, 3), "stride": [1],
+                                   "padding": [0], "output_padding": [1], "groups": 1, "dilation": [1]}),
+    ("max_pool2d", "default", {"self": _meta(1, 1, 4, 4), "kernel_size": [2], "stride": [], "padding": [2],
+                               "dilation": [1], "ceil_mode": False}),  # padding over half the kernel
+    ("cat", "default", {"tensors": [_meta(2, 3), _meta(2, 4)], "dim": 0}),
+    ("mm", "default", {"self": _meta(2, 3), "mat2": _meta(4, 2)}),
+    ("add", "Tensor", {"self": _meta(2, 3), "other": _meta(4), "alpha": 1}),
+])
+def test_stand_in_refuses_what_the_op_refuses(op: str, overload: str, args: dict[str, Any]) -> None:
+    """Where the CPU op raises, the stand-in raises too, so the shapes check never vouches for it."""
+    def real(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return torch.zeros(v.shape, dtype=torch.float64)
+        if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            return [real(t) for t in v]
+        return v
+
+    with pytest.raises((RuntimeError, ValueError, IndexError)):
+        getattr(getattr(torch.ops.aten, op), overload)(**{k: real(v) for k, v in args.items()})
     with pytest.raises(ValueError):
-        stand_in(x.to("meta"), *(t.to("meta") for t in (short, c, c, c)), *_EVAL_BN[op])
+        ops.lookup(op, overload).spec.extra["meta"](op, args)  # type: ignore[union-attr]
+
+
+def test_batch_norm_stand_in_refuses_statistics_of_another_length() -> None:
+    """Stricter than the CPU kernel, which reads past a short statistic without a check."""
+    args = {"input": _meta(2, 3, 4), "weight": _meta(4), "bias": None, "running_mean": _meta(3),
+            "running_var": _meta(3), "momentum": 0.1, "eps": 1e-5}
+    op = "_native_batch_norm_legit_no_training"
+    with pytest.raises(ValueError):
+        ops.lookup(op).spec.extra["meta"](op, args)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("op", "overload", "args"), [
+    ("conv2d", "padding", {"input": _meta(1, 2, 5, 6), "weight": _meta(3, 2, 2, 4), "padding": "same",
+                           "dilation": [2, 1]}),
+    ("conv2d", "padding", {"input": _meta(1, 2, 9, 7), "weight": _meta(3, 2, 3, 2), "padding": "valid",
+                           "stride": [2, 3]}),
+    ("conv1d", "default", {"input": _meta(2, 7), "weight": _meta(4, 2, 3), "padding": [1]}),  # unbatched
+    ("conv_transpose1d", "default", {"input": _meta(2, 5), "weight": _meta(2, 3, 4), "stride": [3],
+                                     "output_padding": [2]}),
+    ("max_pool2d", "default", {"self": _meta(1, 1, 7, 6), "kernel_size": [3, 2], "stride": [2],
+                               "padding": [1], "ceil_mode": True}),
+    ("max_pool1d", "default", {"self": _meta(3, 8), "kernel_size": [3], "dilation": [2]}),
+    ("hstack", "default", {"tensors": [_meta(2, 3), _meta(2, 1)]}),
+    ("vstack", "default", {"tensors": [_meta(3), _meta(2, 3)]}),
+    ("sum", "dim_IntList", {"self": _meta(2, 3, 4), "dim": []}),
+    ("mean", "dim", {"self": _meta(2, 3, 4), "dim": [-1, 0], "keepdim": True}),
+    ("max", "dim", {"self": _meta(2, 3, 4), "dim": 1}),
+    ("upsample_nearest2d", "vec", {"input": _meta(1, 2, 3, 5), "output_size": None,
+                                   "scale_factors": [1.5, 2.5]}),
+    ("linear", "default", {"input": _meta(5), "weight": _meta(3, 5), "bias": _meta(3)}),
+    ("matmul", "default", {"self": _meta(4), "other": _meta(2, 4, 3)}),
+    ("addmm", "default", {"self": _meta(3), "mat1": _meta(2, 4), "mat2": _meta(4, 3)}),
+])
+def test_stand_in_edge_cases(op: str, overload: str, args: dict[str, Any]) -> None:
+    """Argument forms the case generators do not draw: string padding, unbatched inputs, ceil mode,
+    reductions over every axis, scale factors, vector operands."""
+    real = {k: ([torch.zeros(t.shape, dtype=torch.float64) for t in v] if isinstance(v, list) and v
+                and isinstance(v[0], torch.Tensor) else torch.zeros(v.shape, dtype=torch.float64)
+                if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    want = getattr(getattr(torch.ops.aten, op), overload)(**real)
+    node = Node("o", f"torch.ops.aten.{op}.{overload}", "aten", op, overload, (), (), ("o",))
+    shapes = stand_in(node)
+    assert shapes is not None
+    got = shapes(**args)
+    wants = list(want) if isinstance(want, (tuple, list)) else [want]
+    gots = list(got) if isinstance(got, (tuple, list)) else [got]
+    assert [tuple(t.shape) for t in gots] == [tuple(t.shape) for t in wants]

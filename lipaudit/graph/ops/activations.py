@@ -5,10 +5,12 @@ cases are uncovered. Activations the block bounds use also register their secant
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from lipaudit.graph.model import Node
+from lipaudit.graph.ops import meta
 from lipaudit.graph.ops.base import (
     Case,
     Const,
@@ -89,7 +91,7 @@ def _fixed_range(node: Node) -> tuple[float, float] | None:
     return (1.0 - c, c)
 
 
-@register(*sorted(_ONE | set(_CONST) | {"gelu"}), sample=_plain, slopes=_fixed_range)
+@register(*sorted(_ONE | set(_CONST) | {"gelu"}), sample=_plain, slopes=_fixed_range, extra={"meta": meta.same_shape})
 def fixed_slope(ctx: Context, node: Node) -> Effect:
     op = _op(node)
     if op == "gelu":
@@ -108,7 +110,7 @@ def _leaky_range(node: Node) -> tuple[float, float]:
     return (min(s, 1.0), max(s, 1.0))
 
 
-@register("leaky_relu", sample=_leaky, slopes=_leaky_range)
+@register("leaky_relu", sample=_leaky, slopes=_leaky_range, extra={"meta": meta.same_shape})
 def leaky_relu(ctx: Context, node: Node) -> Effect:
     return unary(ctx, node, max(1.0, abs(number(node.arg("negative_slope", 1), 0.01))))
 
@@ -131,7 +133,7 @@ def _elu_range(node: Node) -> tuple[float, float] | None:
     return (0.0, scale * max(1.0, alpha * inscale))
 
 
-@register("elu", sample=_elu, slopes=_elu_range)
+@register("elu", sample=_elu, slopes=_elu_range, extra={"meta": meta.same_shape})
 def elu(ctx: Context, node: Node) -> Effect:
     """scale * x above 0, scale * alpha * (exp(input_scale x) - 1) below: the slope below is
     |scale alpha input_scale| exp(input_scale x), largest at 0 when input_scale >= 0, unbounded else."""
@@ -147,7 +149,7 @@ def _celu_range(node: Node) -> tuple[float, float] | None:
     return (0.0, 1.0) if number(node.arg("alpha", 1), 1.0) > 0 else None
 
 
-@register("celu", sample=_elu, slopes=_celu_range)
+@register("celu", sample=_elu, slopes=_celu_range, extra={"meta": meta.same_shape})
 def celu(ctx: Context, node: Node) -> Effect:
     """max(0, x) + min(0, alpha (exp(x / alpha) - 1)): slope exp(x / alpha) below 0, at most 1 for
     alpha > 0; for alpha < 0 it grows without bound as x -> -inf."""
@@ -171,7 +173,7 @@ def _softplus_range(node: Node) -> tuple[float, float] | None:
     return (0.0, 1.0) if beta != 0 and math.isfinite(beta) and math.isinf(t) and t > 0 else None
 
 
-@register("softplus", sample=_softplus, slopes=_softplus_range)
+@register("softplus", sample=_softplus, slopes=_softplus_range, extra={"meta": meta.same_shape})
 def softplus(ctx: Context, node: Node) -> Effect:
     """log(1 + exp(beta x)) / beta switches to x where beta x > threshold; the two differ there by
     log1p(exp(-threshold)) / |beta|, which is zero for no finite threshold: a jump, not Lipschitz."""
@@ -196,7 +198,7 @@ def _threshold_range(node: Node) -> tuple[float, float] | None:
     return (0.0, 1.0) if same else None  # then max(x, t)
 
 
-@register("threshold", sample=_threshold, slopes=_threshold_range)
+@register("threshold", sample=_threshold, slopes=_threshold_range, extra={"meta": meta.same_shape})
 def threshold(ctx: Context, node: Node) -> Effect:
     """x above the threshold, value elsewhere: continuous (and then max(x, t)) only when value == t."""
     t = number(node.arg("threshold", 1), 0.0)
@@ -211,7 +213,7 @@ def _shrink(d: Draw, name: str) -> Case:
     return Case({"self": _x(d), "lambd": lam}, focus=(lam, -lam))
 
 
-@register("hardshrink", sample=_shrink)
+@register("hardshrink", sample=_shrink, extra={"meta": meta.same_shape})
 def hardshrink(ctx: Context, node: Node) -> Effect:
     lam = number(node.arg("lambd", 1), 0.5)
     if lam != 0:
@@ -223,7 +225,7 @@ def _softshrink_range(node: Node) -> tuple[float, float] | None:
     return (0.0, 1.0) if number(node.arg("lambd", 1), 0.5) >= 0 else None  # slope 0 inside, 1 outside
 
 
-@register("softshrink", sample=_shrink, slopes=_softshrink_range)
+@register("softshrink", sample=_shrink, slopes=_softshrink_range, extra={"meta": meta.same_shape})
 def softshrink(ctx: Context, node: Node) -> Effect:
     lam = number(node.arg("lambd", 1), 0.5)
     if lam < 0:
@@ -242,7 +244,7 @@ def _hardtanh_range(node: Node) -> tuple[float, float]:
     return (0.0, 1.0) if lo < hi else (0.0, 0.0)  # lo >= hi: constant
 
 
-@register("hardtanh", sample=_hardtanh, slopes=_hardtanh_range)
+@register("hardtanh", sample=_hardtanh, slopes=_hardtanh_range, extra={"meta": meta.same_shape})
 def hardtanh(ctx: Context, node: Node) -> Effect:
     return unary(ctx, node, 1.0)
 
@@ -291,7 +293,8 @@ def _clamp_range(node: Node) -> tuple[float, float] | None:
     return (0.0, 1.0) if lo < hi else (0.0, 0.0)
 
 
-@register("clamp", "clip", "clamp_min", "clamp_max", sample=_clamp, slopes=_clamp_range)
+@register("clamp", "clip", "clamp_min", "clamp_max", sample=_clamp, slopes=_clamp_range,
+          extra={"meta": meta.elementwise})
 def clamp(ctx: Context, node: Node) -> Effect:
     """min(max(x, lo), hi) moves each output element by at most the largest move of the x, lo or hi
     element it reads: squares add, and each operand counts as often as broadcasting copies it."""
@@ -313,7 +316,17 @@ def _prelu(d: Draw, name: str) -> Case:
     return Case({"self": Var(shape), "weight": Const(w)}, focus=(0.0,))
 
 
-@register("prelu", "_prelu_kernel", sample=_prelu)
+def _prelu_shape(op: str, a: dict[str, Any]) -> torch.Tensor:
+    if op == "_prelu_kernel":
+        return meta.elementwise(op, a)  # its weight is already shaped to broadcast
+    x, w = a["self"], a["weight"]
+    channels = x.shape[1] if x.dim() > 1 else 1
+    if w.numel() not in (1, channels):
+        raise ValueError("a PReLU weight of another length than the channels")
+    return meta.empty(x.shape, x)
+
+
+@register("prelu", "_prelu_kernel", sample=_prelu, extra={"meta": _prelu_shape})
 def prelu(ctx: Context, node: Node) -> Effect:
     w = node.arg("weight", 1)
     if w is None or w.kind != "tensor" or not ctx.is_const(w.value):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lipaudit.graph.model import Node
+from lipaudit.graph.ops import meta
 from lipaudit.graph.ops.base import Case, Const, Context, Diagonal, Draw, Effect, Uncovered, Var, flag, num
 from lipaudit.graph.ops.registry import register
 
@@ -25,17 +28,22 @@ def _bn(d: Draw, name: str) -> Case:
     return Case({**stats, "training": False, "momentum": 0.1, "eps": 1e-5})
 
 
-def _shapes_only(input: torch.Tensor, *stats: object, **kwargs: object) -> tuple[torch.Tensor, ...]:
-    """The outputs' shapes without torch's meta kernel, whose first call imports the compiler stack
-    (about 1 s). The statistics must be per channel, as the real op checks."""
-    if input.dim() < 2:
+def _shapes_only(op: str, a: dict[str, Any]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The outputs' shapes without torch's meta kernel. The statistics must be per channel, as the
+    real op checks."""
+    x = a["input"]
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError("batch norm of a tensor with fewer than 2 dimensions")
-    c = input.shape[1]
-    for t in [*stats[:4], *(kwargs.get(k) for k in ("weight", "bias", "running_mean", "running_var"))]:
+    c = x.shape[1]
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        t = a.get(k)
         if isinstance(t, torch.Tensor) and tuple(t.shape) != (c,):
             raise ValueError("batch norm statistics of another length than the channels")
+    out = meta.empty(x.shape, x)
+    if op == "batch_norm":
+        return out
     # eval mode saves no statistics: the CPU kernel returns them empty
-    return torch.empty_like(input), input.new_empty((0,)), input.new_empty((0,))
+    return out, meta.empty((0,), x), meta.empty((0,), x)
 
 
 @register("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm", "_native_batch_norm_legit",

@@ -7,6 +7,7 @@ import math
 import torch
 
 from lipaudit.graph.model import Node
+from lipaudit.graph.ops import meta
 from lipaudit.graph.ops.base import (
     Case,
     Const,
@@ -48,7 +49,7 @@ def _binary(d: Draw, name: str) -> Case:
     return Case(args, overload=overload)
 
 
-@register("add", "sub", "rsub", sample=_binary)
+@register("add", "sub", "rsub", sample=_binary, extra={"meta": meta.elementwise})
 def add(ctx: Context, node: Node) -> Effect:
     """self + alpha other (rsub: other - alpha self): the triangle inequality over the terms."""
     alpha = abs(number(node.arg("alpha", 2), 1.0))
@@ -104,7 +105,7 @@ def _const_scale(ctx: Context, c: str, inverse: bool) -> float:
     return 1.0 / m if inverse else m
 
 
-@register("mul", sample=_mul)
+@register("mul", sample=_mul, extra={"meta": meta.elementwise})
 def mul(ctx: Context, node: Node) -> Effect:
     a, b = node.arg("self", 0), node.arg("other", 1)
     o = out(node)
@@ -162,7 +163,7 @@ def product_pattern(ctx: Context, a: str, b: str) -> tuple[str, float] | None:
     return None
 
 
-@register("div", "true_divide", sample=_mul)
+@register("div", "true_divide", sample=_mul, extra={"meta": meta.elementwise})
 def div(ctx: Context, node: Node) -> Effect:
     a, b = node.arg("self", 0), node.arg("other", 1)
     if a is None or a.kind != "tensor":
@@ -184,7 +185,7 @@ def _where(d: Draw, name: str) -> Case:
                 overload="self")
 
 
-@register("where", sample=_where)
+@register("where", sample=_where, extra={"meta": meta.elementwise})
 def where(ctx: Context, node: Node) -> Effect:
     cond = node.arg("condition", 0)
     if cond is None or cond.kind != "tensor" or not ctx.is_const(cond.value):
@@ -203,7 +204,7 @@ def _pair(d: Draw, name: str) -> Case:
     return Case({"self": Var(shape), "other": _operand(d, shape, False)}, focus=(0.0,))
 
 
-@register("maximum", "minimum", "fmax", "fmin", sample=_pair)
+@register("maximum", "minimum", "fmax", "fmin", sample=_pair, extra={"meta": meta.elementwise})
 def maximum(ctx: Context, node: Node) -> Effect:
     """Each output element is one of the two it reads, so it moves at most as far as the larger
     move of the two: squares add."""

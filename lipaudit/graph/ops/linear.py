@@ -4,10 +4,12 @@ walk measures (and folds with a following batch norm, or merges with the next de
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from lipaudit.graph.model import Node
+from lipaudit.graph.ops import meta
 from lipaudit.graph.ops.base import (
     Case,
     Const,
@@ -33,6 +35,107 @@ def _const_bias(ctx: Context, node: Node, name: str = "bias") -> None:
     b = node.arg(name)
     if b is not None and b.kind == "tensor" and not ctx.is_const(b.value):
         raise Uncovered(f"an input-dependent {name}")
+
+
+# -- output shapes without torch's meta kernels (graph/interpret.py, check_shapes) ---------------
+
+
+def _axes(v: Any, d: int, name: str) -> list[int]:
+    vals = [int(v)] if isinstance(v, int) else [int(t) for t in v]
+    if len(vals) == 1:
+        vals = vals * d
+    if len(vals) != d:
+        raise ValueError(f"{name} has {len(vals)} entries for {d} spatial axes")
+    return vals
+
+
+def _conv_shape(op: str, a: dict[str, Any]) -> torch.Tensor:
+    """The output of any convolution op: torch's size arithmetic and the checks it makes on sizes."""
+    x, w, bias = a["input"], a["weight"], a.get("bias")
+    d = w.dim() - 2
+    if d < 1:
+        raise ValueError("a convolution kernel with fewer than three axes")
+    batched = x.dim() == d + 2
+    if not batched and (x.dim() != d + 1 or op in ("convolution", "_convolution")):
+        raise ValueError("a convolution input of the wrong rank")
+    transposed = op.startswith("conv_transpose") or bool(a.get("transposed", False))
+    groups = int(a.get("groups", 1))
+    stride, dil = _axes(a.get("stride", 1), d, "stride"), _axes(a.get("dilation", 1), d, "dilation")
+    if groups < 1 or min(stride) < 1 or min(dil) < 1 or w.shape[0] % groups:
+        raise ValueError("non-positive stride, dilation or groups, or groups that do not divide the kernel")
+    cin, spatial = x.shape[1 if batched else 0], list(x.shape[-d:])
+    taps = [dl * (k - 1) + 1 for dl, k in zip(dil, w.shape[2:], strict=True)]
+    pad = a.get("padding", 0)
+    if transposed:
+        if cin != w.shape[0]:
+            raise ValueError("input channels do not match the kernel")
+        cout = w.shape[1] * groups
+        p = _axes(pad, d, "padding")
+        extra = _axes(a.get("output_padding", 0), d, "output_padding")
+        if any(e < 0 or (e >= s and e >= dl) for e, s, dl in zip(extra, stride, dil, strict=True)):
+            raise ValueError("output padding must be smaller than either stride or dilation")
+        out = [(n - 1) * s - 2 * q + t + e for n, s, q, t, e in zip(spatial, stride, p, taps, extra, strict=True)]
+    else:
+        if cin != w.shape[1] * groups:
+            raise ValueError("input channels do not match the kernel")
+        cout = w.shape[0]
+        if isinstance(pad, str) and pad not in ("same", "valid"):
+            raise ValueError(f"unknown padding {pad!r}")
+        if pad == "same" and max(stride) > 1:
+            raise ValueError("padding 'same' with a stride")
+        p = [0] * d if isinstance(pad, str) else _axes(pad, d, "padding")
+        out = [(n + 2 * q - t) // s + 1 for n, q, t, s in zip(spatial, p, taps, stride, strict=True)]
+        if pad == "same":
+            out, p = list(spatial), [t - 1 for t in taps]  # padded on both sides as far as the taps need
+        if min(p) < 0 or any(n + 2 * q < t for n, q, t in zip(spatial, p, taps, strict=True)):
+            raise ValueError("a kernel wider than the padded input, or negative padding")
+    if min(out) < 1:
+        raise ValueError("an empty convolution output")
+    if isinstance(bias, torch.Tensor) and tuple(bias.shape) != (cout,):
+        raise ValueError("a bias of another length than the output channels")
+    return meta.empty(([x.shape[0]] if batched else []) + [cout] + out, x)
+
+
+def _matmul_shape(a: torch.Tensor, b: torch.Tensor) -> list[int]:
+    """torch.matmul's result shape (1-D operands get a unit axis that is dropped again)."""
+    if a.dim() == 0 or b.dim() == 0:
+        raise ValueError("matmul of a scalar")
+    sa = [1, *a.shape] if a.dim() == 1 else list(a.shape)
+    sb = [*b.shape, 1] if b.dim() == 1 else list(b.shape)
+    if sa[-1] != sb[-2]:
+        raise ValueError("matmul of sizes that do not match")
+    lead = meta.broadcast(sa[:-2], sb[:-2])
+    return lead + ([sa[-2]] if a.dim() > 1 else []) + ([sb[-1]] if b.dim() > 1 else [])
+
+
+def _product_shape(op: str, a: dict[str, Any]) -> torch.Tensor:
+    """linear, mm, bmm, mv, matmul and their beta self + alpha product forms."""
+    base = op.rstrip("_")
+    if base == "linear":
+        x, w = a["input"], a["weight"]
+        if w.dim() not in (1, 2):
+            raise ValueError("linear with a weight that is not a matrix or a vector")
+        shape = _matmul_shape(x, w.T if w.dim() == 2 else w)
+        bias = a.get("bias")
+        if isinstance(bias, torch.Tensor):
+            shape = meta.broadcast(shape, bias.shape)
+        return meta.empty(shape, x)
+    left, right = {"mm": ("self", "mat2"), "bmm": ("self", "mat2"), "mv": ("self", "vec"),
+                   "matmul": ("self", "other"), "addmm": ("mat1", "mat2"), "baddbmm": ("batch1", "batch2"),
+                   "addmv": ("mat", "vec")}[base]
+    x, y = a[left], a[right]
+    ranks = {"mm": (2, 2), "bmm": (3, 3), "mv": (2, 1), "addmm": (2, 2), "baddbmm": (3, 3), "addmv": (2, 1)}
+    if base in ranks and (x.dim(), y.dim()) != ranks[base]:
+        raise ValueError(f"{base} of operands of the wrong rank")
+    if base in ("bmm", "baddbmm") and x.shape[0] != y.shape[0]:
+        raise ValueError(f"{base} of batches of different sizes")
+    shape = _matmul_shape(x, y)
+    addend = a.get("self") if base in ("addmm", "baddbmm", "addmv") else None
+    if isinstance(addend, torch.Tensor):
+        # the addend broadcasts to the product; it cannot change the result's shape
+        if meta.broadcast(addend.shape, shape) != shape:
+            raise ValueError("an addend that does not broadcast to the product")
+    return meta.empty(shape, x)
 
 
 # -- convolutions -------------------------------------------------------------------------------
@@ -73,7 +176,7 @@ def _conv(d: Draw, name: str) -> Case:
 
 
 @register("convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-          "conv_transpose3d", sample=_conv)
+          "conv_transpose3d", sample=_conv, extra={"meta": _conv_shape})
 def convolution(ctx: Context, node: Node) -> Effect:
     """Zero-padded strided, dilated, grouped convolutions: bounded on the infinite grid (any padding,
     any input size); a transposed convolution has the norm of the convolution it is the adjoint of."""
@@ -109,7 +212,7 @@ def _linear(d: Draw, name: str) -> Case:
                  "bias": d.choice([None, Const(d.tensor((n_out,)))])})
 
 
-@register("linear", sample=_linear)
+@register("linear", sample=_linear, extra={"meta": _product_shape})
 def linear(ctx: Context, node: Node) -> Effect:
     x, w = node.arg("input", 0), node.arg("weight", 1)
     if x is None or w is None or x.kind != "tensor" or w.kind != "tensor" or not ctx.is_const(w.value):
@@ -199,7 +302,7 @@ def _matmul(d: Draw, name: str) -> Case:
     return Case({"self": sa, key: sb})
 
 
-@register("matmul", "mm", "bmm", "mv", sample=_matmul)
+@register("matmul", "mm", "bmm", "mv", sample=_matmul, extra={"meta": _product_shape})
 def matmul(ctx: Context, node: Node) -> Effect:
     ins = node.tensor_inputs()
     if len(ins) != 2:
@@ -245,7 +348,7 @@ def _addmm(d: Draw, name: str) -> Case:
                  "beta": d.choice([1.0, 0.5]), "alpha": d.choice([1.0, -2.0, 0.5])})
 
 
-@register("addmm", "baddbmm", "addmv", sample=_addmm)
+@register("addmm", "baddbmm", "addmv", sample=_addmm, extra={"meta": _product_shape})
 def addmm(ctx: Context, node: Node) -> Effect:
     """beta self + alpha (m1 @ m2) with a constant addend: |alpha| times the product."""
     bias = node.arg("self", 0)

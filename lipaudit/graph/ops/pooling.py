@@ -4,11 +4,13 @@ builds each axis' matrix; a separable map's norm is the product of its axes' nor
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from lipaudit.graph import rules
 from lipaudit.graph.model import Node
+from lipaudit.graph.ops import meta
 from lipaudit.graph.ops.base import (
     Case,
     Context,
@@ -66,7 +68,49 @@ def _pool(d: Draw, name: str) -> Case:
                 focus=(0.0,))
 
 
-@register("avg_pool1d", "avg_pool2d", "avg_pool3d", sample=_pool)
+def _pooled(n: int, k: int, s: int, p: int, dil: int, ceil: bool) -> int:
+    """torch's pooling output size (pooling_output_shape), with its checks."""
+    if k < 1 or s < 1 or dil < 1 or p < 0:
+        raise ValueError("non-positive kernel, stride or dilation, or negative padding")
+    span = dil * (k - 1) + 1
+    if 2 * p > span:
+        raise ValueError("padding over half the kernel")
+    o = (n + 2 * p - span + (s - 1 if ceil else 0)) // s + 1
+    if ceil and (o - 1) * s >= n + p:
+        o -= 1
+    if o < 1:
+        raise ValueError("an empty pooling output")
+    return o
+
+
+def _pool_shape(op: str, a: dict[str, Any]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The output (and indices) of any pooling op, from torch's size arithmetic."""
+    d = _dim(op.lstrip("_"))
+    x = a["self"]
+    if x.dim() not in (d + 1, d + 2):
+        raise ValueError("a pooling input of the wrong rank")
+    lead, sizes = list(x.shape[:-d]), list(x.shape[-d:])
+    if op.lstrip("_").startswith("adaptive"):
+        o = [int(v) for v in a["output_size"]]
+        if len(o) == 1:
+            o = o * d
+        if len(o) != d or min(o) < 0:
+            raise ValueError("an output size of the wrong length")
+    else:
+        k = per_axis([int(v) for v in a["kernel_size"]], d, "kernel_size")
+        s_raw = [int(v) for v in a.get("stride") or []]
+        s = per_axis(s_raw, d, "stride") if s_raw else k
+        p = per_axis([int(v) for v in a.get("padding", [0])], d, "padding")
+        dil = per_axis([int(v) for v in a.get("dilation", [1])], d, "dilation")
+        ceil = bool(a.get("ceil_mode", False))
+        o = [_pooled(*t, ceil) for t in zip(sizes, k, s, p, dil, strict=True)]
+    out = meta.empty(lead + o, x)
+    if op.endswith("with_indices") or op.startswith("adaptive_max_pool"):
+        return out, meta.empty(lead + o, x)
+    return out
+
+
+@register("avg_pool1d", "avg_pool2d", "avg_pool3d", sample=_pool, extra={"meta": _pool_shape})
 def avg_pool(ctx: Context, node: Node) -> Effect:
     d = _dim(node.op)
     x, sizes = _spatial(ctx, node, d)
@@ -89,7 +133,7 @@ def avg_pool(ctx: Context, node: Node) -> Effect:
 
 
 @register("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
-          "_adaptive_avg_pool3d", sample=_pool)
+          "_adaptive_avg_pool3d", sample=_pool, extra={"meta": _pool_shape})
 def adaptive_avg_pool(ctx: Context, node: Node) -> Effect:
     d = _dim(node.op)
     x, sizes = _spatial(ctx, node, d)
@@ -101,7 +145,7 @@ def adaptive_avg_pool(ctx: Context, node: Node) -> Effect:
 
 
 @register("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
-          sample=_pool)
+          sample=_pool, extra={"meta": _pool_shape})
 def max_pool(ctx: Context, node: Node) -> Effect:
     """Each output moves at most as far as one input of its window: sqrt(most windows per input)."""
     d = _dim(node.op)
@@ -116,7 +160,8 @@ def max_pool(ctx: Context, node: Node) -> Effect:
     return Gains(((x, 0.5 * lg(count)),), first_only=True)
 
 
-@register("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", sample=_pool)
+@register("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", sample=_pool,
+          extra={"meta": _pool_shape})
 def adaptive_max_pool(ctx: Context, node: Node) -> Effect:
     d = _dim(node.op)
     x, sizes = _spatial(ctx, node, d)
@@ -180,22 +225,44 @@ def _resample(ctx: Context, node: Node, kind: str) -> Effect:
     return Gains(((x, lg(norm)),))
 
 
-@register("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", sample=_upsample)
+def _resample_shape(op: str, a: dict[str, Any]) -> torch.Tensor:
+    """An upsampling's output: the given sizes, else each size times its scale, rounded down."""
+    d = _dim(op.lstrip("_"))
+    x = a.get("input", a.get("self"))
+    if not isinstance(x, torch.Tensor) or x.dim() != d + 2:
+        raise ValueError("an upsampling input of the wrong rank")
+    sizes = a.get("output_size")
+    scales = a.get("scale_factors")
+    if sizes is not None and scales is None:
+        o = [int(v) for v in sizes]
+    elif sizes is None and scales is not None:
+        o = [int(n * float(f)) for n, f in zip(x.shape[2:], scales, strict=True)]
+    else:
+        raise ValueError("an upsampling with both or neither of sizes and scales")
+    if len(o) != d or min(o) < 1 or min(x.shape[2:]) < 1:
+        raise ValueError("an upsampling to an empty or misshapen output")
+    return meta.empty([*x.shape[:2], *o], x)
+
+
+@register("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", sample=_upsample,
+          extra={"meta": _resample_shape})
 def upsample_nearest(ctx: Context, node: Node) -> Effect:
     return _resample(ctx, node, "nearest")
 
 
-@register("_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", sample=_upsample)
+@register("_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", sample=_upsample,
+          extra={"meta": _resample_shape})
 def upsample_nearest_exact(ctx: Context, node: Node) -> Effect:
     return _resample(ctx, node, "exact")
 
 
-@register("upsample_linear1d", "upsample_bilinear2d", "upsample_trilinear3d", sample=_upsample)
+@register("upsample_linear1d", "upsample_bilinear2d", "upsample_trilinear3d", sample=_upsample,
+          extra={"meta": _resample_shape})
 def upsample_linear(ctx: Context, node: Node) -> Effect:
     return _resample(ctx, node, "linear")
 
 
-@register("upsample_bicubic2d", sample=_upsample)
+@register("upsample_bicubic2d", sample=_upsample, extra={"meta": _resample_shape})
 def upsample_bicubic(ctx: Context, node: Node) -> Effect:
     return _resample(ctx, node, "cubic")
 

@@ -4,8 +4,12 @@ logsumexp (1: each output is 1-Lipschitz in the disjoint group of elements it re
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import torch
 
 from lipaudit.graph.model import Node
+from lipaudit.graph.ops import meta
 from lipaudit.graph.ops.base import (
     Case,
     Context,
@@ -55,19 +59,44 @@ def _count(ctx: Context, node: Node, x: str) -> int:
     return math.prod(ctx.fixed(x, sorted({d % nd for d in ds})))
 
 
-@register("sum", sample=_reduce_case)
+def _reduce_shape(op: str, a: dict[str, Any]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A reduction's output: the reduced axes dropped (kept as 1 with keepdim); max and min over one
+    axis also give indices, and of two tensors are elementwise."""
+    x = a["self"]
+    if isinstance(a.get("other"), torch.Tensor):
+        return meta.elementwise(op, a)
+    raw = a.get("dim")
+    if raw is None or (isinstance(raw, list) and not raw):
+        if op == "logsumexp" and raw is not None:
+            raise ValueError("logsumexp over no axes")
+        dims = set(range(x.dim()))
+    else:
+        listed = [int(raw)] if isinstance(raw, int) else [int(v) for v in raw]
+        rank = max(x.dim(), 1)
+        if any(not -rank <= v < rank for v in listed):
+            raise ValueError("a reduced axis out of range")
+        dims = {v % rank for v in listed} if x.dim() else set()
+    keep = bool(a.get("keepdim", False))
+    shape = [1 if i in dims else n for i, n in enumerate(x.shape) if keep or i not in dims]
+    out = meta.empty(shape, x)
+    if op in ("max", "min") and isinstance(raw, int):
+        return out, meta.empty(shape, x)
+    return out
+
+
+@register("sum", sample=_reduce_case, extra={"meta": _reduce_shape})
 def total(ctx: Context, node: Node) -> Effect:
     x = first(node)
     return Gains(((x, 0.5 * lg(max(_count(ctx, node, x), 1))),))
 
 
-@register("mean", sample=_reduce_case)
+@register("mean", sample=_reduce_case, extra={"meta": _reduce_shape})
 def mean(ctx: Context, node: Node) -> Effect:
     x = first(node)
     return Gains(((x, -0.5 * lg(max(_count(ctx, node, x), 1))),))
 
 
-@register("amax", "amin", "logsumexp", "max", "min", sample=_reduce_case)
+@register("amax", "amin", "logsumexp", "max", "min", sample=_reduce_case, extra={"meta": _reduce_shape})
 def extreme(ctx: Context, node: Node) -> Effect:
     if node.op in ("max", "min") and len(node.tensor_inputs()) > 1:
         return maximum(ctx, node)

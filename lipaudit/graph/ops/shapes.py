@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from lipaudit.graph.model import Node
+from lipaudit.graph.ops import meta
 from lipaudit.graph.ops.base import (
     Case,
     Const,
@@ -156,7 +158,40 @@ def _cat_case(d: Draw, name: str) -> Case:
     return Case({"tensors": parts, "dim": 0})
 
 
-@register("cat", "concat", "concatenate", "stack", "hstack", "vstack", sample=_cat_case)
+def _cat_shape(op: str, a: dict[str, Any]) -> torch.Tensor:
+    """cat, stack and their spellings: torch's size rules (cat skips legacy empty 1-D tensors)."""
+    ts = [t for t in a["tensors"] if isinstance(t, torch.Tensor)]
+    if not ts or len(ts) != len(a["tensors"]):
+        raise ValueError(f"{op} of no tensors, or of a missing one")
+    if op in ("hstack", "vstack"):
+        ts = [t.reshape(1, -1) if op == "vstack" and t.dim() < 2 else t for t in ts]
+        dim = 0 if op == "vstack" or ts[0].dim() == 1 else 1
+        op = "cat"
+    else:
+        dim = int(a.get("dim", 0))
+    if op == "stack":
+        rank = ts[0].dim() + 1
+        if any(t.shape != ts[0].shape for t in ts):
+            raise ValueError("stack of tensors of different shapes")
+        dim = dim + rank if dim < 0 else dim
+        if not 0 <= dim < rank:
+            raise ValueError("a stack dimension out of range")
+        shape = list(ts[0].shape)
+        return meta.empty([*shape[:dim], len(ts), *shape[dim:]], ts[0])
+    kept = [t for t in ts if not (t.dim() == 1 and t.shape[0] == 0)] or ts[:1]
+    rank = kept[0].dim()
+    dim = dim + rank if dim < 0 else dim
+    if rank == 0 or not 0 <= dim < rank:
+        raise ValueError("a cat dimension out of range")
+    first = list(kept[0].shape)
+    for t in kept[1:]:
+        if t.dim() != rank or any(n != m for i, (n, m) in enumerate(zip(t.shape, first, strict=True)) if i != dim):
+            raise ValueError("cat of tensors whose other sizes differ")
+    first[dim] = sum(int(t.shape[dim]) for t in kept)
+    return meta.empty(first, kept[0])
+
+
+@register("cat", "concat", "concatenate", "stack", "hstack", "vstack", sample=_cat_case, extra={"meta": _cat_shape})
 def cat(ctx: Context, node: Node) -> Effect:
     """Disjoint blocks of the output: squares add."""
     ts = node.arg("tensors", 0)

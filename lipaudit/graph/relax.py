@@ -62,20 +62,24 @@ class Floor:
                 "block_work": BLOCK_SHARE * self.budget // 100}
 
 
-def relaxable(graph: Graph) -> tuple[dict[str, tuple[float, float, tuple[int, ...]]], int]:
+def relaxable(graph: Graph, consts: Evaluator) -> tuple[dict[str, tuple[float, float, tuple[int, ...]]], int]:
     """{node: (a, b, output shape)} for the activation nodes the floor replaces, and how many
     activation nodes it keeps as they are."""
     varying = set(graph.inputs)
     for n in graph.nodes:
         if any(t in varying for t in n.tensor_inputs()):
             varying.update(o for o in n.outputs if o is not None)
+
+    def value(name: str) -> torch.Tensor | None:
+        return None if name in varying else consts.value(name)
+
     out: dict[str, tuple[float, float, tuple[int, ...]]] = {}
     kept = 0
     for n in graph.nodes:
         entry = lookup(n.op, n.overload) if n.namespace == "aten" else None
         if entry is None or entry.spec.slopes is None or not n.outputs or n.outputs[0] not in varying:
             continue
-        rng = slopes_of(n)
+        rng = slopes_of(n, value)
         name = n.outputs[0]
         shape = graph.shapes.get(name) or graph.hints.get(name) if name else None
         read_as_function = any(
@@ -113,7 +117,7 @@ class _Found:
 
 def _floor(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | None, work: int, seed: int,
            limits: Limits | None) -> _Found:
-    ranges, kept = relaxable(graph)
+    ranges, kept = relaxable(graph, consts)
     if not ranges:
         return _Found(None, ranges, kept, 0, "no activation with a slope range to replace")
     ready = runnable(graph, consts, samples, limits)
@@ -134,7 +138,7 @@ def block_floors(graph: Graph, consts: Evaluator, blocks: list[dict[str, Any]], 
     activation replaced its Jacobian is the same at every point: zero will do. ranges: relaxable's,
     when known."""
     if ranges is None:
-        ranges = relaxable(graph)[0]
+        ranges = relaxable(graph, consts)[0]
     out: dict[tuple[str, str], float] = {}
     for b in blocks:
         names = b.get("nodes") or []

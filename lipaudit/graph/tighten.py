@@ -357,13 +357,14 @@ def _flag(a: Arg | None) -> bool | None:
     return None
 
 
-def slopes(node: Node) -> tuple[float, float] | None:
-    """The secant-slope range of an elementwise activation, as its op registration gives it."""
+def slopes(node: Node, value: Callable[[str], torch.Tensor | None]) -> tuple[float, float] | None:
+    """The secant-slope range of an elementwise activation, as its op registration gives it (value:
+    the graph's constants, for a range read off a weight)."""
     entry = lookup(node.op, node.overload) if node.namespace == "aten" else None
     if entry is None or entry.spec.slopes is None:
         return None
     try:
-        return entry.spec.slopes(node)
+        return entry.spec.slopes(node, value)
     except Uncovered:
         return None  # an argument that is not a fixed number
 
@@ -383,10 +384,11 @@ class Reader:
             if all(t in self.fixed for t in node.tensor_inputs()) and node.namespace == "aten":
                 self.fixed.update(o for o in node.outputs if o is not None)
 
+    def fixed_value(self, name: str) -> torch.Tensor | None:
+        return self.value(name) if name in self.fixed else None
+
     def const(self, a: Arg | None) -> torch.Tensor | None:
-        if a is None or a.kind != "tensor" or a.value not in self.fixed:
-            return None
-        v = self.value(a.value)
+        v = self.fixed_value(str(a.value)) if a is not None and a.kind == "tensor" else None
         return None if v is None else v.to(torch.float64)
 
     def item(self, node: Node) -> Lin | Act | str | None:
@@ -403,7 +405,7 @@ class Reader:
             return self.bn(node)
         if op in _DENSE:
             return self.dense(node)
-        s = slopes(node)
+        s = slopes(node, self.fixed_value)
         if s is not None:
             return Act(s[0], s[1], node.name)
         return None

@@ -68,6 +68,8 @@ ACTS: dict[str, tuple[Callable[[], nn.Module], float, float]] = {
     "celu": (lambda: nn.CELU(0.5), 0.0, 1.0),
     "softplus": (lambda: nn.Softplus(2.0, threshold=math.inf), 0.0, 1.0),
     "softshrink": (lambda: nn.Softshrink(0.3), 0.0, 1.0),
+    "prelu": (lambda: nn.PReLU(1, -0.4), -0.4, 1.0),
+    "prelu_steep": (lambda: nn.PReLU(1, 2.0), 1.0, 2.0),
 }
 
 

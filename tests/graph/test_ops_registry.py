@@ -377,7 +377,7 @@ def check_slopes(name: str, case: Case, seed: int) -> str:
     spec = built.entry.spec
     assert spec.slopes is not None
     try:
-        rng = spec.slopes(node)
+        rng = spec.slopes(node, built.consts.get)
     except Uncovered:
         return "open"
     if rng is None:

@@ -26,7 +26,8 @@ def _box_max(w1: torch.Tensor, w2: torch.Tensor, lo: float, hi: float) -> float:
 
 
 @pytest.mark.parametrize(("act", "lo", "hi"), [(nn.ReLU(), 0.0, 1.0), (nn.LeakyReLU(0.2), 0.2, 1.0),
-                                                (nn.Hardtanh(), 0.0, 1.0), (nn.Sigmoid(), 0.0, 0.25)])
+                                                (nn.Hardtanh(), 0.0, 1.0), (nn.Sigmoid(), 0.0, 0.25),
+                                                (nn.PReLU(1, -0.5), -0.5, 1.0), (nn.PReLU(1, 2.5), 1.0, 2.5)])
 def test_floor_reaches_the_slope_box_maximum(tmp_path: Path, act: nn.Module, lo: float, hi: float) -> None:
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(5, 7), act, nn.Linear(7, 4)).double().eval()
@@ -60,7 +61,7 @@ def test_an_activation_read_as_a_function_is_kept(tmp_path: Path) -> None:
     slope would leave a quadratic, which no certificate covers."""
     model = nn.Sequential(nn.Linear(3, 5), _Swish(), nn.Linear(5, 2)).eval()
     loaded = load_archive(str(export_to(tmp_path / "s.pt2", model, torch.randn(1, 3))))
-    ranges, kept = relaxable(loaded.graph)
+    ranges, kept = relaxable(loaded.graph, loaded.evaluator())
     assert not ranges and kept == 1
     fl = slope_floor(loaded.graph, loaded.evaluator(), None, 20, seed=0)
     assert fl.value is None and fl.work == 0

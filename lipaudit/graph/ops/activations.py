@@ -19,6 +19,7 @@ from lipaudit.graph.ops.base import (
     Effect,
     Gains,
     Uncovered,
+    Value,
     Var,
     broadcastable,
     first,
@@ -69,7 +70,7 @@ def _op(node: Node) -> str:
     return node.op.rstrip("_")  # an in-place variant has the range of its op
 
 
-def _fixed_range(node: Node) -> tuple[float, float] | None:
+def _fixed_range(node: Node, value: Value) -> tuple[float, float] | None:
     op = _op(node)
     if op in _MONOTONE:
         return (0.0, 1.0 if op in _ONE else _CONST[op])
@@ -105,7 +106,7 @@ def _leaky(d: Draw, name: str) -> Case:
     return Case({"self": _x(d), "negative_slope": d.choice([0.01, 0.2, -0.5, 3.0, -2.0])}, focus=(0.0,))
 
 
-def _leaky_range(node: Node) -> tuple[float, float]:
+def _leaky_range(node: Node, value: Value) -> tuple[float, float]:
     s = number(node.arg("negative_slope", 1), 0.01)
     return (min(s, 1.0), max(s, 1.0))
 
@@ -123,7 +124,7 @@ def _elu(d: Draw, name: str) -> Case:
                  "input_scale": d.choice([1.0, 2.0, -1.0, 0.3])}, focus=(0.0, -4.0))
 
 
-def _elu_range(node: Node) -> tuple[float, float] | None:
+def _elu_range(node: Node, value: Value) -> tuple[float, float] | None:
     alpha = number(node.arg("alpha", 1), 1.0)
     scale = number(node.arg("scale", 2), 1.0)
     inscale = number(node.arg("input_scale", 3), 1.0)
@@ -145,7 +146,7 @@ def elu(ctx: Context, node: Node) -> Effect:
     return unary(ctx, node, abs(scale) * max(1.0, abs(alpha * input_scale)))
 
 
-def _celu_range(node: Node) -> tuple[float, float] | None:
+def _celu_range(node: Node, value: Value) -> tuple[float, float] | None:
     return (0.0, 1.0) if number(node.arg("alpha", 1), 1.0) > 0 else None
 
 
@@ -166,7 +167,7 @@ def _softplus(d: Draw, name: str) -> Case:
     return Case({"self": _x(d), "beta": beta, "threshold": t}, focus=focus, scale=abs(focus[0]) + 2.0)
 
 
-def _softplus_range(node: Node) -> tuple[float, float] | None:
+def _softplus_range(node: Node, value: Value) -> tuple[float, float] | None:
     """The slope is sigmoid(beta x), in (0, 1) for either sign of beta, where no threshold cuts in."""
     beta = number(node.arg("beta", 1), 1.0)
     t = number(node.arg("threshold", 2), 20.0)
@@ -193,7 +194,7 @@ def _threshold(d: Draw, name: str) -> Case:
     return Case({"self": _x(d), "threshold": t, "value": d.choice([t, 0.0, 2.0])}, focus=(t,))
 
 
-def _threshold_range(node: Node) -> tuple[float, float] | None:
+def _threshold_range(node: Node, value: Value) -> tuple[float, float] | None:
     same = number(node.arg("threshold", 1), 0.0) == number(node.arg("value", 2), 0.0)
     return (0.0, 1.0) if same else None  # then max(x, t)
 
@@ -221,7 +222,7 @@ def hardshrink(ctx: Context, node: Node) -> Effect:
     return unary(ctx, node, 1.0)
 
 
-def _softshrink_range(node: Node) -> tuple[float, float] | None:
+def _softshrink_range(node: Node, value: Value) -> tuple[float, float] | None:
     return (0.0, 1.0) if number(node.arg("lambd", 1), 0.5) >= 0 else None  # slope 0 inside, 1 outside
 
 
@@ -238,7 +239,7 @@ def _hardtanh(d: Draw, name: str) -> Case:
     return Case({"self": _x(d), "min_val": lo, "max_val": lo + d.choice([2.0, 6.0, 0.0])}, focus=(lo,))
 
 
-def _hardtanh_range(node: Node) -> tuple[float, float]:
+def _hardtanh_range(node: Node, value: Value) -> tuple[float, float]:
     lo = number(node.arg("min_val", 1), -1.0)
     hi = number(node.arg("max_val", 2), 1.0)
     return (0.0, 1.0) if lo < hi else (0.0, 0.0)  # lo >= hi: constant
@@ -279,7 +280,7 @@ def _clamp(d: Draw, name: str) -> Case:
     return Case({"self": x, "min": lo, "max": hi}, overload="Tensor" if tensors else "default")
 
 
-def _clamp_range(node: Node) -> tuple[float, float] | None:
+def _clamp_range(node: Node, value: Value) -> tuple[float, float] | None:
     if any(a.kind == "tensor" for _, a in node.args[1:]):
         return None  # bounds that move with the input
     lo = num(node.arg("min", 1), -math.inf)
@@ -326,7 +327,18 @@ def _prelu_shape(op: str, a: dict[str, Any]) -> torch.Tensor:
     return meta.empty(x.shape, x)
 
 
-@register("prelu", "_prelu_kernel", sample=_prelu, extra={"meta": _prelu_shape})
+def _prelu_range(node: Node, value: Value) -> tuple[float, float] | None:
+    """x on one side of 0 and w x on the other, per channel: secant slopes between min(1, w) and
+    max(1, w)."""
+    w = node.arg("weight", 1)
+    v = value(str(w.value)) if w is not None and w.kind == "tensor" else None
+    if v is None or not v.numel() or not bool(torch.isfinite(v).all()):
+        return None
+    v = v.to(torch.float64)
+    return (min(1.0, float(v.min())), max(1.0, float(v.max())))
+
+
+@register("prelu", "_prelu_kernel", sample=_prelu, slopes=_prelu_range, extra={"meta": _prelu_shape})
 def prelu(ctx: Context, node: Node) -> Effect:
     w = node.arg("weight", 1)
     if w is None or w.kind != "tensor" or not ctx.is_const(w.value):

@@ -156,9 +156,11 @@ class Draw(Protocol):
 
 
 Sample = Callable[[Draw, str], Case]
-# The secant-slope range [a, b] of an elementwise activation node, or None where its arguments leave
-# it open; used by the block bounds (graph/tighten.py).
-Slopes = Callable[[Node], "tuple[float, float] | None"]
+# A constant tensor of the graph by name, or None when it depends on the input.
+Value = Callable[[str], "torch.Tensor | None"]
+# The secant-slope range [a, b] of an elementwise activation node (its constant operands read through
+# Value), or None where its arguments leave it open; used by the block bounds (graph/tighten.py).
+Slopes = Callable[[Node, Value], "tuple[float, float] | None"]
 
 
 # -- reading arguments ---------------------------------------------------------------------------

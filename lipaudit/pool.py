@@ -42,6 +42,29 @@ def single_threaded() -> Iterator[None]:
                 torch.set_num_threads(_saved)
 
 
+# The measured lower end and the slope floor run whole networks with torch's own intra-op threads
+# (forward-mode AD keeps global state, so they cannot be split over Python threads); a fixed count,
+# not the machine's, keeps their bits the same everywhere.
+MEASURE_THREADS = 2
+
+
+@contextmanager
+def fixed_threads(n: int = MEASURE_THREADS) -> Iterator[None]:
+    """torch on exactly n threads for the block, or on one inside single_threaded (several audits
+    side by side, where changing the count would change theirs)."""
+    with _lock:
+        nested = _depth > 0
+        before = torch.get_num_threads()
+        if not nested:
+            torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if not nested:
+            with _lock:
+                torch.set_num_threads(before)
+
+
 def shape_cost(shape: Sequence[int]) -> float:
     """A rough work estimate for a weight of that shape, only to start the dearest first: a kernel
     with several taps is searched over frequencies (hundreds of factorisations of the channel

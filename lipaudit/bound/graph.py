@@ -128,6 +128,7 @@ class GraphStrategy:
     # -- walk 1: list the operators ---------------------------------------------------------
     def plan(self, settings: Settings) -> _Planned:
         from lipaudit.graph import bound_loaded, verify_shapes
+        from lipaudit.pool import single_threaded
 
         if self._planned is not None:
             return self._planned
@@ -141,8 +142,9 @@ class GraphStrategy:
             planned.ops.setdefault(key, op)
             return _PLACEHOLDER
 
-        bound_loaded(loaded, self.graph_settings(settings), norm=record, unverified=self._unverified,
-                     blocks=self._blocks)
+        with single_threaded():  # the same composite kernels, to the bit, as the bound's walk forms
+            bound_loaded(loaded, self.graph_settings(settings), norm=record, unverified=self._unverified,
+                         blocks=self._blocks)
         self._planned = planned
         return planned
 
@@ -235,11 +237,13 @@ class GraphStrategy:
                             unverified=self._unverified, blocks=self._blocks)
 
     def run(self, settings: Settings) -> GraphBound:
-        from lipaudit.graph import floor_end, lower_end, summarise
+        from lipaudit.graph import measured_ends, summarise
+        from lipaudit.pool import single_threaded
 
-        res = self.walk(settings)
+        with single_threaded():  # composite kernels are convolutions of kernels: the same bits anywhere
+            res = self.walk(settings)
         loaded, gs = self.loaded(settings), self.graph_settings(settings)
-        return summarise(res, lower_end(loaded, gs), floor_end(loaded, gs, res))
+        return summarise(res, *measured_ends(loaded, gs, res))
 
     def key_of(self, param: str) -> str:
         """The checkpoint key of a graph parameter (the same name in a .pt2; matched for --graph/--model)."""

@@ -309,9 +309,22 @@ def floor_end(loaded: Loaded, settings: GraphSettings, res: Result | None = None
                        settings.limits, blocks=list(res.blocks) if res is not None else None)
 
 
+def measured_ends(loaded: Loaded, settings: GraphSettings, res: Result | None) -> tuple[Measured | None,
+                                                                                      Floor | None]:
+    """The measured lower end and the slope floor, on a fixed number of torch threads (pool.fixed_threads):
+    the thread count decides the order of float sums in convolutions, and the searches follow them."""
+    from lipaudit.pool import fixed_threads
+
+    with fixed_threads():
+        return lower_end(loaded, settings), floor_end(loaded, settings, res)
+
+
 def _bound(loaded: Loaded, settings: GraphSettings) -> GraphBound:
-    res = bound_loaded(loaded, settings)
-    return summarise(res, lower_end(loaded, settings), floor_end(loaded, settings, res))
+    from lipaudit.pool import single_threaded
+
+    with single_threaded():  # composite kernels are convolutions of kernels: the same bits anywhere
+        res = bound_loaded(loaded, settings)
+    return summarise(res, *measured_ends(loaded, settings, res))
 
 
 def inspect_archive(path: str, settings: GraphSettings | None = None) -> GraphBound:

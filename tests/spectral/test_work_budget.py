@@ -13,7 +13,7 @@ import torch
 
 from lipaudit.audit import audit
 from lipaudit.checkpoint import open_checkpoint
-from lipaudit.pool import run_all, single_threaded
+from lipaudit.pool import MEASURE_THREADS, fixed_threads, run_all, single_threaded
 from lipaudit.settings import Settings
 from lipaudit.spectral import TIME_BUDGET
 from lipaudit.spectral.conv import conv_bound
@@ -108,3 +108,52 @@ def test_serial_path_is_single_threaded_too() -> None:
     before = torch.get_num_threads()
     out = run_all([0, 1], lambda _: torch.get_num_threads(), 1)
     assert out == [1, 1] and torch.get_num_threads() == before
+
+
+def test_fixed_threads_whatever_the_process_has() -> None:
+    """The measured lower end's thread count is a constant, not the machine's; inside single_threaded
+    (files side by side) it stays at one."""
+    before = torch.get_num_threads()
+    try:
+        for start in (1, 3):
+            torch.set_num_threads(start)
+            with fixed_threads():
+                assert torch.get_num_threads() == MEASURE_THREADS
+            assert torch.get_num_threads() == start
+        with single_threaded(), fixed_threads():
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_graph_measurements_run_on_the_fixed_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lower end and slope floor of a .pt2, with the process on 1 and on 3 threads: the searches see
+    MEASURE_THREADS both times and give the same bits."""
+    import lipaudit.graph as graph
+    from tests.graph.helpers import FIXTURES
+
+    seen: list[int] = []
+    real_lower, real_floor = graph.lower_end, graph.floor_end
+
+    def lower(*a: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return real_lower(*a)
+
+    def floor(*a: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return real_floor(*a)
+
+    monkeypatch.setattr(graph, "lower_end", lower)
+    monkeypatch.setattr(graph, "floor_end", floor)
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for start in (1, 3):
+            torch.set_num_threads(start)
+            r = graph.inspect_archive(str(FIXTURES / "resnet_small.pt2"),
+                                      graph.GraphSettings(measure_work=12, floor_work=12))
+            got.append((r.lipschitz_upper, r.lipschitz_lower, r.slope_floor))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [MEASURE_THREADS] * 4
+    assert got[0] == got[1] and got[0][1] is not None

@@ -1,4 +1,4 @@
-"""Auditing an exported CNN without the measured lower end imports neither torch's compiler stack
+"""Auditing an exported CNN or attention block without the measured lower end imports neither torch's compiler stack
 nor sympy (about 1 s a process): the shapes check and the block cost model run on registered
 shapes-only stand-ins (graph/ops/meta.py). The lower end's forward mode imports them anyway."""
 
@@ -27,7 +27,7 @@ print("heavy:" + ",".join(heavy))
 
 
 @pytest.mark.parametrize("name", ["resnet_small.pt2", "resnet_small_core.pt2", "unet.pt2", "mlp_act_core.pt2",
-                                  "diag_conv_bn.pt2", "concat.pt2"])
+                                  "diag_conv_bn.pt2", "concat.pt2", "attention.pt2", "attention_core.pt2"])
 def test_no_compiler_stack_for_a_cnn(name: str, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", _PROBE, str(FIXTURES / name), str(tmp_path / "r.json")],
                          capture_output=True, text=True, timeout=300)

@@ -440,7 +440,7 @@ def test_common_network_ops_have_stand_ins() -> None:
     have = {ops.REGISTRY[n].runs_as for n in _stand_in_names()}
     assert {"convolution", "conv2d", "linear", "addmm", "mm", "matmul", "batch_norm", "relu", "hardtanh", "silu",
             "add", "mul", "cat", "max_pool2d", "adaptive_avg_pool2d", "mean", "upsample_nearest2d",
-            "_native_batch_norm_legit_no_training"} <= have
+            "_native_batch_norm_legit_no_training", "layer_norm", "native_layer_norm", "softmax", "_softmax"} <= have
 
 
 def check_stand_in(name: str, case: Case, seed: int) -> str:

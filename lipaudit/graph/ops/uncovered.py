@@ -3,9 +3,12 @@ them (constant folding, the measured lower end), never bounded."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lipaudit.graph.model import Node
+from lipaudit.graph.ops import meta
 from lipaudit.graph.ops.base import Case, Const, Context, Draw, Effect, Uncovered, Var, small_shape
 from lipaudit.graph.ops.registry import register
 
@@ -84,7 +87,44 @@ def _case(d: Draw, name: str) -> Case:
     return Case({"self": x})
 
 
-@register(*_WHY, *_DISCRETE, sample=_case)
+# ops whose output has their input's shape (a layer norm's statistics aside): shapes-only stand-ins
+_ELEMENTWISE = ("layer_norm", "rms_norm", "softmax", "_softmax", "log_softmax", "_log_softmax", "exp", "log", "sqrt",
+                "rsqrt", "reciprocal", "square", "sign", "floor", "ceil", "round", "trunc", "isnan", "isinf",
+                "isfinite", "logical_not")
+
+
+def _norm_shape(op: str, a: dict[str, Any]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A layer (or RMS) norm's output, and native_layer_norm's per-row statistics."""
+    x = a["input"]
+    ns = [int(n) for n in a["normalized_shape"]]
+    if not ns or x.dim() < len(ns) or list(x.shape[x.dim() - len(ns):]) != ns:
+        raise ValueError("a normalized shape that is not the input's last sizes")
+    for k in ("weight", "bias"):
+        t = a.get(k)
+        if isinstance(t, torch.Tensor) and list(t.shape) != ns:
+            raise ValueError(f"a {k} of another shape than the normalized one")
+    out = meta.empty(x.shape, x)
+    if op != "native_layer_norm":
+        return out
+    stats = [*x.shape[: x.dim() - len(ns)], *([1] * len(ns))]
+    return out, meta.empty(stats, x), meta.empty(stats, x)
+
+
+def _elementwise_shape(op: str, a: dict[str, Any]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    if op.rstrip("_") in ("layer_norm", "rms_norm"):
+        return _norm_shape(op, a)
+    x = a.get("self", a.get("input"))
+    if not isinstance(x, torch.Tensor) or len(meta.tensors(a)) != 1:
+        raise ValueError(f"{op} of other than one tensor")
+    dim = a.get("dim")
+    if isinstance(dim, int) and not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
+        raise ValueError("a softmax dimension out of range")
+    return meta.empty(x.shape, x)
+
+
+@register(*_ELEMENTWISE, sample=_case, extra={"meta": _elementwise_shape})
+@register("native_layer_norm", sample=_case, extra={"meta": _norm_shape})
+@register(*(n for n in (*_WHY, *_DISCRETE) if n not in (*_ELEMENTWISE, "native_layer_norm")), sample=_case)
 def no_constant(ctx: Context, node: Node) -> Effect:
     op = node.op.rstrip("_") if node.op.rstrip("_") in _WHY or node.op.rstrip("_") in _DISCRETE else node.op
     if op in _WHY:

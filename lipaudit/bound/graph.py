@@ -128,7 +128,6 @@ class GraphStrategy:
     # -- walk 1: list the operators ---------------------------------------------------------
     def plan(self, settings: Settings) -> _Planned:
         from lipaudit.graph import bound_loaded, verify_shapes
-        from lipaudit.pool import single_threaded
 
         if self._planned is not None:
             return self._planned
@@ -142,9 +141,8 @@ class GraphStrategy:
             planned.ops.setdefault(key, op)
             return _PLACEHOLDER
 
-        with single_threaded():  # the same composite kernels, to the bit, as the bound's walk forms
-            bound_loaded(loaded, self.graph_settings(settings), norm=record, unverified=self._unverified,
-                         blocks=self._blocks)
+        bound_loaded(loaded, self.graph_settings(settings), norm=record, unverified=self._unverified,
+                     blocks=self._blocks)
         self._planned = planned
         return planned
 
@@ -238,10 +236,8 @@ class GraphStrategy:
 
     def run(self, settings: Settings) -> GraphBound:
         from lipaudit.graph import measured_ends, summarise
-        from lipaudit.pool import single_threaded
 
-        with single_threaded():  # composite kernels are convolutions of kernels: the same bits anywhere
-            res = self.walk(settings)
+        res = self.walk(settings)
         loaded, gs = self.loaded(settings), self.graph_settings(settings)
         return summarise(res, *measured_ends(loaded, gs, res))
 

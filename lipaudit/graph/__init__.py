@@ -279,10 +279,13 @@ def bound_loaded(loaded: Loaded, settings: GraphSettings, factors: dict[str, flo
     """The graph bound after the shape check; nodes whose shapes could not be checked are uncovered.
     `unverified` is the shape check's answer when the caller already has it (it runs the ops once);
     `blocks` keeps the blocks found between walks over the same loaded graph."""
+    from lipaudit.pool import single_threaded
+
     if unverified is None:
         unverified = verify_shapes(loaded)
-    res = bound_graph(loaded.graph, loaded.evaluator(), settings.rtol, settings.conv_rtol, settings.seed,
-                      factors, norms, norm, block_work=settings.block_work, found=blocks)
+    with single_threaded():  # composite kernels are convolutions of kernels: the same bits anywhere
+        res = bound_graph(loaded.graph, loaded.evaluator(), settings.rtol, settings.conv_rtol, settings.seed,
+                          factors, norms, norm, block_work=settings.block_work, found=blocks)
     covered = {n for n, _ in res.uncovered}
     for name in unverified:
         if name not in covered:
@@ -320,10 +323,7 @@ def measured_ends(loaded: Loaded, settings: GraphSettings, res: Result | None) -
 
 
 def _bound(loaded: Loaded, settings: GraphSettings) -> GraphBound:
-    from lipaudit.pool import single_threaded
-
-    with single_threaded():  # composite kernels are convolutions of kernels: the same bits anywhere
-        res = bound_loaded(loaded, settings)
+    res = bound_loaded(loaded, settings)
     return summarise(res, *measured_ends(loaded, settings, res))
 
 

@@ -174,9 +174,9 @@ def run_node(node: Node, env: dict[str, torch.Tensor], graph: Graph | None = Non
             args.append(v)
         else:
             kwargs[name] = v
-    shapes_only = stand_in(node)
-    if shapes_only is not None and any(isinstance(t, torch.Tensor) and t.is_meta
-                                       for v in args for t in (v if isinstance(v, list) else [v])):
+    on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for v in args for t in (v if isinstance(v, list) else [v]))
+    shapes_only = stand_in(node) if on_meta or budget is not None else None
+    if on_meta and shapes_only is not None:
         fn = shapes_only
     if budget is not None:
         for name, size in _output_bytes(node, graph, shapes_only or fn, args, kwargs):

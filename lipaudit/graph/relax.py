@@ -69,17 +69,13 @@ def relaxable(graph: Graph, consts: Evaluator) -> tuple[dict[str, tuple[float, f
     for n in graph.nodes:
         if any(t in varying for t in n.tensor_inputs()):
             varying.update(o for o in n.outputs if o is not None)
-
-    def value(name: str) -> torch.Tensor | None:
-        return None if name in varying else consts.value(name)
-
     out: dict[str, tuple[float, float, tuple[int, ...]]] = {}
     kept = 0
     for n in graph.nodes:
         entry = lookup(n.op, n.overload) if n.namespace == "aten" else None
         if entry is None or entry.spec.slopes is None or not n.outputs or n.outputs[0] not in varying:
             continue
-        rng = slopes_of(n, value)
+        rng = slopes_of(n, consts.value)
         name = n.outputs[0]
         shape = graph.shapes.get(name) or graph.hints.get(name) if name else None
         read_as_function = any(
@@ -102,7 +98,7 @@ def slope_floor(graph: Graph, consts: Evaluator, samples: list[torch.Tensor] | N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fl = _floor(graph, consts, samples, work, seed, limits)
-    own = block_floors(graph, consts, blocks, BLOCK_SHARE * work // 100, seed, fl.ranges) if blocks else None
+        own = block_floors(graph, consts, blocks, BLOCK_SHARE * work // 100, seed, fl.ranges) if blocks else None
     return Floor(fl.value, len(fl.ranges), fl.kept, fl.work, work, seed, fl.note, time.perf_counter() - t0, own)
 
 
@@ -166,9 +162,7 @@ def block_floors(graph: Graph, consts: Evaluator, blocks: list[dict[str, Any]], 
 
         gen = torch.Generator().manual_seed(seed)
         x = [torch.zeros(tuple(int(v) for v in shape), dtype=torch.float64)]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            value, _ = _search(run, x, inside, Counter(work), gen)
+        value, _ = _search(run, x, inside, Counter(work), gen)
         if value is not None:
             out[(b["entry"], b["exit"])] = value
     return out

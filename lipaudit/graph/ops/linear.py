@@ -41,12 +41,7 @@ def _const_bias(ctx: Context, node: Node, name: str = "bias") -> None:
 
 
 def _axes(v: Any, d: int, name: str) -> list[int]:
-    vals = [int(v)] if isinstance(v, int) else [int(t) for t in v]
-    if len(vals) == 1:
-        vals = vals * d
-    if len(vals) != d:
-        raise ValueError(f"{name} has {len(vals)} entries for {d} spatial axes")
-    return vals
+    return list(per_axis([int(t) for t in v], d, name))
 
 
 def _conv_shape(op: str, a: dict[str, Any]) -> torch.Tensor:
@@ -60,18 +55,18 @@ def _conv_shape(op: str, a: dict[str, Any]) -> torch.Tensor:
         raise ValueError("a convolution input of the wrong rank")
     transposed = op.startswith("conv_transpose") or bool(a.get("transposed", False))
     groups = int(a.get("groups", 1))
-    stride, dil = _axes(a.get("stride", 1), d, "stride"), _axes(a.get("dilation", 1), d, "dilation")
+    stride, dil = _axes(a.get("stride", [1]), d, "stride"), _axes(a.get("dilation", [1]), d, "dilation")
     if groups < 1 or min(stride) < 1 or min(dil) < 1 or w.shape[0] % groups:
         raise ValueError("non-positive stride, dilation or groups, or groups that do not divide the kernel")
     cin, spatial = x.shape[1 if batched else 0], list(x.shape[-d:])
     taps = [dl * (k - 1) + 1 for dl, k in zip(dil, w.shape[2:], strict=True)]
-    pad = a.get("padding", 0)
+    pad = a.get("padding", [0])
     if transposed:
         if cin != w.shape[0]:
             raise ValueError("input channels do not match the kernel")
         cout = w.shape[1] * groups
         p = _axes(pad, d, "padding")
-        extra = _axes(a.get("output_padding", 0), d, "output_padding")
+        extra = _axes(a.get("output_padding", [0]), d, "output_padding")
         if any(e < 0 or (e >= s and e >= dl) for e, s, dl in zip(extra, stride, dil, strict=True)):
             raise ValueError("output padding must be smaller than either stride or dilation")
         out = [(n - 1) * s - 2 * q + t + e for n, s, q, t, e in zip(spatial, stride, p, taps, extra, strict=True)]
